@@ -1,0 +1,384 @@
+"""The fused reverse step x_t -> x_{t-1} (DDPM ancestral or DDIM), and the seeded noise the sampler starts from.
+
+``p_step_ref`` is the specification (diffusion.ddpm_step / ddim_step). ``p_step`` dispatches to the custom op
+``ddpm_fast::p_step_``: one Triton kernel on CUDA (noise drawn in the kernel with Philox, step and seed read
+from device tensors, no host sync, no allocation when ``out=`` is given: CUDA-graph capturable) and fused
+in-place torch ops on the CPU (noise from a torch.Generator seeded from (seed, step, element_offset)).
+
+Noise sources, exactly one of: ``noise=`` (a tensor; deterministic, comparable to the reference),
+``generator=`` (noise = torch.randn(x_t.shape, generator=...), float32, drawn only when the step needs noise),
+``seed=`` (an int64 device tensor of one element, or an int for eager use). Same seed, same device -> same
+result. The CUDA (Philox) and CPU (torch.Generator) streams differ. See ops/triton/philox.py for the counters.
+"""
+from typing import Optional
+
+import torch
+
+from .. import diffusion
+from ..schedule import ROWS, NoiseSchedule, ScheduleTables
+from . import _ext
+
+STREAM_P_STEP, STREAM_INIT, STREAM_Q_SAMPLE = 0, 1, 2
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MASK64 = (1 << 64) - 1
+
+
+# ---- seeds ------------------------------------------------------------------------------------------------
+
+def _splitmix64(z):
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def cpu_generator(seed, step, stream, element_offset):
+    """The CPU torch.Generator for (seed, step, stream, element_offset): a hash of all four, so seed s at step
+    k+1 and seed s+1 at step k draw unrelated noise. (CPU chunks of a batch draw their own noise.)"""
+    h = 0
+    for word in (seed, step, stream, element_offset):
+        h = _splitmix64(h ^ (int(word) & _MASK64))
+    return torch.Generator().manual_seed(h >> 1)  # manual_seed wants < 2^63 here
+
+
+def seed_tensor(seed, device):
+    """An int64 one-element seed tensor on ``device`` from an int or a tensor (validated)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"seed must be an int64 tensor with one element, got {seed.dtype} {tuple(seed.shape)}")
+        if seed.device != torch.device(device):
+            raise ValueError(f"seed is on {seed.device} but the data is on {device}")
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int or an int64 tensor, got {type(seed).__name__}")
+    value = seed & _MASK64  # the same 64 bits as an int64
+    return torch.tensor([value - 2 ** 64 if value >= 2 ** 63 else value], dtype=torch.int64, device=device)
+
+
+def philox_randn_ref(seed, step, stream, elements):
+    """NumPy specification of the in-kernel (CUDA/Triton) noise: N(0, 1) float64 for global element indices
+    ``elements`` at (seed, step, stream). Philox4x32-10 (Salmon et al. 2011) as triton.language.philox, then
+    Box-Muller as triton.language.pair_uniform_to_normal; see ops/triton/philox.py for the counter layout."""
+    import numpy as np
+    m32 = np.uint64(0xFFFFFFFF)
+    e = np.asarray(elements, dtype=np.uint64)
+    key = int(seed) & _MASK64
+    k0, k1 = np.uint64(key & 0xFFFFFFFF), np.uint64(key >> 32)
+    c0, c1 = e // np.uint64(4) & m32, np.full_like(e, int(step) & 0xFFFFFFFF)
+    c2, c3 = np.full_like(e, stream), e // np.uint64(4) >> np.uint64(32)
+    for _ in range(10):
+        p0, p1 = np.uint64(0xCD9E8D57) * c2, np.uint64(0xD2511F53) * c0
+        c0, c1, c2, c3 = (p0 >> np.uint64(32)) ^ c1 ^ k0, p0 & m32, (p1 >> np.uint64(32)) ^ c3 ^ k1, p1 & m32
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & m32, (k1 + np.uint64(0xBB67AE85)) & m32
+    # uint32 -> [0, 1): as int32, negatives folded by bitwise not, times (2^23 - 1) / 2^23 / 2^31
+    u = [np.where(c >= 2 ** 31, 0xFFFFFFFF - c, c).astype(np.float64) * np.float32(4.6566127342e-10)
+         for c in (c0, c1, c2, c3)]
+    lane = (e % np.uint64(4)).astype(np.int64)
+    first, second = np.where(lane < 2, u[0], u[2]), np.where(lane < 2, u[1], u[3])
+    r = np.sqrt(-2.0 * np.log(np.maximum(first, 1e-7)))
+    return np.where(lane % 2 == 0, r * np.cos(2 * np.pi * second), r * np.sin(2 * np.pi * second))
+
+
+# ---- specification ----------------------------------------------------------------------------------------
+
+def p_step_ref(schedule, model_output, x_t, step, *, prediction="eps", variance="fixed_small", clip=True,
+               sampler="ddpm", eta=0.0, noise=None):
+    """The plain-PyTorch specification of ``p_step`` for one step index shared by the batch."""
+    t = torch.full((x_t.shape[0],), int(step), dtype=torch.int64, device=x_t.device)
+    kw = dict(prediction=prediction, variance=variance, clip=clip)
+    if sampler == "ddpm":
+        return diffusion.ddpm_step(schedule, model_output, x_t, t, noise, **kw)
+    return diffusion.ddim_step(schedule, model_output, x_t, t, noise, eta=eta, **kw)
+
+
+# ---- validation -------------------------------------------------------------------------------------------
+
+def resolve_tables(schedule, x):
+    """float32 ScheduleTables on x's device from a NoiseSchedule or ScheduleTables."""
+    if isinstance(schedule, NoiseSchedule):
+        return schedule.tables(x.device)
+    if not isinstance(schedule, ScheduleTables):
+        raise ValueError(f"schedule must be a NoiseSchedule or ScheduleTables, got {type(schedule).__name__}")
+    if schedule.device != x.device or schedule.packed.dtype != torch.float32:
+        raise ValueError(f"schedule tables are {schedule.packed.dtype} on {schedule.device}; the op needs "
+                         f"float32 tables on {x.device} (schedule.tables(device))")
+    return schedule
+
+
+def check_float_tensor(name, t, device, shape=None):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def is_dense(x):
+    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def match_layout(t, like):
+    """t with like's strides (like: dense NCHW or channels_last); a copy only when they differ."""
+    if t.stride() == like.stride():
+        return t
+    fmt = torch.contiguous_format if like.is_contiguous() else torch.channels_last
+    return t.contiguous(memory_format=fmt)
+
+
+def _step_arg(step, device, num_steps):
+    """(step tensor or None, step index int, step value if known on the host else None)."""
+    if isinstance(step, torch.Tensor):
+        if step.dtype != torch.int64 or step.numel() != 1:
+            raise ValueError(f"step must be an int or an int64 tensor with one element, got {step.dtype} "
+                             f"{tuple(step.shape)}")
+        if step.device != device:
+            raise ValueError(f"step is on {step.device} but x_t is on {device}")
+        if step.device.type != "cpu":
+            return step, 0, None  # read in the kernel; no host sync
+        step_index = int(step)
+    elif isinstance(step, bool) or not hasattr(step, "__index__"):
+        raise ValueError(f"step must be an int or an int64 tensor, got {type(step).__name__}")
+    else:
+        step_index, step = int(step), None
+    if not 0 <= step_index < num_steps:
+        raise ValueError(f"step index {step_index} out of range [0, {num_steps}) (a STEP INDEX into the "
+                         "schedule, not a training timestep)")
+    return step, step_index, step_index
+
+
+def check_options(prediction, variance, sampler, eta, element_offset):
+    diffusion._check_choice("prediction", prediction, diffusion.PREDICTIONS)
+    diffusion._check_choice("variance", variance, diffusion.VARIANCES)
+    diffusion._check_choice("sampler", sampler, diffusion.SAMPLERS)
+    if not (isinstance(eta, (int, float)) and eta >= 0 and eta < float("inf")):
+        raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
+    if sampler == "ddpm" and eta != 0:
+        raise ValueError("eta applies to sampler='ddim' only")
+    if isinstance(element_offset, bool) or not isinstance(element_offset, int) or element_offset < 0:
+        raise ValueError(f"element_offset must be an int >= 0, got {element_offset!r}")
+
+
+def noise_source(x, noise, generator, seed, needed):
+    """(noise tensor or None, seed tensor or None) after checking exactly one source is given when needed."""
+    given = [name for name, v in (("noise", noise), ("generator", generator), ("seed", seed)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one noise source, got {' and '.join(given)}")
+    if noise is not None:
+        check_float_tensor("noise", noise, x.device, x.shape)
+        return noise, None
+    if generator is not None:
+        return (torch.randn(x.shape, generator=generator, device=x.device) if needed else None), None
+    if seed is not None:
+        return None, seed_tensor(seed, x.device)
+    if needed:
+        raise ValueError("this step adds noise: pass noise=, generator= or seed=")
+    return None, None
+
+
+# ---- public API -------------------------------------------------------------------------------------------
+
+def p_step(schedule, model_output, x_t, step, *, prediction="eps", variance="fixed_small", clip=True,
+           sampler="ddpm", eta=0.0, noise=None, seed=None, generator=None, element_offset=0, out=None,
+           backend=None):
+    """One fused reverse step; returns x_{t-1} (``out`` when given).
+
+    :param schedule: NoiseSchedule (or its ScheduleTables on x_t's device); call ``schedule.tables(device)``
+        once before capturing a CUDA graph.
+    :param model_output: (N, C, *) or (N, 2C, *) for learned_range; fp32/fp16/bf16, any layout.
+    :param x_t: (N, C, *) fp32/fp16/bf16, on the schedule's device.
+    :param step: the STEP INDEX (0 = last step, no noise): an int, or an int64 one-element tensor on x_t's
+        device (read in the kernel: a captured graph can replay it with a new value).
+    :param eta: DDIM's eta >= 0 (sampler="ddim" only).
+    :param element_offset: index of x_t's first element in the whole batch, so a chunk draws the noise the
+        unchunked run would (CUDA; the CPU stream is seeded per (seed, step, element_offset) instead).
+    :param out: like x_t (same shape, dtype and strides); may be x_t itself for an in-place update.
+    :param backend: None (the custom op: Triton on CUDA, torch on the CPU), or "triton" / "torch" to call one
+        directly (tests and benchmarks; "triton" on CPU tensors needs TRITON_INTERPRET=1).
+    """
+    check_options(prediction, variance, sampler, eta, element_offset)
+    check_backend(backend)
+    check_float_tensor("x_t", x_t, x_t.device)
+    check_float_tensor("model_output", model_output, x_t.device)
+    diffusion.split_model_output(model_output, x_t, variance)
+    tables = resolve_tables(schedule, x_t)
+    step_t, step_index, known = _step_arg(step, x_t.device, tables.num_steps)
+    needed = (sampler == "ddpm" or eta > 0) and known != 0
+    noise, seed = noise_source(x_t, noise, generator, seed, needed)
+    if out is None:
+        x_t = x_t if is_dense(x_t) else x_t.contiguous()
+        out = torch.empty_like(x_t)
+    else:
+        check_float_tensor("out", out, x_t.device, x_t.shape)
+        if out.dtype != x_t.dtype or out.stride() != x_t.stride() or not is_dense(x_t):
+            raise ValueError(f"out must match x_t's dtype and strides and be dense (contiguous or channels_last):"
+                             f" x_t {x_t.dtype} {x_t.stride()}, out {out.dtype} {out.stride()}")
+    if noise is not None:
+        noise = match_layout(noise, x_t)
+    if (x_t.device.type != "cpu" or backend == "triton") and not _mergeable(model_output):
+        model_output = model_output.contiguous()  # the kernel needs one stride for the spatial dims
+    args = (x_t, model_output, tables.packed, step_t, step_index, noise, seed, element_offset, prediction,
+            variance, bool(clip), sampler == "ddim", float(eta), out)
+    if backend is None:
+        torch.ops.ddpm_fast.p_step_(*args)
+    elif backend == "torch":
+        _p_step_torch(*args)
+    else:
+        from .triton.p_step import p_step_triton
+        p_step_triton(*args, stream=STREAM_P_STEP)
+    return out
+
+
+def check_backend(backend):
+    if backend not in (None, "torch", "triton"):
+        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+
+
+def _mergeable(t):
+    try:
+        t.view(t.shape[0], t.shape[1], -1)
+        return True
+    except RuntimeError:
+        return False
+
+
+# ---- the custom op ----------------------------------------------------------------------------------------
+
+@torch.library.custom_op("ddpm_fast::p_step_", mutates_args=("out",), device_types="cpu")
+def _p_step_op(x_t: torch.Tensor, model_output: torch.Tensor, table: torch.Tensor, step: Optional[torch.Tensor],
+               step_index: int, noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], element_offset: int,
+               prediction: str, variance: str, clip: bool, ddim: bool, eta: float, out: torch.Tensor) -> None:
+    """Writes x_{t-1} into out. Arguments are validated by ``p_step``."""
+    _p_step_torch(x_t, model_output, table, step, step_index, noise, seed, element_offset, prediction, variance,
+                  clip, ddim, eta, out)
+
+
+@_p_step_op.register_kernel("cuda")
+def _p_step_cuda(x_t, model_output, table, step, step_index, noise, seed, element_offset, prediction, variance,
+                 clip, ddim, eta, out):
+    if not _ext.has_triton():
+        _warn_no_triton()
+        return _p_step_torch(x_t, model_output, table, step, step_index, noise, seed, element_offset, prediction,
+                             variance, clip, ddim, eta, out)
+    from .triton.p_step import p_step_triton
+    p_step_triton(x_t, model_output, table, step, step_index, noise, seed, element_offset, prediction, variance,
+                  clip, ddim, eta, out, stream=STREAM_P_STEP)
+
+
+@_p_step_op.register_fake
+def _p_step_fake(x_t, model_output, table, step, step_index, noise, seed, element_offset, prediction, variance,
+                 clip, ddim, eta, out):
+    return None
+
+
+def _warn_no_triton():
+    import warnings
+    warnings.warn("ddpm_fast: triton is not installed; the fused CUDA ops run as separate torch ops with host "
+                  "syncs (not CUDA-graph capturable). `pip install triton`", RuntimeWarning, stacklevel=3)
+
+
+def step_coefs(c, prediction, ddim, eta):
+    """Python-float coefficients of one step from a table column ``c`` (row name -> value):
+    (p, q) with x0 = p x_t + q m, and (a, b, sigma) with x_{t-1} = a x0 + b x_t + sigma z."""
+    p, q = {"eps": (c["sqrt_recip_alphas_cumprod"], -c["sqrt_recipm1_alphas_cumprod"]), "x0": (0.0, 1.0),
+            "v": (c["sqrt_alphas_cumprod"], -c["sqrt_one_minus_alphas_cumprod"])}[prediction]
+    if not ddim:
+        return p, q, c["posterior_mean_coef1"], c["posterior_mean_coef2"], None
+    sigma = eta * c["posterior_variance"] ** 0.5
+    direction = max(c["one_minus_alphas_cumprod_prev"] - sigma * sigma, 0.0) ** 0.5
+    srm1 = c["sqrt_recipm1_alphas_cumprod"]
+    return p, q, c["sqrt_alphas_cumprod_prev"] - direction / srm1, direction * c["sqrt_recip_alphas_cumprod"] / srm1, sigma
+
+
+def _p_step_torch(x_t, model_output, table, step, step_index, noise, seed, element_offset, prediction, variance,
+                  clip, ddim, eta, out):
+    """The CPU path: x_{t-1} in 3-4 in-place passes with Python-float coefficients (reading them from a CUDA
+    table would sync; this path runs on CUDA only without triton)."""
+    i = int(step) if step is not None else step_index
+    if not 0 <= i < table.shape[1]:
+        raise ValueError(f"step index {i} out of range [0, {table.shape[1]})")
+    c = dict(zip(ROWS, table[:, i].tolist()))
+    p, q, a, b, sigma = step_coefs(c, prediction, ddim, eta)
+    C = x_t.shape[1]
+    xf, mf = x_t.float(), model_output[:, :C].float()
+    work = out if out.dtype == torch.float32 else None
+    if clip:
+        x0 = mf.clamp(-1, 1) if prediction == "x0" else torch.mul(xf, p).add_(mf, alpha=q).clamp_(-1, 1)
+        res = torch.mul(xf, b, out=work) if work is not None else torch.mul(xf, b)
+        res.add_(x0, alpha=a)
+    else:  # fold x0 into one linear combination of x_t and m
+        res = torch.mul(xf, a * p + b, out=work) if work is not None else torch.mul(xf, a * p + b)
+        res.add_(mf, alpha=a * q)
+    if i > 0 and (not ddim or eta > 0):
+        z = noise.float() if noise is not None else torch.randn(
+            x_t.shape, generator=cpu_generator(int(seed), i, STREAM_P_STEP, element_offset)).to(x_t.device)
+        if variance == "learned_range" and not ddim:
+            # 0.5 log var = 0.5 (frac log beta + (1 - frac) log post_var), frac = (v + 1) / 2: linear in v.
+            lo, hi = 0.5 * c["posterior_log_variance_clipped"], 0.5 * c["log_betas"]
+            sig = torch.mul(model_output[:, C:].float(), 0.5 * (hi - lo)).add_(0.5 * (hi + lo)).exp_()
+            res.addcmul_(sig, z)
+        else:
+            sigma = c["fixed_large_std" if variance == "fixed_large" else "posterior_std"] if not ddim else sigma
+            res.add_(z, alpha=sigma)
+    if res is not out:
+        out.copy_(res)
+
+
+# ---- seeded initial noise ---------------------------------------------------------------------------------
+
+def seeded_randn(shape, seed, *, dtype=torch.float32, device=None, element_offset=0, out=None, backend=None):
+    """N(0, 1) noise that is a pure function of (seed, element): the sampler's x_T, drawn inside a graph.
+
+    Its stream never collides with any p_step noise of the same seed. On CUDA: Philox in a kernel (seed read
+    from the device tensor; element = memory-order index + element_offset). On the CPU: torch.randn from a
+    Generator seeded by (seed, element_offset).
+    :param seed: int64 one-element tensor (its device is used) or an int (then ``device``, default cpu).
+    :param out: optional dense tensor to fill (then ``shape``/``dtype`` are ignored); no allocation.
+    :param backend: as for ``p_step``.
+    """
+    check_backend(backend)
+    if isinstance(seed, torch.Tensor):
+        device = seed.device
+    device = torch.device(device if device is not None else (out.device if out is not None else "cpu"))
+    seed = seed_tensor(seed, device)
+    if isinstance(element_offset, bool) or not isinstance(element_offset, int) or element_offset < 0:
+        raise ValueError(f"element_offset must be an int >= 0, got {element_offset!r}")
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=device)
+    check_float_tensor("out", out, device)
+    if not is_dense(out):
+        raise ValueError("out must be dense (contiguous or channels_last)")
+    if backend is None:
+        torch.ops.ddpm_fast.seeded_randn_(seed, element_offset, STREAM_INIT, out)
+    elif backend == "torch":
+        _seeded_randn_torch(seed, element_offset, STREAM_INIT, out)
+    else:
+        from .triton.philox import seeded_randn_triton
+        seeded_randn_triton(seed, element_offset, out, STREAM_INIT)
+    return out
+
+
+def _seeded_randn_torch(seed, element_offset, stream, out):
+    out.copy_(torch.randn(out.shape, generator=cpu_generator(int(seed), 0, stream, element_offset)))
+
+
+@torch.library.custom_op("ddpm_fast::seeded_randn_", mutates_args=("out",), device_types="cpu")
+def _seeded_randn_op(seed: torch.Tensor, element_offset: int, stream: int, out: torch.Tensor) -> None:
+    """Fills out with N(0, 1) from (seed, stream, element_offset)."""
+    _seeded_randn_torch(seed, element_offset, stream, out)
+
+
+@_seeded_randn_op.register_kernel("cuda")
+def _seeded_randn_cuda(seed, element_offset, stream, out):
+    if not _ext.has_triton():
+        _warn_no_triton()
+        return _seeded_randn_torch(seed, element_offset, stream, out)
+    from .triton.philox import seeded_randn_triton
+    seeded_randn_triton(seed, element_offset, out, stream)
+
+
+@_seeded_randn_op.register_fake
+def _seeded_randn_fake(seed, element_offset, stream, out):
+    return None

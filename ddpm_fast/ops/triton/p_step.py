@@ -1,0 +1,160 @@
+"""The fused reverse step as one Triton kernel: read x_t and the model output once, write x_{t-1}.
+
+Every combination of prediction (eps / x0 / v), variance (fixed_small / fixed_large / learned_range), clip and
+sampler (DDPM, DDIM with eta) is one specialisation (constexpr flags). Both samplers reduce to
+    x0  = predict_x0(x_t, m)                (m: the model's C-channel prediction; clipped to [-1, 1] if CLIP)
+    out = a * x0 + b * x_t + [step > 0] * sigma * z
+with a, b, sigma and the x0 coefficients gathered from the packed schedule table at a step index read from device memory (or
+passed as an argument, for graphs whose every node bakes its own step).
+"""
+import triton
+import triton.language as tl
+
+from ...schedule import ROW
+from .philox import launch_geometry, randn_block
+
+PRED_CODES = {"eps": 0, "x0": 1, "v": 2}
+VAR_CODES = {"fixed_small": 0, "fixed_large": 1, "learned_range": 2}
+NOISE_NONE, NOISE_INPUT, NOISE_PHILOX = 0, 1, 2
+
+_SAB = tl.constexpr(ROW["sqrt_alphas_cumprod"])
+_S1MAB = tl.constexpr(ROW["sqrt_one_minus_alphas_cumprod"])
+_SRA = tl.constexpr(ROW["sqrt_recip_alphas_cumprod"])
+_SRM1 = tl.constexpr(ROW["sqrt_recipm1_alphas_cumprod"])
+_SABP = tl.constexpr(ROW["sqrt_alphas_cumprod_prev"])
+_OMABP = tl.constexpr(ROW["one_minus_alphas_cumprod_prev"])
+_PVAR = tl.constexpr(ROW["posterior_variance"])
+_PLV = tl.constexpr(ROW["posterior_log_variance_clipped"])
+_PSTD = tl.constexpr(ROW["posterior_std"])
+_C1 = tl.constexpr(ROW["posterior_mean_coef1"])
+_C2 = tl.constexpr(ROW["posterior_mean_coef2"])
+_LOGB = tl.constexpr(ROW["log_betas"])
+_LSTD = tl.constexpr(ROW["fixed_large_std"])
+
+
+@triton.jit
+def _row(tab_ptr, row, num_steps, step):
+    return tl.load(tab_ptr + row * num_steps + step)
+
+
+@triton.jit
+def _predict_x0(x, m, tab_ptr, num_steps, step, PRED: tl.constexpr):
+    """x0 from x_t and the model's prediction m (fp32 blocks)."""
+    if PRED == 0:
+        x0 = _row(tab_ptr, _SRA, num_steps, step) * x - _row(tab_ptr, _SRM1, num_steps, step) * m
+    elif PRED == 1:
+        x0 = m
+    else:
+        x0 = _row(tab_ptr, _SAB, num_steps, step) * x - _row(tab_ptr, _S1MAB, num_steps, step) * m
+    return x0
+
+
+@triton.jit
+def _step_coefs(tab_ptr, num_steps, step, eta, VAR: tl.constexpr, DDIM: tl.constexpr):
+    """(a, b, sigma) with out = a * x0 + b * x_t + sigma * z; sigma unused for learned_range."""
+    if DDIM:
+        # x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps, eps = (x_t / sqrt(abar) - x0) / srm1
+        sigma = eta * tl.sqrt(_row(tab_ptr, _PVAR, num_steps, step))
+        direction = tl.sqrt(tl.maximum(_row(tab_ptr, _OMABP, num_steps, step) - sigma * sigma, 0.0))
+        srm1 = _row(tab_ptr, _SRM1, num_steps, step)
+        a = _row(tab_ptr, _SABP, num_steps, step) - direction / srm1
+        b = direction * _row(tab_ptr, _SRA, num_steps, step) / srm1
+    else:
+        a = _row(tab_ptr, _C1, num_steps, step)
+        b = _row(tab_ptr, _C2, num_steps, step)
+        if VAR == 1:
+            sigma = _row(tab_ptr, _LSTD, num_steps, step)
+        else:
+            sigma = _row(tab_ptr, _PSTD, num_steps, step)
+    return a, b, sigma
+
+
+@triton.jit
+def _p_step_kernel(
+        x_ptr,        # x_t: N*C*S elements, dense, NCHW or channels-last memory order; fp32/fp16/bf16
+        mo_ptr,       # model output: element (n, c, s) at n*mo_sn + c*mo_sc + s*mo_ss; variance half at +var_off
+        noise_ptr,    # injected noise laid out like x (read when NOISE == 1)
+        out_ptr,      # x_{t-1} laid out like x; may alias x_ptr (each element is read before it is written)
+        tab_ptr,      # packed float32 schedule table (len(ROWS), num_steps)
+        step_ptr,     # int64 step index in device memory (read when STEP_FROM_PTR)
+        seed_ptr,     # int64 Philox key in device memory (read when NOISE == 2)
+        step_arg,     # the step index when not STEP_FROM_PTR
+        n_elements, C, S, mo_sn, mo_sc, mo_ss, var_off, num_steps,
+        lead,         # element_offset % 4: the launch starts this many elements early so Philox groups align
+        group_start,  # element_offset // 4: the first Philox group of this launch
+        eta,
+        PRED: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, DDIM: tl.constexpr, NOISE: tl.constexpr,
+        STREAM: tl.constexpr, STEP_FROM_PTR: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+        MO_LIKE_X: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    local = pid * BLOCK + tl.arange(0, BLOCK) - lead
+    mask = (local >= 0) & (local < n_elements)
+    if STEP_FROM_PTR:
+        step = tl.load(step_ptr)
+    else:
+        step = pid * 0 + step_arg
+    # Clamped for memory safety only: the Python layer validates every step it can see without a device sync.
+    step = tl.minimum(tl.maximum(step, 0), num_steps - 1)
+
+    x = tl.load(x_ptr + local, mask=mask, other=0.0).to(tl.float32)
+    if MO_LIKE_X:
+        mo_off = local
+    else:
+        if CHANNELS_LAST:
+            c = local % C
+            s = (local // C) % S
+        else:
+            s = local % S
+            c = (local // S) % C
+        mo_off = (local // (C * S)) * mo_sn + c * mo_sc + s * mo_ss
+    m = tl.load(mo_ptr + mo_off, mask=mask, other=0.0).to(tl.float32)
+
+    x0 = _predict_x0(x, m, tab_ptr, num_steps, step, PRED)
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+    a, b, sigma = _step_coefs(tab_ptr, num_steps, step, eta, VAR, DDIM)
+    res = a * x0 + b * x
+    if NOISE != 0:
+        if NOISE == 1:
+            z = tl.load(noise_ptr + local, mask=mask, other=0.0).to(tl.float32)
+        else:
+            z = randn_block(tl.load(seed_ptr), group_start + pid * (BLOCK // 4), step, STREAM, BLOCK)
+        if VAR == 2 and not DDIM:
+            # learned_range: v in [-1, 1] interpolates log variance between the posterior's and log beta.
+            frac = (tl.load(mo_ptr + mo_off + var_off, mask=mask, other=0.0).to(tl.float32) + 1.0) * 0.5
+            log_var = frac * _row(tab_ptr, _LOGB, num_steps, step) + \
+                (1.0 - frac) * _row(tab_ptr, _PLV, num_steps, step)
+            sigma = tl.exp(0.5 * log_var)
+        # no noise at step 0: an arithmetic mask, not a branch on a device value
+        res += tl.where(step > 0, sigma, 0.0) * z
+    tl.store(out_ptr + local, res.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _mo_strides(model_output, x_t):
+    """(N, C', S) strides of the model output, and whether it is laid out exactly like x_t."""
+    N, Cm = model_output.shape[:2]
+    S = model_output[0, 0].numel()
+    like_x = model_output.shape == x_t.shape and model_output.stride() == x_t.stride()
+    return model_output.view(N, Cm, S).stride(), like_x
+
+
+def p_step_triton(x_t, model_output, table, step, step_index, noise, seed, element_offset, prediction, variance,
+                  clip, ddim, eta, out, stream=0, block=None):
+    """Launch the fused step. Arguments as ``torch.ops.ddpm_fast.p_step_`` (validated there), plus the Philox
+    stream id and an optional block size (tests). x_t/out/noise dense with equal strides; model_output any layout
+    whose spatial dims merge into one stride (the caller makes it contiguous otherwise)."""
+    N, C = x_t.shape[:2]
+    S = x_t[0, 0].numel()
+    (mo_sn, mo_sc, mo_ss), like_x = _mo_strides(model_output, x_t)
+    need_noise = (not ddim) or eta > 0
+    noise_mode = NOISE_NONE if not need_noise else NOISE_INPUT if noise is not None else NOISE_PHILOX
+    grid, lead, group_start, block = launch_geometry(x_t.numel(), element_offset, block)
+    channels_last = not x_t.is_contiguous()
+    dummy = table  # any valid pointer for arguments a specialisation never reads
+    _p_step_kernel[grid](
+        x_t, model_output, noise if noise is not None else dummy, out, table,
+        step if step is not None else dummy, seed if seed is not None else dummy, step_index,
+        x_t.numel(), C, S, mo_sn, mo_sc, mo_ss, C * mo_sc, table.shape[1], lead, group_start, float(eta),
+        PRED=PRED_CODES[prediction], VAR=VAR_CODES[variance], CLIP=bool(clip), DDIM=bool(ddim),
+        NOISE=noise_mode, STREAM=stream, STEP_FROM_PTR=step is not None, CHANNELS_LAST=channels_last,
+        MO_LIKE_X=like_x and variance != "learned_range", BLOCK=block)

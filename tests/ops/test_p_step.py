@@ -1,0 +1,285 @@
+"""The fused reverse step: every backend vs the reference for every combination, its noise, its contracts."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm_fast import NoiseSchedule
+from ddpm_fast.ops import _ext
+from ddpm_fast.ops.p_step import (STREAM_INIT, STREAM_P_STEP, p_step, p_step_ref, philox_randn_ref,
+                                  seeded_randn)
+
+HAS_CUDA = torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(not _ext.has_triton(), reason="needs triton")
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+COMBOS = list(itertools.product(["eps", "x0", "v"], ["fixed_small", "fixed_large", "learned_range"], [False, True],
+                                [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.6)]))
+ATOL = {torch.float32: 2e-6, torch.float16: 1e-6, torch.bfloat16: 1e-6}
+SCHED = NoiseSchedule.linear(100).respace(10)
+
+
+def _inputs(shape, variance, dtype, device="cpu", gen=None):
+    N, C = shape[:2]
+    x = torch.randn(shape, generator=gen).to(device, dtype) * 1.5
+    mo = torch.randn((N, 2 * C if variance == "learned_range" else C, *shape[2:]), generator=gen)
+    if variance == "learned_range":
+        mo[:, C:] = torch.rand(shape, generator=gen) * 2 - 1
+    return x, mo.to(device, dtype), torch.randn(shape, generator=gen).to(device, dtype)
+
+
+def _truncate_bf16(t):
+    # The Triton interpreter converts fp32 -> bf16 by truncation (GPUs round to nearest): its naive twin.
+    return (t.float().view(torch.int32) & -65536).view(torch.float32)
+
+
+def assert_rule(out, x, mo, z, step, pred, var, clip, sampler, eta, what=""):
+    """|out - ref64| <= 2 |ref(dtype) - ref64| + atol: the reference in float64 and in the input dtype."""
+    kw = dict(prediction=pred, variance=var, clip=clip, sampler=sampler, eta=eta)
+    ref64 = p_step_ref(SCHED, mo.double(), x.double(), step, noise=z.double(), **kw)
+    naive = p_step_ref(SCHED, mo, x, step, noise=z, **kw)
+    if what == "triton" and x.dtype == torch.bfloat16 and _ext.triton_interpret():
+        naive = _truncate_bf16(p_step_ref(SCHED, mo.float(), x.float(), step, noise=z.float(), **kw))
+    err = (out.double() - ref64).abs().max().item()
+    bound = 2 * (naive.double() - ref64).abs().max().item() + ATOL[x.dtype]
+    assert err <= bound, f"{what} {kw} step={step}: error {err:.3g} > {bound:.3g}"
+    assert out.dtype == x.dtype and out.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_every_combination_matches_reference(seed, backend, dtype):
+    steps = (0, 6) if dtype == torch.float32 else (6,)
+    for (pred, var, clip, (sampler, eta)), step in itertools.product(COMBOS, steps):
+        x, mo, z = _inputs((2, 3, 5, 7), var, dtype)
+        out = p_step(SCHED, mo, x, step, prediction=pred, variance=var, clip=clip, sampler=sampler, eta=eta,
+                     noise=z, backend=backend)
+        assert_rule(out, x, mo, z, step, pred, var, clip, sampler, eta, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layouts_step_tensor_and_in_place(seed, backend):
+    """channels_last x, a strided (sliced) model output, a step in a tensor, and out= aliasing x_t."""
+    for pred, var in (("eps", "learned_range"), ("v", "fixed_large"), ("x0", "fixed_small")):
+        x, mo, z = _inputs((3, 4, 5, 6), var, torch.float32)
+        x = x.contiguous(memory_format=torch.channels_last)
+        big = torch.randn(3, mo.shape[1] + 2, 5, 9)
+        big[:, 1:-1, :, 2:8] = mo
+        mo_strided = big[:, 1:-1, :, 2:8]
+        kw = dict(prediction=pred, variance=var, clip=True, noise=z, backend=backend)
+        want = p_step(SCHED, mo, x.contiguous(), 7, **kw)
+        got = p_step(SCHED, mo_strided, x, torch.tensor(7), **kw)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert_rule(got, x, mo, z, 7, pred, var, True, "ddpm", 0.0)
+        buf = x.clone()
+        assert p_step(SCHED, mo.contiguous(memory_format=torch.channels_last), buf, 7, out=buf, **kw) is buf
+        torch.testing.assert_close(buf, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_noise_at_step_zero(seed, backend):
+    x, mo, z = _inputs((2, 3, 4, 4), "learned_range", torch.float32)
+    for var in ("fixed_small", "fixed_large", "learned_range"):
+        m = mo if var == "learned_range" else mo[:, :3]
+        a = p_step(SCHED, m, x, 0, variance=var, noise=z, backend=backend)
+        b = p_step(SCHED, m, x, 0, variance=var, noise=z * 1000, backend=backend)
+        c = p_step(SCHED, m, x, torch.tensor([0]), variance=var, seed=seed, backend=backend)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seed_semantics(seed, backend):
+    """Same seed repeats; seeds, steps, and (seed s, step k+1) vs (seed s+1, step k) all differ."""
+    x, mo, _ = _inputs((2, 3, 8, 8), "fixed_small", torch.float32)
+
+    def noise_of(s, k):
+        base = p_step(SCHED, mo, x, k, noise=torch.zeros_like(x), backend=backend)
+        got = p_step(SCHED, mo, x, k, seed=s, backend=backend)
+        return ((got - base) / SCHED.tables().posterior_std[k]).flatten()
+
+    s = seed % 2 ** 62
+    a = noise_of(s, 4)
+    torch.testing.assert_close(noise_of(s, 4), a, rtol=0, atol=0)
+    for other in (noise_of(s + 1, 4), noise_of(s, 5)):
+        assert abs(float(torch.corrcoef(torch.stack([a, other]))[0, 1])) < 0.15
+    b, c = noise_of(s, 5), noise_of(s + 1, 4)
+    assert abs(float(torch.corrcoef(torch.stack([b, c]))[0, 1])) < 0.15
+
+
+@needs_triton
+def test_in_kernel_noise_is_the_specified_philox_stream(seed):
+    """p_step's and seeded_randn's Triton noise equal the NumPy Philox specification, element by element,
+    also at offsets that are not a multiple of 4 and past 2^32 Philox counters."""
+    s = seed % 2 ** 63
+    x, mo, _ = _inputs((2, 3, 5, 5), "fixed_small", torch.float32)
+    for offset in (0, 75, 2 ** 34 + 3):
+        base = p_step(SCHED, mo, x, 3, noise=torch.zeros_like(x), backend="triton")
+        got = p_step(SCHED, mo, x, 3, seed=s, element_offset=offset, backend="triton")
+        z = ((got - base) / SCHED.tables().posterior_std[3]).flatten().double().numpy()
+        want = philox_randn_ref(s, 3, STREAM_P_STEP, np.arange(x.numel()) + offset)
+        np.testing.assert_allclose(z, want, atol=2e-4)
+        init = seeded_randn((2, 3, 5, 5), s, element_offset=offset, backend="triton")
+        np.testing.assert_allclose(init.flatten().numpy(), philox_randn_ref(s, 0, STREAM_INIT,
+                                                                            np.arange(150) + offset), atol=2e-5)
+
+
+@needs_triton
+def test_chunks_draw_the_noise_of_the_full_batch(seed):
+    """A batch sampled in chunks (element_offset = first sample * C*H*W) gets the unchunked run's noise."""
+    x, mo, _ = _inputs((5, 3, 5, 5), "learned_range", torch.float32)   # 75 elements per sample: not 4-aligned
+    kw = dict(variance="learned_range", seed=seed, backend="triton")
+    full = p_step(SCHED, mo, x, torch.tensor([8]), **kw)
+    for lo, hi in ((0, 1), (1, 4), (4, 5)):
+        part = p_step(SCHED, mo[lo:hi], x[lo:hi], torch.tensor([8]), element_offset=lo * 75, **kw)
+        torch.testing.assert_close(part, full[lo:hi], rtol=0, atol=0)
+    init = seeded_randn((5, 3, 5, 5), seed, backend="triton")
+    torch.testing.assert_close(seeded_randn((3, 3, 5, 5), seed, element_offset=150, backend="triton"), init[2:])
+
+
+def _stats_ok(z, name):
+    n = z.numel()
+    z = z.double().flatten()
+    assert abs(z.mean().item()) < 6 / n ** 0.5, f"{name}: mean {z.mean().item()}"
+    assert abs(z.var().item() - 1) < 6 * (2 / n) ** 0.5, f"{name}: var {z.var().item()}"
+    ks = (torch.special.ndtr(z.sort().values) - (torch.arange(n) + 0.5) / n).abs().max().item()
+    assert ks < 2.4 / n ** 0.5, f"{name}: KS statistic {ks}"  # p ~ 5e-5 for a true N(0, 1)
+    for lag in (1, 2, 3, 4, 5, 64):  # neighbours within and across Philox groups
+        r = torch.corrcoef(torch.stack([z[:-lag], z[lag:]]))[0, 1].item()
+        assert abs(r) < 6 / n ** 0.5, f"{name}: lag-{lag} correlation {r}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noise_statistics(seed, backend):
+    n = 1 << 15
+    s = seed % 2 ** 62
+    init = seeded_randn((n,), s, backend=backend)
+    _stats_ok(init, f"{backend} seeded_randn")
+    x = torch.zeros(1, 1, n)
+    zeros = torch.zeros_like(x)
+    std = SCHED.tables().posterior_std
+    steps = {}
+    for k, sd in ((5, s), (6, s), (5, s + 1)):
+        base = p_step(SCHED, zeros, x, k, noise=zeros, clip=False, backend=backend)
+        steps[k, sd] = ((p_step(SCHED, zeros, x, k, seed=sd, clip=False, backend=backend) - base) / std[k]).flatten()
+        _stats_ok(steps[k, sd], f"{backend} step {k}")
+    pairs = [(steps[5, s], steps[6, s]), (steps[6, s], steps[5, s + 1]), (steps[5, s], init)]
+    for a, b in pairs:  # across steps, seeds, and the x_T stream
+        assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 6 / n ** 0.5
+
+
+def test_generator_path_matches_diffusers(seed):
+    """The fused CPU step with a torch.Generator reproduces DDPMScheduler.step with the same generator."""
+    diffusers = pytest.importorskip("diffusers")
+    for pred, dpred, var in (("eps", "epsilon", "fixed_small"), ("v", "v_prediction", "fixed_large")):
+        theirs = diffusers.DDPMScheduler(num_train_timesteps=100, variance_type=var, prediction_type=dpred,
+                                         timestep_spacing="leading")
+        theirs.set_timesteps(10)
+        ours = NoiseSchedule.linear(100).respace(10, "leading")
+        x, mo, _ = _inputs((2, 3, 8, 8), var, torch.float32)
+        for i in (9, 5, 1, 0):
+            want = theirs.step(mo, int(ours.timesteps[i]), x,
+                               generator=torch.Generator().manual_seed(seed)).prev_sample
+            got = p_step(ours, mo, x, i, prediction=pred, variance=var,
+                         generator=torch.Generator().manual_seed(seed))
+            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+
+def test_opcheck():
+    x, mo, z = _inputs((2, 3, 4, 4), "learned_range", torch.float32)
+    table = SCHED.tables().packed
+    for step, noise, seed_t in ((torch.tensor([4]), z, None), (None, None, torch.tensor([7]))):
+        torch.library.opcheck(torch.ops.ddpm_fast.p_step_.default,
+                              (x, mo, table, step, 4, noise, seed_t, 0, "v", "learned_range", True, False, 0.0,
+                               torch.empty_like(x)))
+    torch.library.opcheck(torch.ops.ddpm_fast.seeded_randn_.default, (torch.tensor([3]), 5, STREAM_INIT,
+                                                                       torch.empty(2, 3)))
+
+
+def test_bad_inputs():
+    x, mo, z = _inputs((2, 3, 4, 4), "fixed_small", torch.float32)
+    cases = [
+        (dict(model_output=torch.randn(2, 6, 4, 4)), r"model_output must have shape \(2, 3, 4, 4\)"),
+        (dict(variance="learned_range"), r"model_output must have shape \(2, 6, 4, 4\)"),
+        (dict(x_t=x.double()), "x_t must be float32, float16 or bfloat16"),
+        (dict(x_t=x.long()), "x_t must be float32"),
+        (dict(step=10), r"step index 10 out of range \[0, 10\)"),
+        (dict(step=-1), "out of range"),
+        (dict(step=torch.tensor([1.0])), "int64"),
+        (dict(step=torch.tensor([1, 2])), "one element"),
+        (dict(step=2.0), "step must be an int"),
+        (dict(noise=None), "pass noise=, generator= or seed="),
+        (dict(seed=3), "one noise source"),
+        (dict(noise=torch.randn(2, 3, 4)), "noise must have shape"),
+        (dict(noise=None, seed=torch.tensor([1.5])), "seed must be an int64"),
+        (dict(noise=None, seed="7"), "seed must be an int"),
+        (dict(prediction="score"), "prediction"),
+        (dict(variance="learned"), "variance"),
+        (dict(sampler="euler"), "sampler"),
+        (dict(sampler="ddim", eta=-0.1), "eta"),
+        (dict(sampler="ddim", eta=float("nan")), "eta"),
+        (dict(eta=0.5), "eta applies to sampler='ddim' only"),
+        (dict(element_offset=-4), "element_offset"),
+        (dict(out=torch.empty(2, 3, 4, 4, dtype=torch.float16)), "out must match x_t"),
+        (dict(out=torch.empty(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)), "out must match"),
+        (dict(out=torch.empty(2, 3, 4)), "out must have shape"),
+        (dict(schedule="linear"), "schedule must be a NoiseSchedule"),
+        (dict(schedule=SCHED.tables("cpu", torch.float64)), "float32 tables"),
+        (dict(backend="cuda"), "backend"),
+    ]
+    for override, match in cases:
+        kw = dict(schedule=SCHED, model_output=mo, x_t=x, step=3, noise=z)
+        kw.update(override)
+        args = [kw.pop(k) for k in ("schedule", "model_output", "x_t", "step")]
+        with pytest.raises(ValueError, match=match):
+            p_step(*args, **kw)
+    with pytest.raises(ValueError, match="seed"):
+        seeded_randn((3,), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="dense"):
+        seeded_randn(None, 1, out=torch.empty(4, 6)[:, ::2])
+
+
+# ---- GPU: the real kernels (skipped without CUDA) ----------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_matches_reference(seed, dtype):
+    for pred, var, clip, (sampler, eta) in COMBOS:
+        x, mo, z = _inputs((3, 3, 17, 19), var, dtype, "cuda")
+        for step in (0, 7):
+            out = p_step(SCHED, mo, x, torch.tensor([step], device="cuda"), prediction=pred, variance=var,
+                         clip=clip, sampler=sampler, eta=eta, noise=z)
+            assert_rule(out, x, mo, z, step, pred, var, clip, sampler, eta, "cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_of_the_whole_loop_replays_with_new_seeds():
+    """Capture 10 steps (seeded x_T + p_step each) in one CUDA graph: capture proves no host sync; replays with
+    the seed written into the static tensor reproduce eager runs and differ across seeds."""
+    sched = NoiseSchedule.linear(1000).respace(10)
+    sched.tables("cuda")
+    seed_t = torch.tensor([1], device="cuda")
+    x = torch.empty(4, 3, 8, 8, device="cuda")
+    w = torch.randn(3, device="cuda").view(1, 3, 1, 1)
+
+    def loop():
+        seeded_randn(None, seed_t, out=x)
+        for i in reversed(range(sched.num_steps)):
+            p_step(sched, torch.tanh(x * w), x, i, seed=seed_t, out=x)   # each node bakes its own step index
+
+    loop()  # warm-up compiles the kernels
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        loop()
+    results = {}
+    for s in (11, 12, 11):
+        seed_t.fill_(s)
+        g.replay()
+        results.setdefault(s, []).append(x.clone())
+        seed_t.fill_(s)
+        loop()
+        torch.testing.assert_close(results[s][-1], x, rtol=0, atol=0)
+    torch.testing.assert_close(results[11][0], results[11][1], rtol=0, atol=0)
+    assert (results[11][0] - results[12][0]).abs().max() > 0.1
