@@ -1,17 +1,22 @@
 """The fused reverse step x_t -> x_{t-1} (DDPM ancestral or DDIM), and the seeded noise the sampler starts from.
 
-``p_step_ref`` is the specification (diffusion.ddpm_step / ddim_step). ``p_step`` dispatches to the custom op
-``ddpm_fast::p_step_``: one Triton kernel on CUDA (noise drawn in the kernel with Philox, step and seed read
-from device tensors, no host sync, no allocation when ``out=`` is given: CUDA-graph capturable) and fused
-in-place torch ops on the CPU (noise from a torch.Generator seeded from (seed, step, element_offset)).
+``p_step_ref`` is the specification (diffusion.ddpm_step / ddim_step). ``p_step`` runs, by device:
+  CUDA: one Triton kernel; noise drawn in the kernel (Philox), step and seed readable from device tensors, no
+        host sync, no allocation when ``out=`` is given: CUDA-graph capturable.
+  CPU:  one C++ pass (csrc/p_step_cpu.cpp, fp32) drawing the SAME Philox stream, or in-place torch ops.
+Eager calls go straight to the backend; under torch.compile the custom op ``ddpm_fast::p_step_`` is used.
 
 Noise sources, exactly one of: ``noise=`` (a tensor; deterministic, comparable to the reference),
-``generator=`` (noise = torch.randn(x_t.shape, generator=...), float32, drawn only when the step needs noise),
-``seed=`` (an int64 device tensor of one element, or an int for eager use). Same seed, same device -> same
-result. The CUDA (Philox) and CPU (torch.Generator) streams differ. See ops/triton/philox.py for the counters.
+``generator=`` (noise = torch.randn(x_t.shape, generator=...), float32, drawn only when the step needs noise:
+diffusers' convention), ``seed=`` (an int64 device tensor of one element, or an int for eager use): element e
+(memory-order index + element_offset) of step k draws Philox4x32-10 with key = seed, counter = (e // 4, k,
+stream, e // 4 >> 32), so CPU and CUDA draw the same numbers up to float rounding (ops/triton/philox.py).
 """
+import math
+import weakref
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .. import diffusion
@@ -24,22 +29,6 @@ _MASK64 = (1 << 64) - 1
 
 
 # ---- seeds ------------------------------------------------------------------------------------------------
-
-def _splitmix64(z):
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def cpu_generator(seed, step, stream, element_offset):
-    """The CPU torch.Generator for (seed, step, stream, element_offset): a hash of all four, so seed s at step
-    k+1 and seed s+1 at step k draw unrelated noise. (CPU chunks of a batch draw their own noise.)"""
-    h = 0
-    for word in (seed, step, stream, element_offset):
-        h = _splitmix64(h ^ (int(word) & _MASK64))
-    return torch.Generator().manual_seed(h >> 1)  # manual_seed wants < 2^63 here
-
 
 def seed_tensor(seed, device):
     """An int64 one-element seed tensor on ``device`` from an int or a tensor (validated)."""
@@ -59,7 +48,6 @@ def philox_randn_ref(seed, step, stream, elements):
     """NumPy specification of the in-kernel (CUDA/Triton) noise: N(0, 1) float64 for global element indices
     ``elements`` at (seed, step, stream). Philox4x32-10 (Salmon et al. 2011) as triton.language.philox, then
     Box-Muller as triton.language.pair_uniform_to_normal; see ops/triton/philox.py for the counter layout."""
-    import numpy as np
     m32 = np.uint64(0xFFFFFFFF)
     e = np.asarray(elements, dtype=np.uint64)
     key = int(seed) & _MASK64
@@ -77,6 +65,22 @@ def philox_randn_ref(seed, step, stream, elements):
     first, second = np.where(lane < 2, u[0], u[2]), np.where(lane < 2, u[1], u[3])
     r = np.sqrt(-2.0 * np.log(np.maximum(first, 1e-7)))
     return np.where(lane % 2 == 0, r * np.cos(2 * np.pi * second), r * np.sin(2 * np.pi * second))
+
+
+def philox_noise(like, seed, step, stream, element_offset):
+    """float32 Philox noise laid out like ``like`` (dense), on the CPU: the C++ kernel, or the NumPy
+    specification when the extension is missing (slow, same numbers)."""
+    buf = torch.empty_like(like, dtype=torch.float32, device="cpu")
+    flat = buf.as_strided((buf.numel(),), (1,))  # memory order, for NCHW and channels_last alike
+    key = int(seed) & _MASK64
+    ext = _ext.load()
+    if ext is not None:
+        ext.philox_randn_cpu(flat.data_ptr(), flat.numel(), key, int(step) & 0xFFFFFFFF, stream, element_offset,
+                             torch.get_num_threads())
+    else:
+        idx = np.arange(element_offset, element_offset + flat.numel(), dtype=np.uint64)
+        flat.copy_(torch.from_numpy(philox_randn_ref(key, step, stream, idx)))
+    return buf.to(like.device)
 
 
 # ---- specification ----------------------------------------------------------------------------------------
@@ -192,11 +196,11 @@ def p_step(schedule, model_output, x_t, step, *, prediction="eps", variance="fix
     :param step: the STEP INDEX (0 = last step, no noise): an int, or an int64 one-element tensor on x_t's
         device (read in the kernel: a captured graph can replay it with a new value).
     :param eta: DDIM's eta >= 0 (sampler="ddim" only).
-    :param element_offset: index of x_t's first element in the whole batch, so a chunk draws the noise the
-        unchunked run would (CUDA; the CPU stream is seeded per (seed, step, element_offset) instead).
+    :param element_offset: index of x_t's first element in the whole batch (sample index * C*H*W), so a chunk
+        draws the noise the unchunked run would.
     :param out: like x_t (same shape, dtype and strides); may be x_t itself for an in-place update.
-    :param backend: None (the custom op: Triton on CUDA, torch on the CPU), or "triton" / "torch" to call one
-        directly (tests and benchmarks; "triton" on CPU tensors needs TRITON_INTERPRET=1).
+    :param backend: None (automatic), or one of "triton", "cpp", "torch" (tests and benchmarks; "triton" on
+        CPU tensors needs TRITON_INTERPRET=1, "cpp" needs fp32 CPU tensors and the compiled extension).
     """
     check_options(prediction, variance, sampler, eta, element_offset)
     check_backend(backend)
@@ -217,54 +221,55 @@ def p_step(schedule, model_output, x_t, step, *, prediction="eps", variance="fix
                              f" x_t {x_t.dtype} {x_t.stride()}, out {out.dtype} {out.stride()}")
     if noise is not None:
         noise = match_layout(noise, x_t)
-    if (x_t.device.type != "cpu" or backend == "triton") and not _mergeable(model_output):
-        model_output = model_output.contiguous()  # the kernel needs one stride for the spatial dims
+    if nc_s_strides(model_output) is None:
+        model_output = model_output.contiguous()  # the kernels need one stride for the spatial dims
     args = (x_t, model_output, tables.packed, step_t, step_index, noise, seed, element_offset, prediction,
             variance, bool(clip), sampler == "ddim", float(eta), out)
-    if backend is None:
+    if backend is None and torch.compiler.is_compiling():
         torch.ops.ddpm_fast.p_step_(*args)
-    elif backend == "torch":
-        _p_step_torch(*args)
-    else:
-        from .triton.p_step import p_step_triton
-        p_step_triton(*args, stream=STREAM_P_STEP)
+    else:  # eager: skip the custom op's Python dispatch (~100-200 us per call on this CPU)
+        _P_STEP_BACKENDS[backend or _auto_backend(args)](*args)
     return out
 
 
 def check_backend(backend):
-    if backend not in (None, "torch", "triton"):
-        raise ValueError(f"backend must be None, 'torch' or 'triton', got {backend!r}")
+    if backend not in (None, "triton", "cpp", "torch"):
+        raise ValueError(f"backend must be None, 'triton', 'cpp' or 'torch', got {backend!r}")
 
 
-def _mergeable(t):
-    try:
-        t.view(t.shape[0], t.shape[1], -1)
-        return True
-    except RuntimeError:
-        return False
+def nc_s_strides(t):
+    """Strides (n, c, s) of t viewed as (N, C, S), S = its spatial dims merged; None if they do not merge."""
+    stride = t.stride()
+    if t.is_contiguous():
+        return stride[0], stride[1], 1
+    dims = [(n, st) for n, st in zip(t.shape[2:], stride[2:]) if n != 1]
+    for (_, outer), (n_inner, inner) in zip(dims, dims[1:]):
+        if outer != inner * n_inner:
+            return None
+    return stride[0], stride[1], dims[-1][1] if dims else 1
+
+
+def _auto_backend(args):
+    x_t, model_output, _, _, _, noise, *_, out = args
+    if x_t.device.type != "cpu":
+        if _ext.has_triton():
+            return "triton"
+        _warn_no_triton()
+        return "torch"
+    fp32 = all(t is None or t.dtype == torch.float32 for t in (x_t, model_output, noise))
+    return "cpp" if fp32 and _ext.has_cpu_kernels() else "torch"
 
 
 # ---- the custom op ----------------------------------------------------------------------------------------
 
-@torch.library.custom_op("ddpm_fast::p_step_", mutates_args=("out",), device_types="cpu")
+@torch.library.custom_op("ddpm_fast::p_step_", mutates_args=("out",), device_types=("cpu", "cuda"))
 def _p_step_op(x_t: torch.Tensor, model_output: torch.Tensor, table: torch.Tensor, step: Optional[torch.Tensor],
                step_index: int, noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], element_offset: int,
                prediction: str, variance: str, clip: bool, ddim: bool, eta: float, out: torch.Tensor) -> None:
     """Writes x_{t-1} into out. Arguments are validated by ``p_step``."""
-    _p_step_torch(x_t, model_output, table, step, step_index, noise, seed, element_offset, prediction, variance,
-                  clip, ddim, eta, out)
-
-
-@_p_step_op.register_kernel("cuda")
-def _p_step_cuda(x_t, model_output, table, step, step_index, noise, seed, element_offset, prediction, variance,
-                 clip, ddim, eta, out):
-    if not _ext.has_triton():
-        _warn_no_triton()
-        return _p_step_torch(x_t, model_output, table, step, step_index, noise, seed, element_offset, prediction,
-                             variance, clip, ddim, eta, out)
-    from .triton.p_step import p_step_triton
-    p_step_triton(x_t, model_output, table, step, step_index, noise, seed, element_offset, prediction, variance,
-                  clip, ddim, eta, out, stream=STREAM_P_STEP)
+    args = (x_t, model_output, table, step, step_index, noise, seed, element_offset, prediction, variance, clip,
+            ddim, eta, out)
+    _P_STEP_BACKENDS[_auto_backend(args)](*args)
 
 
 @_p_step_op.register_fake
@@ -279,28 +284,69 @@ def _warn_no_triton():
                   "syncs (not CUDA-graph capturable). `pip install triton`", RuntimeWarning, stacklevel=3)
 
 
+# ---- backends ---------------------------------------------------------------------------------------------
+
 def step_coefs(c, prediction, ddim, eta):
     """Python-float coefficients of one step from a table column ``c`` (row name -> value):
     (p, q) with x0 = p x_t + q m, and (a, b, sigma) with x_{t-1} = a x0 + b x_t + sigma z."""
     p, q = {"eps": (c["sqrt_recip_alphas_cumprod"], -c["sqrt_recipm1_alphas_cumprod"]), "x0": (0.0, 1.0),
             "v": (c["sqrt_alphas_cumprod"], -c["sqrt_one_minus_alphas_cumprod"])}[prediction]
     if not ddim:
-        return p, q, c["posterior_mean_coef1"], c["posterior_mean_coef2"], None
+        return p, q, c["posterior_mean_coef1"], c["posterior_mean_coef2"]
     sigma = eta * c["posterior_variance"] ** 0.5
     direction = max(c["one_minus_alphas_cumprod_prev"] - sigma * sigma, 0.0) ** 0.5
     srm1 = c["sqrt_recipm1_alphas_cumprod"]
-    return p, q, c["sqrt_alphas_cumprod_prev"] - direction / srm1, direction * c["sqrt_recip_alphas_cumprod"] / srm1, sigma
+    return p, q, c["sqrt_alphas_cumprod_prev"] - direction / srm1, direction * c["sqrt_recip_alphas_cumprod"] / srm1
+
+
+_HOST_COLUMNS = {}  # id(packed table) -> (weak reference to it, its columns as dicts of Python floats)
+
+
+def _columns(table):
+    entry = _HOST_COLUMNS.get(id(table))
+    if entry is None or entry[0]() is not table:  # tables are read-only: convert once per table
+        if len(_HOST_COLUMNS) > 64:
+            _HOST_COLUMNS.clear()
+        entry = _HOST_COLUMNS[id(table)] = (weakref.ref(table), [dict(zip(ROWS, c)) for c in table.t().tolist()])
+    return entry[1]
+
+
+def _host_step(table, step, step_index, prediction, variance, ddim, eta):
+    """(step index, table column as a dict, p, q, a, b, sigma, learned) read on the host (a sync on CUDA)."""
+    i = int(step) if step is not None else step_index
+    if not 0 <= i < table.shape[1]:
+        raise ValueError(f"step index {i} out of range [0, {table.shape[1]})")
+    c = _columns(table)[i]
+    p, q, a, b = step_coefs(c, prediction, ddim, eta)
+    learned = variance == "learned_range" and not ddim
+    sigma = eta * c["posterior_variance"] ** 0.5 if ddim else \
+        c["fixed_large_std" if variance == "fixed_large" else "posterior_std"]
+    return i, c, p, q, a, b, sigma, learned
+
+
+def _p_step_cpp(x_t, model_output, table, step, step_index, noise, seed, element_offset, prediction, variance,
+                clip, ddim, eta, out):
+    """One C++ pass (fp32 CPU tensors, x_t/out/noise dense alike, model_output with mergeable spatial dims)."""
+    ext = _ext.load()
+    if ext is None or x_t.device.type != "cpu" or any(
+            t is not None and t.dtype != torch.float32 for t in (x_t, model_output, noise)):
+        raise ValueError("backend 'cpp' needs the compiled extension and float32 CPU tensors")
+    i, c, p, q, a, b, sigma, learned = _host_step(table, step, step_index, prediction, variance, ddim, eta)
+    N, C = x_t.shape[:2]
+    mo_sn, mo_sc, mo_ss = nc_s_strides(model_output)
+    # learned sigma = exp(0.5 * (frac log beta + (1 - frac) log post_var)), frac = (v + 1) / 2: linear in v
+    lo, hi = 0.5 * c["posterior_log_variance_clipped"], 0.5 * c["log_betas"]
+    ext.p_step_fused_cpu(x_t.data_ptr(), model_output.data_ptr(), 0 if noise is None else noise.data_ptr(),
+                         out.data_ptr(), N, C, math.prod(x_t.shape[2:]), not x_t.is_contiguous(), mo_sn, mo_sc, mo_ss,
+                         C * mo_sc, p, q, a, b, sigma, 0.5 * (hi + lo), 0.5 * (hi - lo), bool(clip), learned,
+                         i > 0 and (not ddim or eta > 0), 0 if seed is None else int(seed) & _MASK64, i,
+                         STREAM_P_STEP, element_offset, torch.get_num_threads())
 
 
 def _p_step_torch(x_t, model_output, table, step, step_index, noise, seed, element_offset, prediction, variance,
                   clip, ddim, eta, out):
-    """The CPU path: x_{t-1} in 3-4 in-place passes with Python-float coefficients (reading them from a CUDA
-    table would sync; this path runs on CUDA only without triton)."""
-    i = int(step) if step is not None else step_index
-    if not 0 <= i < table.shape[1]:
-        raise ValueError(f"step index {i} out of range [0, {table.shape[1]})")
-    c = dict(zip(ROWS, table[:, i].tolist()))
-    p, q, a, b, sigma = step_coefs(c, prediction, ddim, eta)
+    """In-place torch ops with Python-float coefficients (3-4 passes; reading them on CUDA syncs)."""
+    i, c, p, q, a, b, sigma, learned = _host_step(table, step, step_index, prediction, variance, ddim, eta)
     C = x_t.shape[1]
     xf, mf = x_t.float(), model_output[:, :C].float()
     work = out if out.dtype == torch.float32 else None
@@ -312,18 +358,25 @@ def _p_step_torch(x_t, model_output, table, step, step_index, noise, seed, eleme
         res = torch.mul(xf, a * p + b, out=work) if work is not None else torch.mul(xf, a * p + b)
         res.add_(mf, alpha=a * q)
     if i > 0 and (not ddim or eta > 0):
-        z = noise.float() if noise is not None else torch.randn(
-            x_t.shape, generator=cpu_generator(int(seed), i, STREAM_P_STEP, element_offset)).to(x_t.device)
-        if variance == "learned_range" and not ddim:
-            # 0.5 log var = 0.5 (frac log beta + (1 - frac) log post_var), frac = (v + 1) / 2: linear in v.
+        z = noise.float() if noise is not None else philox_noise(x_t, seed, i, STREAM_P_STEP, element_offset)
+        if learned:
             lo, hi = 0.5 * c["posterior_log_variance_clipped"], 0.5 * c["log_betas"]
             sig = torch.mul(model_output[:, C:].float(), 0.5 * (hi - lo)).add_(0.5 * (hi + lo)).exp_()
             res.addcmul_(sig, z)
         else:
-            sigma = c["fixed_large_std" if variance == "fixed_large" else "posterior_std"] if not ddim else sigma
             res.add_(z, alpha=sigma)
     if res is not out:
         out.copy_(res)
+
+
+def _p_step_triton(*args):
+    if not _ext.has_triton():
+        raise ValueError("backend 'triton' needs triton installed")
+    from .triton.p_step import p_step_triton
+    p_step_triton(*args, stream=STREAM_P_STEP)
+
+
+_P_STEP_BACKENDS = {"cpp": _p_step_cpp, "torch": _p_step_torch, "triton": _p_step_triton}
 
 
 # ---- seeded initial noise ---------------------------------------------------------------------------------
@@ -331,12 +384,12 @@ def _p_step_torch(x_t, model_output, table, step, step_index, noise, seed, eleme
 def seeded_randn(shape, seed, *, dtype=torch.float32, device=None, element_offset=0, out=None, backend=None):
     """N(0, 1) noise that is a pure function of (seed, element): the sampler's x_T, drawn inside a graph.
 
-    Its stream never collides with any p_step noise of the same seed. On CUDA: Philox in a kernel (seed read
-    from the device tensor; element = memory-order index + element_offset). On the CPU: torch.randn from a
-    Generator seeded by (seed, element_offset).
+    The Philox stream STREAM_INIT (step word 0), so it never collides with p_step's noise for the same seed;
+    element = memory-order index + element_offset. CUDA: a Triton kernel reading the seed from device memory;
+    CPU: the C++ kernel (same numbers up to float rounding).
     :param seed: int64 one-element tensor (its device is used) or an int (then ``device``, default cpu).
     :param out: optional dense tensor to fill (then ``shape``/``dtype`` are ignored); no allocation.
-    :param backend: as for ``p_step``.
+    :param backend: as for ``p_step`` ("cpp" and "torch" both mean the host kernel here).
     """
     check_backend(backend)
     if isinstance(seed, torch.Tensor):
@@ -350,33 +403,28 @@ def seeded_randn(shape, seed, *, dtype=torch.float32, device=None, element_offse
     check_float_tensor("out", out, device)
     if not is_dense(out):
         raise ValueError("out must be dense (contiguous or channels_last)")
-    if backend is None:
+    if backend is None and torch.compiler.is_compiling():
         torch.ops.ddpm_fast.seeded_randn_(seed, element_offset, STREAM_INIT, out)
-    elif backend == "torch":
-        _seeded_randn_torch(seed, element_offset, STREAM_INIT, out)
     else:
-        from .triton.philox import seeded_randn_triton
-        seeded_randn_triton(seed, element_offset, out, STREAM_INIT)
+        use_triton = backend == "triton" or (backend is None and device.type != "cpu")
+        _seeded_randn(seed, element_offset, STREAM_INIT, out, use_triton)
     return out
 
 
-def _seeded_randn_torch(seed, element_offset, stream, out):
-    out.copy_(torch.randn(out.shape, generator=cpu_generator(int(seed), 0, stream, element_offset)))
+def _seeded_randn(seed, element_offset, stream, out, use_triton):
+    if use_triton and _ext.has_triton():
+        from .triton.philox import seeded_randn_triton
+        seeded_randn_triton(seed, element_offset, out, stream)
+    else:
+        if out.device.type != "cpu":
+            _warn_no_triton()
+        out.copy_(philox_noise(out, seed, 0, stream, element_offset))
 
 
-@torch.library.custom_op("ddpm_fast::seeded_randn_", mutates_args=("out",), device_types="cpu")
+@torch.library.custom_op("ddpm_fast::seeded_randn_", mutates_args=("out",), device_types=("cpu", "cuda"))
 def _seeded_randn_op(seed: torch.Tensor, element_offset: int, stream: int, out: torch.Tensor) -> None:
     """Fills out with N(0, 1) from (seed, stream, element_offset)."""
-    _seeded_randn_torch(seed, element_offset, stream, out)
-
-
-@_seeded_randn_op.register_kernel("cuda")
-def _seeded_randn_cuda(seed, element_offset, stream, out):
-    if not _ext.has_triton():
-        _warn_no_triton()
-        return _seeded_randn_torch(seed, element_offset, stream, out)
-    from .triton.philox import seeded_randn_triton
-    seeded_randn_triton(seed, element_offset, out, stream)
+    _seeded_randn(seed, element_offset, stream, out, out.device.type != "cpu")
 
 
 @_seeded_randn_op.register_fake

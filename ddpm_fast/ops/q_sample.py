@@ -1,10 +1,10 @@
 """Fused forward noising for training: x_t = sqrt(abar[t]) x_0 + sqrt(1 - abar[t]) eps, eps drawn in the op.
 
 ``q_sample_ref`` is the specification (diffusion.q_sample). ``q_sample`` dispatches to the custom op
-``ddpm_fast::q_sample_``: one Triton kernel on CUDA that draws eps with Philox (key = a seed in a device tensor,
-stream Q_SAMPLE) and writes both x_t and eps (the loss target); on the CPU, torch ops with eps from a
-torch.Generator seeded by (seed, element_offset). Change the seed every training step (e.g. seed.add_(1) on the
-device): the noise is a pure function of (seed, element).
+``ddpm_fast::q_sample_`` (eager calls skip its dispatch): one Triton kernel on CUDA that draws eps with Philox
+(key = a seed in a device tensor, stream Q_SAMPLE) and writes both x_t and eps (the loss target); on the CPU the
+C++ kernel draws the same Philox stream and one torch pass forms x_t. Change the seed every training step (e.g.
+seed.add_(1) on the device): the noise is a pure function of (seed, element).
 """
 from typing import Optional
 
@@ -12,8 +12,8 @@ import torch
 
 from .. import diffusion
 from . import _ext
-from .p_step import (STREAM_Q_SAMPLE, _warn_no_triton, check_backend, check_float_tensor, cpu_generator,
-                     is_dense, match_layout, noise_source, resolve_tables)
+from .p_step import (STREAM_Q_SAMPLE, _warn_no_triton, check_backend, check_float_tensor, is_dense,
+                     match_layout, noise_source, philox_noise, resolve_tables)
 from ..schedule import ROW
 
 
@@ -58,41 +58,34 @@ def q_sample(schedule, x_start, t, *, noise=None, seed=None, generator=None, ele
     else:
         noise = match_layout(noise, x_start)
     args = (x_start, t, tables.packed, noise, seed, element_offset, x_t, eps)
-    if backend is None:
+    if backend is None and torch.compiler.is_compiling():
         torch.ops.ddpm_fast.q_sample_(*args)
-    elif backend == "torch":
-        _q_sample_torch(*args)
-    else:
-        from .triton.q_sample import q_sample_triton
-        q_sample_triton(*args, STREAM_Q_SAMPLE)
+    else:  # eager: skip the custom op's Python dispatch
+        _q_sample(*args, use_triton=backend == "triton" or (backend is None and x_start.device.type != "cpu"))
     return x_t, (noise if eps is None else eps)
 
 
-@torch.library.custom_op("ddpm_fast::q_sample_", mutates_args=("x_t", "eps"), device_types="cpu")
-def _q_sample_op(x_start: torch.Tensor, t: torch.Tensor, table: torch.Tensor, noise: Optional[torch.Tensor],
-                 seed: Optional[torch.Tensor], element_offset: int, x_t: torch.Tensor,
-                 eps: Optional[torch.Tensor]) -> None:
-    """Writes x_t (and eps when noise is drawn). Arguments are validated by ``q_sample``."""
-    _q_sample_torch(x_start, t, table, noise, seed, element_offset, x_t, eps)
-
-
-def _q_sample_torch(x_start, t, table, noise, seed, element_offset, x_t, eps):
+def _q_sample(x_start, t, table, noise, seed, element_offset, x_t, eps, use_triton):
+    if use_triton and _ext.has_triton():
+        from .triton.q_sample import q_sample_triton
+        return q_sample_triton(x_start, t, table, noise, seed, element_offset, x_t, eps, STREAM_Q_SAMPLE)
+    if x_start.device.type != "cpu":
+        _warn_no_triton()
+    # CPU: eps from the C++ Philox kernel (the same stream as the GPU), then one torch pass
     if noise is None:
-        gen = cpu_generator(int(seed), 0, STREAM_Q_SAMPLE, element_offset)
-        noise = eps.copy_(torch.randn(x_start.shape, generator=gen))
+        noise = eps.copy_(philox_noise(x_start, seed, 0, STREAM_Q_SAMPLE, element_offset))
     shape = (-1,) + (1,) * (x_start.dim() - 1)
     sab = table[ROW["sqrt_alphas_cumprod"]].index_select(0, t).view(shape)
     s1mab = table[ROW["sqrt_one_minus_alphas_cumprod"]].index_select(0, t).view(shape)
     x_t.copy_(torch.addcmul(sab * x_start.float(), s1mab, noise.float()))
 
 
-@_q_sample_op.register_kernel("cuda")
-def _q_sample_cuda(x_start, t, table, noise, seed, element_offset, x_t, eps):
-    if not _ext.has_triton():
-        _warn_no_triton()
-        return _q_sample_torch(x_start, t, table, noise, seed, element_offset, x_t, eps)
-    from .triton.q_sample import q_sample_triton
-    q_sample_triton(x_start, t, table, noise, seed, element_offset, x_t, eps, STREAM_Q_SAMPLE)
+@torch.library.custom_op("ddpm_fast::q_sample_", mutates_args=("x_t", "eps"), device_types=("cpu", "cuda"))
+def _q_sample_op(x_start: torch.Tensor, t: torch.Tensor, table: torch.Tensor, noise: Optional[torch.Tensor],
+                 seed: Optional[torch.Tensor], element_offset: int, x_t: torch.Tensor,
+                 eps: Optional[torch.Tensor]) -> None:
+    """Writes x_t (and eps when noise is drawn). Arguments are validated by ``q_sample``."""
+    _q_sample(x_start, t, table, noise, seed, element_offset, x_t, eps, x_start.device.type != "cpu")
 
 
 @_q_sample_op.register_fake

@@ -12,7 +12,8 @@ from ddpm_fast.ops.p_step import (STREAM_INIT, STREAM_P_STEP, p_step, p_step_ref
 
 HAS_CUDA = torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(not _ext.has_triton(), reason="needs triton")
-BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+needs_ext = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="needs the compiled extension")
+BACKENDS = [pytest.param("cpp", marks=needs_ext), "torch", pytest.param("triton", marks=needs_triton)]
 COMBOS = list(itertools.product(["eps", "x0", "v"], ["fixed_small", "fixed_large", "learned_range"], [False, True],
                                 [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.6)]))
 ATOL = {torch.float32: 2e-6, torch.float16: 1e-6, torch.bfloat16: 1e-6}
@@ -49,6 +50,8 @@ def assert_rule(out, x, mo, z, step, pred, var, clip, sampler, eta, what=""):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_every_combination_matches_reference(seed, backend, dtype):
+    if backend == "cpp" and dtype != torch.float32:
+        pytest.skip("the C++ kernel is fp32; other dtypes take the torch path")
     steps = (0, 6) if dtype == torch.float32 else (6,)
     for (pred, var, clip, (sampler, eta)), step in itertools.product(COMBOS, steps):
         x, mo, z = _inputs((2, 3, 5, 7), var, dtype)
@@ -108,34 +111,48 @@ def test_seed_semantics(seed, backend):
     assert abs(float(torch.corrcoef(torch.stack([b, c]))[0, 1])) < 0.15
 
 
-@needs_triton
-def test_in_kernel_noise_is_the_specified_philox_stream(seed):
-    """p_step's and seeded_randn's Triton noise equal the NumPy Philox specification, element by element,
-    also at offsets that are not a multiple of 4 and past 2^32 Philox counters."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noise_is_the_specified_philox_stream(seed, backend):
+    """Every backend's seeded noise (p_step and seeded_randn) equals the NumPy Philox specification element by
+    element, also at offsets that are not a multiple of 4 and past 2^32 Philox counters: CPU and GPU agree."""
     s = seed % 2 ** 63
     x, mo, _ = _inputs((2, 3, 5, 5), "fixed_small", torch.float32)
     for offset in (0, 75, 2 ** 34 + 3):
-        base = p_step(SCHED, mo, x, 3, noise=torch.zeros_like(x), backend="triton")
-        got = p_step(SCHED, mo, x, 3, seed=s, element_offset=offset, backend="triton")
+        base = p_step(SCHED, mo, x, 3, noise=torch.zeros_like(x), backend=backend)
+        got = p_step(SCHED, mo, x, 3, seed=s, element_offset=offset, backend=backend)
         z = ((got - base) / SCHED.tables().posterior_std[3]).flatten().double().numpy()
         want = philox_randn_ref(s, 3, STREAM_P_STEP, np.arange(x.numel()) + offset)
         np.testing.assert_allclose(z, want, atol=2e-4)
-        init = seeded_randn((2, 3, 5, 5), s, element_offset=offset, backend="triton")
+        init = seeded_randn((2, 3, 5, 5), s, element_offset=offset, backend=backend)
         np.testing.assert_allclose(init.flatten().numpy(), philox_randn_ref(s, 0, STREAM_INIT,
                                                                             np.arange(150) + offset), atol=2e-5)
 
 
-@needs_triton
-def test_chunks_draw_the_noise_of_the_full_batch(seed):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunks_draw_the_noise_of_the_full_batch(seed, backend):
     """A batch sampled in chunks (element_offset = first sample * C*H*W) gets the unchunked run's noise."""
     x, mo, _ = _inputs((5, 3, 5, 5), "learned_range", torch.float32)   # 75 elements per sample: not 4-aligned
-    kw = dict(variance="learned_range", seed=seed, backend="triton")
+    kw = dict(variance="learned_range", seed=seed, backend=backend)
     full = p_step(SCHED, mo, x, torch.tensor([8]), **kw)
     for lo, hi in ((0, 1), (1, 4), (4, 5)):
         part = p_step(SCHED, mo[lo:hi], x[lo:hi], torch.tensor([8]), element_offset=lo * 75, **kw)
         torch.testing.assert_close(part, full[lo:hi], rtol=0, atol=0)
-    init = seeded_randn((5, 3, 5, 5), seed, backend="triton")
-    torch.testing.assert_close(seeded_randn((3, 3, 5, 5), seed, element_offset=150, backend="triton"), init[2:])
+    init = seeded_randn((5, 3, 5, 5), seed, backend=backend)
+    torch.testing.assert_close(seeded_randn((3, 3, 5, 5), seed, element_offset=150, backend=backend), init[2:])
+
+
+@needs_ext
+def test_cpu_noise_is_independent_of_thread_count(seed):
+    x, mo, _ = _inputs((4, 3, 32, 32), "fixed_small", torch.float32)    # several 2048-element tiles
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = p_step(SCHED, mo, x, 5, seed=seed, backend="cpp")
+        torch.set_num_threads(2)
+        two = p_step(SCHED, mo, x, 5, seed=seed, backend="cpp")
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(one, two, rtol=0, atol=0)
 
 
 def _stats_ok(z, name):
@@ -227,6 +244,7 @@ def test_bad_inputs():
         (dict(schedule="linear"), "schedule must be a NoiseSchedule"),
         (dict(schedule=SCHED.tables("cpu", torch.float64)), "float32 tables"),
         (dict(backend="cuda"), "backend"),
+        (dict(x_t=x.half(), model_output=mo.half(), backend="cpp"), "needs the compiled extension and float32"),
     ]
     for override, match in cases:
         kw = dict(schedule=SCHED, model_output=mo, x_t=x, step=3, noise=z)

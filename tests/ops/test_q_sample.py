@@ -66,17 +66,18 @@ def test_generator_path_is_torch_randn(seed):
     torch.testing.assert_close(x_t, q_sample_ref(SCHED, x0, t, eps))
 
 
-@needs_triton
-def test_in_kernel_noise_stream_and_chunks(seed):
-    """eps is the specified Philox stream (Q_SAMPLE); chunks with element_offset draw the full batch's eps."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noise_stream_and_chunks(seed, backend):
+    """eps is the specified Philox stream (Q_SAMPLE) on every backend; chunks with element_offset draw the full
+    batch's eps."""
     s = seed % 2 ** 63
     x0 = torch.rand(5, 3, 5, 5)          # 75 elements per sample: chunk offsets are not 4-aligned
     t = torch.randint(0, 100, (5,))
-    x_t, eps = q_sample(SCHED, x0, t, seed=s, backend="triton")
+    x_t, eps = q_sample(SCHED, x0, t, seed=s, backend=backend)
     np.testing.assert_allclose(eps.flatten().numpy(), philox_randn_ref(s, 0, STREAM_Q_SAMPLE, np.arange(375)),
                                atol=2e-5)
     for lo, hi in ((0, 2), (2, 3), (3, 5)):
-        part_xt, part_eps = q_sample(SCHED, x0[lo:hi], t[lo:hi], seed=s, element_offset=lo * 75, backend="triton")
+        part_xt, part_eps = q_sample(SCHED, x0[lo:hi], t[lo:hi], seed=s, element_offset=lo * 75, backend=backend)
         torch.testing.assert_close(part_eps, eps[lo:hi], rtol=0, atol=0)
         torch.testing.assert_close(part_xt, x_t[lo:hi], rtol=0, atol=0)
 

@@ -7,10 +7,13 @@ sampler (DDPM, DDIM with eta) is one specialisation (constexpr flags). Both samp
 with a, b, sigma and the x0 coefficients gathered from the packed schedule table at a step index read from device memory (or
 passed as an argument, for graphs whose every node bakes its own step).
 """
+import math
+
 import triton
 import triton.language as tl
 
 from ...schedule import ROW
+from ..p_step import nc_s_strides
 from .philox import launch_geometry, randn_block
 
 PRED_CODES = {"eps": 0, "x0": 1, "v": 2}
@@ -130,22 +133,15 @@ def _p_step_kernel(
     tl.store(out_ptr + local, res.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _mo_strides(model_output, x_t):
-    """(N, C', S) strides of the model output, and whether it is laid out exactly like x_t."""
-    N, Cm = model_output.shape[:2]
-    S = model_output[0, 0].numel()
-    like_x = model_output.shape == x_t.shape and model_output.stride() == x_t.stride()
-    return model_output.view(N, Cm, S).stride(), like_x
-
-
 def p_step_triton(x_t, model_output, table, step, step_index, noise, seed, element_offset, prediction, variance,
                   clip, ddim, eta, out, stream=0, block=None):
     """Launch the fused step. Arguments as ``torch.ops.ddpm_fast.p_step_`` (validated there), plus the Philox
     stream id and an optional block size (tests). x_t/out/noise dense with equal strides; model_output any layout
     whose spatial dims merge into one stride (the caller makes it contiguous otherwise)."""
     N, C = x_t.shape[:2]
-    S = x_t[0, 0].numel()
-    (mo_sn, mo_sc, mo_ss), like_x = _mo_strides(model_output, x_t)
+    S = math.prod(x_t.shape[2:])
+    mo_sn, mo_sc, mo_ss = nc_s_strides(model_output)
+    like_x = model_output.shape == x_t.shape and model_output.stride() == x_t.stride()
     need_noise = (not ddim) or eta > 0
     noise_mode = NOISE_NONE if not need_noise else NOISE_INPUT if noise is not None else NOISE_PHILOX
     grid, lead, group_start, block = launch_geometry(x_t.numel(), element_offset, block)
