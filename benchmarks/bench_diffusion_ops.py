@@ -1,0 +1,154 @@
+"""Per-step cost of the reverse step: ddpm_fast's fused p_step vs the same math as separate torch ops vs
+diffusers' DDPMScheduler.step, at n x 3 x 32 x 32 (DDPM, eps prediction, fixed_small, clip, linear T=1000, a
+mid-chain step so noise is drawn).
+
+Variants run interleaved in one process (round-robin per repeat), each repeat timing a burst of calls; we report
+the median per-step time, the p25-p75 spread, and the speedup over diffusers. On CUDA also the fused step's
+bandwidth against a measured copy of the same bytes. Results go to stdout (a Markdown table) and, atomically,
+to benchmarks/results/diffusion_ops_<device>.json.
+
+    python benchmarks/bench_diffusion_ops.py                      # CPU, n in {1, 16, 256}
+    python benchmarks/bench_diffusion_ops.py --device cuda
+    python benchmarks/bench_diffusion_ops.py --quick              # dry run with tiny settings
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+from ddpm_fast import NoiseSchedule
+from ddpm_fast.ops.p_step import p_step, p_step_ref
+
+STEP = 500  # a mid-chain step: noise is drawn
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def make_variants(n, device):
+    """name -> zero-argument callable doing one reverse step on fresh-looking (fixed) inputs."""
+    import diffusers
+
+    sched = NoiseSchedule.linear(1000)
+    sched.tables(device)
+    x = torch.randn(n, 3, 32, 32, device=device)
+    mo = torch.randn_like(x)
+    out = torch.empty_like(x)
+    seed = torch.tensor([1234], device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    theirs = diffusers.DDPMScheduler(num_train_timesteps=1000)
+    variants = {
+        "fused p_step": lambda: p_step(sched, mo, x, STEP, seed=seed, out=out),
+        "separate torch ops": lambda: p_step_ref(sched, mo, x, STEP,
+                                                 noise=torch.randn(x.shape, generator=gen, device=device)),
+        "diffusers DDPMScheduler.step": lambda: theirs.step(mo, STEP, x, generator=gen),
+    }
+    if device == "cpu":
+        variants["fused p_step (torch ops backend)"] = lambda: p_step(sched, mo, x, STEP, seed=seed, out=out,
+                                                                       backend="torch")
+    else:
+        variants["copy of x_t (bandwidth ceiling)"] = lambda: out.copy_(x)
+    return variants
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(variants, repeats, burst, device):
+    """name -> per-call seconds of each repeat; variants alternate within every repeat."""
+    times = {name: [] for name in variants}
+    for fn in variants.values():  # warm-up (kernel compilation, caches)
+        for _ in range(3):
+            fn()
+    _sync(device)
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(burst):
+                fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) / burst)
+    return times
+
+
+def summarize(times, n, device):
+    rows = []
+    base = statistics.median(times["diffusers DDPMScheduler.step"])
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+        row = {"n": n, "variant": name, "median_us": statistics.median(ts) * 1e6, "p25_us": q[0] * 1e6,
+               "p75_us": q[2] * 1e6, "speedup_vs_diffusers": base / statistics.median(ts)}
+        if device == "cuda":  # x_t and the model output read, x_{t-1} written (noise is drawn in the kernel)
+            moved = (3 if name != "copy of x_t (bandwidth ceiling)" else 2) * n * 3 * 32 * 32 * 4
+            row["GB_per_s"] = moved / statistics.median(ts) / 1e9
+        rows.append(row)
+    return rows
+
+
+def markdown(rows):
+    cols = ["n", "variant", "median_us", "p25_us", "p75_us", "speedup_vs_diffusers"]
+    cols += ["GB_per_s"] if "GB_per_s" in rows[0] else []
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_atomic(path, payload):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--sizes", default="1,16,256", help="batch sizes n (comma separated)")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--burst-elements", type=int, default=2_000_000,
+                    help="each timed burst runs ~this many elements worth of calls (at least 1 call)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--quick", action="store_true", help="dry run: n=1,4, 3 repeats")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/diffusion_ops_<device>.json)")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device")
+    torch.set_num_threads(args.threads)
+    sizes = [1, 4] if args.quick else [int(s) for s in args.sizes.split(",")]
+    repeats = 3 if args.quick else args.repeats
+    rows = []
+    for n in sizes:
+        burst = max(1, args.burst_elements // (n * 3 * 32 * 32)) if not args.quick else 2
+        rows += summarize(time_interleaved(make_variants(n, args.device), repeats, burst, args.device), n,
+                          args.device)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else _cpu_model(),
+            "threads": args.threads, "torch": torch.__version__, "repeats": repeats,
+            "load_average_at_end": load, "quick": args.quick, "step": STEP}
+    print(f"# reverse step per call, {meta['device']}, {args.threads} thread(s), torch {torch.__version__}, "
+          f"load average {load}")
+    print(markdown(rows))
+    path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                    f"diffusion_ops_{args.device}{'_quick' if args.quick else ''}.json")
+    write_atomic(path, {"meta": meta, "rows": rows})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
