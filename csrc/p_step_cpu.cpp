@@ -128,7 +128,8 @@ AVX2 inline void store_groups8(float* dst, const __m256* n) {
 }
 
 AVX2 void randn_groups_avx2(float* dst, uint64_t g0, int64_t ng, uint64_t seed, uint32_t step, uint32_t stream) {
-  const __m256i ma = _mm256_set1_epi32(static_cast<int>(kRoundA)), mb = _mm256_set1_epi32(static_cast<int>(kRoundB));
+  const __m256i ma = _mm256_set1_epi32(static_cast<int>(kRoundA));
+  const __m256i mb = _mm256_set1_epi32(static_cast<int>(kRoundB));
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t i = 0; i < ng; i += 8) {
     uint64_t g = g0 + static_cast<uint64_t>(i);

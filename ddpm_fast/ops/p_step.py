@@ -140,7 +140,7 @@ def _step_arg(step, device, num_steps):
                              f"{tuple(step.shape)}")
         if step.device != device:
             raise ValueError(f"step is on {step.device} but x_t is on {device}")
-        if step.device.type != "cpu":
+        if step.device.type != "cpu" or torch.compiler.is_compiling():
             return step, 0, None  # read in the kernel; no host sync
         step_index = int(step)
     elif isinstance(step, bool) or not hasattr(step, "__index__"):
@@ -211,6 +211,19 @@ def p_step(schedule, model_output, x_t, step, *, prediction="eps", variance="fix
     step_t, step_index, known = _step_arg(step, x_t.device, tables.num_steps)
     needed = (sampler == "ddpm" or eta > 0) and known != 0
     noise, seed = noise_source(x_t, noise, generator, seed, needed)
+    x_t, model_output, noise, out = _layouts(x_t, model_output, noise, out)
+    args = (x_t, model_output, tables.packed, step_t, step_index, noise, seed, element_offset, prediction,
+            variance, bool(clip), sampler == "ddim", float(eta), out)
+    if backend is None and torch.compiler.is_compiling():
+        torch.ops.ddpm_fast.p_step_(*args)
+    else:  # eager: skip the custom op's Python dispatch (100-200 us per call measured here, under load)
+        _P_STEP_BACKENDS[backend or _auto_backend(args)](*args)
+    return out
+
+
+def _layouts(x_t, model_output, noise, out):
+    """x_t dense (NCHW or channels_last), out and noise with its strides, model output with mergeable spatial
+    dims: what every backend assumes. Copies only what does not fit (never out, which must already match)."""
     if out is None:
         x_t = x_t if is_dense(x_t) else x_t.contiguous()
         out = torch.empty_like(x_t)
@@ -223,13 +236,7 @@ def p_step(schedule, model_output, x_t, step, *, prediction="eps", variance="fix
         noise = match_layout(noise, x_t)
     if nc_s_strides(model_output) is None:
         model_output = model_output.contiguous()  # the kernels need one stride for the spatial dims
-    args = (x_t, model_output, tables.packed, step_t, step_index, noise, seed, element_offset, prediction,
-            variance, bool(clip), sampler == "ddim", float(eta), out)
-    if backend is None and torch.compiler.is_compiling():
-        torch.ops.ddpm_fast.p_step_(*args)
-    else:  # eager: skip the custom op's Python dispatch (~100-200 us per call on this CPU)
-        _P_STEP_BACKENDS[backend or _auto_backend(args)](*args)
-    return out
+    return x_t, model_output, noise, out
 
 
 def check_backend(backend):

@@ -4,8 +4,8 @@ Every combination of prediction (eps / x0 / v), variance (fixed_small / fixed_la
 sampler (DDPM, DDIM with eta) is one specialisation (constexpr flags). Both samplers reduce to
     x0  = predict_x0(x_t, m)                (m: the model's C-channel prediction; clipped to [-1, 1] if CLIP)
     out = a * x0 + b * x_t + [step > 0] * sigma * z
-with a, b, sigma and the x0 coefficients gathered from the packed schedule table at a step index read from device memory (or
-passed as an argument, for graphs whose every node bakes its own step).
+with a, b, sigma and the x0 coefficients gathered from the packed schedule table at a step index read from device
+memory (or passed as an argument, for graphs whose every node bakes its own step).
 """
 import math
 
