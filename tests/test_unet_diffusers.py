@@ -237,3 +237,15 @@ def test_weights_that_do_not_fit_the_config(tmp_path):
     with pytest.raises(ValueError, match=r"do not fit the U-Net its config describes: shape mismatch \['conv_in.weight \(16, 3, 3, 3\) "
                                                 r"\(expected \(8, 3, 3, 3\)\)"):
         UNet.from_diffusers_checkpoint(tmp_path)
+
+
+@pytest.mark.gpu
+def test_cuda_parity_small_cifar10_config(seed):
+    ref = diffusers_model(SMALL).cuda()
+    ours = UNet.from_diffusers(ref)
+    assert next(ours.parameters()).is_cuda
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # an fp32 comparison
+    try:
+        assert_parity(ours, ref, torch.randn(4, 3, 32, 32, device="cuda"), torch.tensor([0, 5, 500, 999], device="cuda"))
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
