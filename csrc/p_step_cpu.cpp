@@ -225,10 +225,17 @@ void exp_inplace(float* v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) v[i] = std::exp(v[i]);
 }
 
+// Work per thread >= kGrain elements (~30 us): smaller parallel regions cost more in fork/join than they save,
+// and much more when the machine is oversubscribed.
+constexpr int64_t kGrain = 16384;
+
 template <typename F> void parallel_tiles(int64_t n, int threads, F body) {
   int64_t tiles = (n + kTile - 1) / kTile;
+  int use = static_cast<int>(std::min<int64_t>(std::max(1, threads), std::max<int64_t>(1, n / kGrain)));
 #ifdef DDPM_FAST_OPENMP
-#pragma omp parallel for schedule(static) num_threads(std::max(1, threads)) if (tiles > 1 && threads > 1)
+#pragma omp parallel for schedule(static) num_threads(use) if (use > 1)
+#else
+  (void)use;
 #endif
   for (int64_t t = 0; t < tiles; ++t) body(t * kTile, std::min(n, (t + 1) * kTile));
 }

@@ -201,6 +201,15 @@ def test_generator_path_matches_diffusers(seed):
             got = p_step(ours, mo, x, i, prediction=pred, variance=var,
                          generator=torch.Generator().manual_seed(seed))
             torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+        # a whole chain with one generator each: both draw noise at the same steps, so the streams stay aligned
+        g_theirs, g_ours = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        for i in reversed(range(10)):
+            m = torch.tanh(x)
+            want = theirs.step(m, int(ours.timesteps[i]), x, generator=g_theirs).prev_sample
+            got = p_step(ours, m, x, i, prediction=pred, variance=var, generator=g_ours)
+            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+            x = want
+        torch.testing.assert_close(g_ours.get_state(), g_theirs.get_state())
 
 
 def test_opcheck():
