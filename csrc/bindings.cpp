@@ -10,6 +10,66 @@ int ddpm_fast_cuda_runtime_version();
 #endif
 
 // ---- group_norm_silu bindings (owner: group_norm_silu) ----
+#include <cstdint>
+
+#include "group_norm_silu.h"
+
+namespace {
+// Pointers arrive as integers (tensor.data_ptr()); 0 means "absent" (weight/bias/dweight/dbias).
+template <typename P> P* gns_ptr(uintptr_t v) { return reinterpret_cast<P*>(v); }
+
+ddpm_fast::GroupNormSiLUParams gns_params(int64_t N, int64_t C, int64_t HW, int64_t G, double eps, int dtype,
+                                          int layout, uintptr_t x, uintptr_t weight, uintptr_t bias,
+                                          uintptr_t mean, uintptr_t rstd) {
+  ddpm_fast::GroupNormSiLUParams p;
+  p.N = N, p.C = C, p.HW = HW, p.G = G, p.eps = eps;
+  p.dtype = static_cast<ddpm_fast::DType>(dtype);
+  p.layout = static_cast<ddpm_fast::Layout>(layout);
+  p.x = gns_ptr<const void>(x), p.weight = gns_ptr<const void>(weight), p.bias = gns_ptr<const void>(bias);
+  p.mean = gns_ptr<void>(mean), p.rstd = gns_ptr<void>(rstd);
+  return p;
+}
+
+void gns_fwd_cpu(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, uintptr_t mean, uintptr_t rstd,
+                 int64_t N, int64_t C, int64_t HW, int64_t G, double eps, int dtype, int layout, int threads) {
+  auto p = gns_params(N, C, HW, G, eps, dtype, layout, x, weight, bias, mean, rstd);
+  p.y = gns_ptr<void>(y);
+  ddpm_fast::group_norm_silu_fwd_cpu(p, threads);
+}
+
+void gns_bwd_cpu(uintptr_t dy, uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t mean, uintptr_t rstd,
+                 uintptr_t dx, uintptr_t dweight, uintptr_t dbias, int64_t N, int64_t C, int64_t HW, int64_t G,
+                 int dtype, int layout, int threads) {
+  auto p = gns_params(N, C, HW, G, 0.0, dtype, layout, x, weight, bias, mean, rstd);
+  p.dy = gns_ptr<const void>(dy), p.dx = gns_ptr<void>(dx);
+  p.dweight = gns_ptr<void>(dweight), p.dbias = gns_ptr<void>(dbias);
+  ddpm_fast::group_norm_silu_bwd_cpu(p, threads);
+}
+
+#ifdef DDPM_FAST_WITH_CUDA
+void gns_fwd_cuda(uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t y, uintptr_t mean, uintptr_t rstd,
+                  int64_t N, int64_t C, int64_t HW, int64_t G, double eps, int dtype, int layout,
+                  uintptr_t stream) {
+  auto p = gns_params(N, C, HW, G, eps, dtype, layout, x, weight, bias, mean, rstd);
+  p.y = gns_ptr<void>(y);
+  ddpm_fast::group_norm_silu_fwd_cuda(p, gns_ptr<void>(stream));
+}
+
+void gns_bwd_cuda(uintptr_t dy, uintptr_t x, uintptr_t weight, uintptr_t bias, uintptr_t mean, uintptr_t rstd,
+                  uintptr_t dx, uintptr_t dweight, uintptr_t dbias, uintptr_t workspace, int64_t workspace_floats,
+                  int64_t N, int64_t C, int64_t HW, int64_t G, int dtype, int layout, uintptr_t stream) {
+  auto p = gns_params(N, C, HW, G, 0.0, dtype, layout, x, weight, bias, mean, rstd);
+  p.dy = gns_ptr<const void>(dy), p.dx = gns_ptr<void>(dx);
+  p.dweight = gns_ptr<void>(dweight), p.dbias = gns_ptr<void>(dbias);
+  ddpm_fast::group_norm_silu_bwd_cuda(p, gns_ptr<float>(workspace), workspace_floats, gns_ptr<void>(stream));
+}
+
+int64_t gns_cuda_workspace(int64_t N, int64_t C, int64_t HW, int64_t G) {
+  auto p = gns_params(N, C, HW, G, 0.0, 0, 0, 0, 0, 0, 0, 0);
+  return ddpm_fast::gns_cuda_workspace_floats(p);
+}
+#endif
+}  // namespace
 // ---- end group_norm_silu bindings ----
 
 // ---- p_step bindings (owner: diffusion ops) ----
@@ -40,6 +100,28 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_openmp") = false;
 #endif
   // ---- group_norm_silu defs ----
+  // Errors: std::invalid_argument -> ValueError (bad sizes/codes), std::runtime_error -> RuntimeError (CUDA).
+  m.def("group_norm_silu_fwd_cpu", &gns_fwd_cpu, "y = silu(group_norm(x)); writes y, mean, rstd (CPU)",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"), py::arg("mean"), py::arg("rstd"),
+        py::arg("N"), py::arg("C"), py::arg("HW"), py::arg("G"), py::arg("eps"), py::arg("dtype"),
+        py::arg("layout"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  m.def("group_norm_silu_bwd_cpu", &gns_bwd_cpu, "dx, dweight, dbias of silu(group_norm(x)) (CPU)",
+        py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("mean"), py::arg("rstd"),
+        py::arg("dx"), py::arg("dweight"), py::arg("dbias"), py::arg("N"), py::arg("C"), py::arg("HW"),
+        py::arg("G"), py::arg("dtype"), py::arg("layout"), py::arg("num_threads"),
+        py::call_guard<py::gil_scoped_release>());
+#ifdef DDPM_FAST_WITH_CUDA
+  m.def("group_norm_silu_fwd_cuda", &gns_fwd_cuda, "y = silu(group_norm(x)) on `stream` (CUDA)",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"), py::arg("mean"), py::arg("rstd"),
+        py::arg("N"), py::arg("C"), py::arg("HW"), py::arg("G"), py::arg("eps"), py::arg("dtype"),
+        py::arg("layout"), py::arg("stream"));
+  m.def("group_norm_silu_bwd_cuda", &gns_bwd_cuda, "dx, dweight, dbias on `stream` (CUDA)", py::arg("dy"),
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("mean"), py::arg("rstd"), py::arg("dx"),
+        py::arg("dweight"), py::arg("dbias"), py::arg("workspace"), py::arg("workspace_floats"), py::arg("N"),
+        py::arg("C"), py::arg("HW"), py::arg("G"), py::arg("dtype"), py::arg("layout"), py::arg("stream"));
+  m.def("group_norm_silu_cuda_workspace", &gns_cuda_workspace, "fp32 workspace size of the CUDA backward",
+        py::arg("N"), py::arg("C"), py::arg("HW"), py::arg("G"));
+#endif
   // ---- end group_norm_silu defs ----
   // ---- p_step defs ----
   m.def("p_step_fused_cpu", &ddpm_fast::p_step_fused_cpu,

@@ -1,19 +1,346 @@
-"""Fused GroupNorm + SiLU: y = silu(group_norm(x, G, weight, bias, eps))."""
+"""Fused GroupNorm + SiLU: y = silu(group_norm(x, G, weight, bias, eps)).
+
+Public API: ``group_norm_silu`` (function), ``GroupNormSiLU`` (an ``nn.GroupNorm`` whose forward is fused)
+and ``group_norm_silu_ref`` (the specification). The op is ``torch.ops.ddpm_fast.group_norm_silu`` returning
+``(y, mean, rstd)``; its backward is ``torch.ops.ddpm_fast.group_norm_silu_backward``. Kernels by device:
+
+    cpu:  C++ (_C, OpenMP) for float32/bfloat16/float64, else the reference
+    cuda: C++/CUDA (_C built with nvcc) for float32/float16/bfloat16, else Triton, else the reference
+
+x may be NCHW-contiguous or channels-last (NHWC) -- both are read in place and y keeps that layout; any
+other strides are copied to one of the two first. Statistics are computed in fp32 (float64 for float64 x).
+"""
+import math
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
+
+from . import _ext
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NCHW, NHWC = 0, 1  # layout codes shared with csrc/group_norm_silu.h
 
 
 def group_norm_silu_ref(x, num_groups, weight=None, bias=None, eps=1e-5):
-    """The specification. x: (N, C, *), any float dtype; statistics and math in fp32; output in x.dtype."""
-    y = F.group_norm(x.float(), num_groups, None if weight is None else weight.float(),
-                     None if bias is None else bias.float(), eps)
+    """The specification. x: (N, C, *), any float dtype; output in x.dtype. The math runs in fp32 (float64
+    for float64 x): low-precision inputs are upcast, as the kernels do."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    y = F.group_norm(x.to(dt), num_groups, None if weight is None else weight.to(dt),
+                     None if bias is None else bias.to(dt), eps)
     return F.silu(y).to(x.dtype)
 
 
+# ----------------------------------------------------------------------------- validation and layout
+def _check(x, num_groups, weight, bias, eps):
+    """Raises a clear error for bad input before any kernel runs."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"group_norm_silu: x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"group_norm_silu: x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dtype not in _DTYPE_CODES:
+        raise TypeError(f"group_norm_silu: unsupported dtype {x.dtype} (use float32, float16, bfloat16 or "
+                        f"float64)")
+    if x.dim() < 2:
+        raise ValueError(f"group_norm_silu: x must have shape (N, C, *), got {tuple(x.shape)}")
+    C = x.shape[1]
+    if not isinstance(num_groups, int) or num_groups < 1 or C % num_groups != 0:
+        raise ValueError(f"group_norm_silu: C={C} channels must be divisible by num_groups={num_groups} "
+                         f"(a positive int)")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if tuple(t.shape) != (C,):
+            raise ValueError(f"group_norm_silu: {name} must have shape ({C},), got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"group_norm_silu: {name} is on {t.device} but x is on {x.device}")
+        if not t.is_floating_point():
+            raise TypeError(f"group_norm_silu: {name} must be floating point, got {t.dtype}")
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"group_norm_silu: eps must be a finite number >= 0, got {eps}")
+
+
+def _is_nhwc(x):
+    """True when x (N, C, *S) is laid out densely as (N, *S, C); strides of size-1 dims do not matter."""
+    step = 1
+    for dim in [1, *range(x.dim() - 1, 1, -1), 0]:
+        if x.shape[dim] != 1 and x.stride(dim) != step:
+            return False
+        step *= x.shape[dim]
+    return True
+
+
+def _prepare(x):
+    """(x, layout): x itself when NCHW- or NHWC-dense, else a dense copy (NHWC when channels are innermost)."""
+    if x.is_contiguous():
+        return x, NCHW
+    if x.dim() >= 3 and _is_nhwc(x):
+        return x, NHWC
+    if x.dim() >= 3 and x.stride(1) == 1:
+        perm = (0, *range(2, x.dim()), 1)
+        inv = (0, x.dim() - 1, *range(1, x.dim() - 1))
+        return x.permute(perm).contiguous().permute(inv), NHWC
+    return x.contiguous(), NCHW
+
+
+def _to_layout(t, like, layout):
+    """t with the same dense layout as `like` (used for dy in the backward)."""
+    if layout == NCHW:
+        return t.contiguous()
+    return t if t.stride() == like.stride() else torch.empty_like(like, dtype=t.dtype).copy_(t)
+
+
+def _stats_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _sizes(x, num_groups):
+    return x.shape[0], x.shape[1], math.prod(x.shape[2:]), num_groups
+
+
+def _param(t, dtype):
+    """weight/bias as a contiguous tensor of the kernel's stats dtype, or None."""
+    if t is None or (t.dtype == dtype and t.is_contiguous()):
+        return t
+    return t.detach().to(dtype).contiguous()
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def _empty_stats(x, num_groups):
+    """mean, rstd: (N, G) in the stats dtype (one allocation)."""
+    stats = torch.empty((2, x.shape[0], num_groups), dtype=_stats_dtype(x), device=x.device)
+    return stats[0], stats[1]
+
+
+# ----------------------------------------------------------------------------- backends
+def _fwd_cpp(x, weight, bias, num_groups, eps):
+    """C++ CPU or CUDA kernel (by x.device). Returns (y, mean, rstd)."""
+    x, layout = _prepare(x)
+    N, C, HW, G = _sizes(x, num_groups)
+    y = torch.empty_like(x)
+    mean, rstd = _empty_stats(x, G)
+    sd = mean.dtype
+    w, b = _param(weight, sd), _param(bias, sd)
+    ext, code = _ext.load(), _DTYPE_CODES[x.dtype]
+    if x.is_cuda:
+        with torch.cuda.device(x.device):
+            ext.group_norm_silu_fwd_cuda(x.data_ptr(), _ptr(w), _ptr(b), y.data_ptr(), mean.data_ptr(),
+                                         rstd.data_ptr(), N, C, HW, G, float(eps), code, layout,
+                                         torch.cuda.current_stream(x.device).cuda_stream)
+    else:
+        ext.group_norm_silu_fwd_cpu(x.data_ptr(), _ptr(w), _ptr(b), y.data_ptr(), mean.data_ptr(),
+                                    rstd.data_ptr(), N, C, HW, G, float(eps), code, layout,
+                                    torch.get_num_threads())
+    return y, mean, rstd
+
+
+def _bwd_cpp(dy, x, weight, bias, mean, rstd, num_groups):
+    """C++ CPU or CUDA backward. Returns (dx, dweight, dbias); dweight/dbias in the stats dtype."""
+    x, layout = _prepare(x)
+    dy = _to_layout(dy.to(x.dtype), x, layout)
+    N, C, HW, G = _sizes(x, num_groups)
+    sd = mean.dtype
+    dx = torch.empty_like(x)
+    dw, db = x.new_empty((C,), dtype=sd), x.new_empty((C,), dtype=sd)
+    w, b = _param(weight, sd), _param(bias, sd)
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    ext, code = _ext.load(), _DTYPE_CODES[x.dtype]
+    ptrs = (dy.data_ptr(), x.data_ptr(), _ptr(w), _ptr(b), mean.data_ptr(), rstd.data_ptr(), dx.data_ptr(),
+            dw.data_ptr(), db.data_ptr())
+    if x.is_cuda:
+        ws_floats = ext.group_norm_silu_cuda_workspace(N, C, HW, G)
+        ws = torch.empty((max(ws_floats, 1),), dtype=torch.float32, device=x.device)
+        with torch.cuda.device(x.device):
+            ext.group_norm_silu_bwd_cuda(*ptrs, ws.data_ptr(), ws_floats, N, C, HW, G, code, layout,
+                                         torch.cuda.current_stream(x.device).cuda_stream)
+    else:
+        ext.group_norm_silu_bwd_cpu(*ptrs, N, C, HW, G, code, layout, torch.get_num_threads())
+    return dx, dw, db
+
+
+def _fwd_ref(x, weight, bias, num_groups, eps):
+    """The reference, returning (y, mean, rstd) with the same layouts and dtypes as the kernels."""
+    x, _ = _prepare(x)
+    y = torch.empty_like(x)
+    mean, rstd = _empty_stats(x, num_groups)
+    if x.numel() == 0:
+        return y, mean.zero_(), rstd.zero_()
+    y.copy_(group_norm_silu_ref(x, num_groups, weight, bias, eps))
+    var, mu = torch.var_mean(x.to(mean.dtype).reshape(x.shape[0], num_groups, -1), dim=-1, correction=0)
+    return y, mean.copy_(mu), rstd.copy_(torch.rsqrt(var + eps))
+
+
+def _bwd_ref(dy, x, weight, bias, mean, rstd, num_groups):
+    """Backward in plain PyTorch from the saved statistics (checked against autograd of the ref in tests)."""
+    x, layout = _prepare(x)
+    N, C, HW, G = _sizes(x, num_groups)
+    sd = mean.dtype
+    x4, dy4 = x.to(sd).reshape(N, G, C // G, HW), dy.to(sd).reshape(N, G, C // G, HW)
+    w4 = (torch.ones(C, dtype=sd, device=x.device) if weight is None else weight.to(sd)).view(1, G, C // G, 1)
+    b4 = (torch.zeros(C, dtype=sd, device=x.device) if bias is None else bias.to(sd)).view(1, G, C // G, 1)
+    xhat = (x4 - mean.view(N, G, 1, 1)) * rstd.view(N, G, 1, 1)
+    z = xhat * w4 + b4
+    s = torch.sigmoid(z)
+    dz = dy4 * s * (1 + z * (1 - s))
+    dxhat = dz * w4
+    dx4 = rstd.view(N, G, 1, 1) * (dxhat - dxhat.mean((2, 3), keepdim=True)
+                                   - xhat * (dxhat * xhat).mean((2, 3), keepdim=True))
+    dx = torch.empty_like(x).copy_(dx4.reshape(x.shape))
+    return dx, (dz * xhat).sum((0, 3)).reshape(C), dz.sum((0, 3)).reshape(C)
+
+
+def _triton_ok(x, num_groups):
+    if not (_ext.has_triton() and x.dtype in _CUDA_DTYPES):
+        return False
+    from .triton import group_norm_silu as tk
+    return tk.supported(x.shape[1] // num_groups)
+
+
+def _pick_fwd(x, num_groups):
+    if x.device.type == "cpu" and _ext.has_cpu_kernels() and x.dtype in _CPU_DTYPES:
+        return _fwd_cpp
+    if x.device.type == "cuda":
+        if _ext.has_cuda_kernels() and x.dtype in _CUDA_DTYPES:
+            return _fwd_cpp
+        if _triton_ok(x, num_groups):
+            from .triton.group_norm_silu import _group_norm_silu_fwd
+            return _group_norm_silu_fwd
+    return _fwd_ref
+
+
+def _pick_bwd(x, num_groups):
+    if x.device.type == "cpu" and _ext.has_cpu_kernels() and x.dtype in _CPU_DTYPES:
+        return _bwd_cpp
+    if x.device.type == "cuda":
+        if _ext.has_cuda_kernels() and x.dtype in _CUDA_DTYPES:
+            return _bwd_cpp
+        if _triton_ok(x, num_groups):
+            from .triton.group_norm_silu import _group_norm_silu_bwd
+            return _group_norm_silu_bwd
+    return _bwd_ref
+
+
+# ----------------------------------------------------------------------------- the custom ops
+@torch.library.custom_op("ddpm_fast::group_norm_silu", mutates_args=())
+def _group_norm_silu_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], num_groups: int,
+                        eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd). x: (N, C, *); y: like x (same dtype and dense layout); mean, rstd: (N, G) fp32
+    (float64 for float64 x). Devices without a kernel of their own run the reference."""
+    _check(x, num_groups, weight, bias, eps)
+    return _fwd_ref(x, weight, bias, num_groups, eps)
+
+
+@_group_norm_silu_op.register_kernel(("cpu", "cuda"))
+def _group_norm_silu_kernel(x, weight, bias, num_groups, eps):
+    _check(x, num_groups, weight, bias, eps)
+    return _pick_fwd(x, num_groups)(x, weight, bias, num_groups, eps)
+
+
+@_group_norm_silu_op.register_fake
+def _group_norm_silu_fake(x, weight, bias, num_groups, eps):
+    _check(x, num_groups, weight, bias, eps)
+    x, _ = _prepare(x)
+    return (torch.empty_like(x), *_empty_stats(x, num_groups))
+
+
+@torch.library.custom_op("ddpm_fast::group_norm_silu_backward", mutates_args=())
+def _group_norm_silu_backward_op(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                                 mean: Tensor, rstd: Tensor, num_groups: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias) of y = silu(group_norm(x)) given dy, recomputing y's pre-activation from x and
+    the forward's mean/rstd. dx: like x; dweight, dbias: (C,) in mean's dtype (also when weight is None)."""
+    return _bwd_ref(dy, x, weight, bias, mean, rstd, num_groups)
+
+
+@_group_norm_silu_backward_op.register_kernel(("cpu", "cuda"))
+def _group_norm_silu_backward_kernel(dy, x, weight, bias, mean, rstd, num_groups):
+    return _pick_bwd(x, num_groups)(dy, x, weight, bias, mean, rstd, num_groups)
+
+
+@_group_norm_silu_backward_op.register_fake
+def _group_norm_silu_backward_fake(dy, x, weight, bias, mean, rstd, num_groups):
+    x, _ = _prepare(x)
+    C = x.shape[1]
+    return torch.empty_like(x), mean.new_empty((C,)), mean.new_empty((C,))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, num_groups, _ = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.num_groups = num_groups
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = torch.ops.ddpm_fast.group_norm_silu_backward(dy, x, weight, bias, mean, rstd, ctx.num_groups)
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    return (dx.to(x.dtype) if need_x else None, dw.to(weight.dtype) if need_w else None,
+            db.to(bias.dtype) if need_b else None, None, None)
+
+
+_group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- eager fast path
+# torch.library dispatch costs ~50-80 us per call here (measured), as much as the kernel on small tensors.
+# Plain eager calls therefore go straight to the same kernels through an autograd.Function; anything that
+# traces or transforms (torch.compile, FakeTensor, dispatch/function modes, functorch) takes the op.
+_EAGER_FAST_PATH = True
+
+
+def _plain_eager(*tensors):
+    if not _EAGER_FAST_PATH or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    try:
+        if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+                or torch._C._are_functorch_transforms_active()):
+            return False
+    except AttributeError:  # private hooks moved: be safe, use the op
+        return False
+    return all(t is None or (type(t) in (Tensor, nn.Parameter) and t.device.type in ("cpu", "cuda"))
+               for t in tensors)
+
+
+class _GroupNormSiLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_groups, eps):
+        y, mean, rstd = _pick_fwd(x, num_groups)(x, weight, bias, num_groups, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.num_groups = num_groups
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, dw, db = _pick_bwd(x, ctx.num_groups)(dy, x, weight, bias, mean, rstd, ctx.num_groups)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        return (dx.to(x.dtype) if need_x else None, dw.to(weight.dtype) if need_w else None,
+                db.to(bias.dtype) if need_b else None, None, None)
+
+
+# ----------------------------------------------------------------------------- public API
 def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5):
-    # Backends (C++/CUDA/Triton) are dispatched here once the compiled kernels land.
-    return group_norm_silu_ref(x, num_groups, weight, bias, eps)
+    """y = silu(group_norm(x, num_groups, weight, bias, eps)), fused; differentiable in x, weight, bias.
+
+    x: (N, C, *), float32/float16/bfloat16/float64, NCHW-contiguous or channels-last (kept in y).
+    weight, bias: (C,) or None, any float dtype (cast to fp32 for the math). Returns y: like x, x.dtype.
+    Works under autocast (y keeps x's dtype), torch.compile (fullgraph) and CUDA graph capture.
+    """
+    eps = float(eps)
+    if not _plain_eager(x, weight, bias):
+        return torch.ops.ddpm_fast.group_norm_silu(x, weight, bias, num_groups, eps)[0]
+    _check(x, num_groups, weight, bias, eps)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return _GroupNormSiLUFunction.apply(x, weight, bias, num_groups, eps)
+    return _pick_fwd(x, num_groups)(x, weight, bias, num_groups, eps)[0]
 
 
 class GroupNormSiLU(nn.GroupNorm):

@@ -1,0 +1,511 @@
+// CPU kernels for y = silu(group_norm(x)): forward and backward, NCHW and NHWC (no layout copy), fp32,
+// bf16 (fp32 math) and fp64. OpenMP over (n, group) for NCHW and over (n, row block) for NHWC.
+//
+// Why it is fast: NCHW reads each group once from memory for the statistics and once more from cache to
+// normalize (a group of the DDPM U-Net is <= 64 KB), and writes y once; the inner loops are branch-free
+// so -O3 vectorizes them, and on x86-64 each hot function is compiled twice (baseline and x86-64-v3:
+// AVX2+FMA) and picked at load time, so the wheel still runs on any x86-64 CPU.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "group_norm_silu.h"
+
+// No floating-point trap semantics in this file: GCC otherwise refuses to if-convert the clamps in exp_f,
+// and the loops that call it stay scalar. Nothing here reads the FP exception flags.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define GNS_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define GNS_CLONES
+#endif
+#define GNS_INLINE inline __attribute__((always_inline))
+
+namespace ddpm_fast {
+
+// See ExpRange. volatile, so that neither the compiler nor LTO (pybind11 builds with -flto) folds them.
+volatile float gns_exp_lo = -87.0f, gns_exp_hi = 88.0f;
+
+namespace {
+
+struct bf16 {
+  uint16_t bits;
+};
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+GNS_INLINE float load(const float* p) { return *p; }
+GNS_INLINE double load(const double* p) { return *p; }
+GNS_INLINE float load(const bf16* p) {
+  const uint32_t u = uint32_t(p->bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+GNS_INLINE void store(float* p, float v) { *p = v; }
+GNS_INLINE void store(double* p, double v) { *p = v; }
+GNS_INLINE void store(bf16* p, float v) {
+  // Round to nearest even; NaN stays a (quiet) NaN instead of rounding into infinity.
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  const uint32_t rounded = u + 0x7FFFu + ((u >> 16) & 1u);
+  const uint32_t out = (u & 0x7FFFFFFFu) > 0x7F800000u ? (u | 0x00400000u) : rounded;
+  p->bits = uint16_t(out >> 16);
+}
+
+// exp(x) for float, branch-free so loops calling it vectorize (Cephes expf polynomial, ~1 ulp). The clamp
+// keeps 2^n a normal float (NaN input gives a finite value; callers multiply by z, so y is still NaN).
+// Its bounds are read from volatile globals once per call ON PURPOSE: with compile-time bounds GCC threads the
+// clamp through the polynomial into compare/blend chains and the loop runs 3x slower (measured, GCC 12).
+struct ExpRange {
+  float lo, hi;
+};
+GNS_INLINE float exp_f(float x, ExpRange er) {
+  x = x > er.lo ? x : er.lo;  // this operand order maps to one max/min instruction
+  x = x < er.hi ? x : er.hi;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (x * 1.44269504088896341f + magic) - magic;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+GNS_INLINE float sigmoid(float z, ExpRange er) { return 1.0f / (1.0f + exp_f(-z, er)); }
+GNS_INLINE double sigmoid(double z, ExpRange) { return 1.0 / (1.0 + std::exp(-z)); }
+
+// d silu(z) / dz = s * (1 + z * (1 - s)), s = sigmoid(z)
+template <typename A> GNS_INLINE A silu_grad(A z, A g, ExpRange er) {
+  const A s = sigmoid(z, er);
+  return g * s * (A(1) + z * (A(1) - s));
+}
+
+// Reductions are written as `omp simd reduction` loops: that licenses the reassociation a vectorized sum needs
+// (no -ffast-math here). Hand-unrolled lane arrays made GCC emit permute storms (measured 2x slower).
+constexpr int64_t kFlush = 4096;  // flush float partial sums to double this often (bounds their rounding)
+
+// mean and 1/sqrt(var + eps) from n elements' sums s = sum(x - shift), q = sum((x - shift)^2). The shift is
+// one of the elements, so q/n - (s/n)^2 does not cancel catastrophically when |mean| >> std.
+template <typename A> GNS_INLINE void finish_stats(double n, double shift, double s, double q, double eps, A* mean,
+                                                   A* rstd) {
+  const double m = s / n, var = q / n - m * m;
+  *mean = A(shift + m);
+  *rstd = A(1.0 / std::sqrt((var > 0.0 ? var : 0.0) + eps));
+}
+
+// Sums of (row[i] - shift) and of their squares over n contiguous elements, in double.
+template <typename T>
+GNS_INLINE void row_shifted_sums(const T* row, int64_t n, double shift, double* s_out, double* q_out) {
+  using A = typename AccOf<T>::type;
+  const A k = A(shift);
+  double s = 0, q = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kFlush) {
+    const int64_t i1 = n < i0 + kFlush ? n : i0 + kFlush;
+    A sl = 0, ql = 0;
+#pragma omp simd reduction(+ : sl, ql)
+    for (int64_t i = i0; i < i1; ++i) {
+      const A v = load(row + i) - k;
+      sl += v;
+      ql += v * v;
+    }
+    s += sl;
+    q += ql;
+  }
+  *s_out = s;
+  *q_out = q;
+}
+
+template <typename T> using Acc = typename AccOf<T>::type;
+
+// ---------------------------------------------------------------- NCHW: one task per (n, group)
+// x, y: the group's D*HW contiguous elements; w, b: its D channels' affine (nullable).
+template <typename T>
+GNS_CLONES void fwd_nchw_group(const T* x, T* y, const Acc<T>* w, const Acc<T>* b, int64_t D, int64_t HW,
+                               double eps, Acc<T>* mean_out, Acc<T>* rstd_out) {
+  using A = Acc<T>;
+  const ExpRange er{gns_exp_lo, gns_exp_hi};
+  // The group is D*HW contiguous elements: one pass of shifted sums over all of it.
+  double sum, sumsq;
+  const double shift = load(x);
+  row_shifted_sums(x, D * HW, shift, &sum, &sumsq);
+  A mu, r;
+  finish_stats(double(D * HW), shift, sum, sumsq, eps, &mu, &r);
+  *mean_out = mu;
+  *rstd_out = r;
+  for (int64_t d = 0; d < D; ++d) {
+    const A a = w ? r * w[d] : r, c = b ? b[d] : A(0);
+    const T* xr = x + d * HW;
+    T* yr = y + d * HW;
+#pragma omp simd
+    for (int64_t i = 0; i < HW; ++i) {
+      const A z = (load(xr + i) - mu) * a + c;
+      store(yr + i, z * sigmoid(z, er));
+    }
+  }
+}
+
+// Pass 1 stores dz = dy * silu'(z) in `scratch` (D*HW, stays in cache) and reduces per channel
+// dwp = sum dz * xhat and db = sum dz; pass 2 writes dx = r*w*dz + A2*(x - mu) + B.
+template <typename T>
+GNS_CLONES void bwd_nchw_group(const T* x, const T* dy, T* dx, const Acc<T>* w, const Acc<T>* b, int64_t D,
+                               int64_t HW, Acc<T> mu, Acc<T> r, Acc<T>* scratch, double* dwp, double* db) {
+  using A = Acc<T>;
+  const ExpRange er{gns_exp_lo, gns_exp_hi};
+  double s1 = 0, s2 = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    const A wd = w ? w[d] : A(1), bd = b ? b[d] : A(0);
+    const T* xr = x + d * HW;
+    const T* gr = dy + d * HW;
+    A* sr = scratch + d * HW;
+    double dw_sum = 0, db_sum = 0;
+    for (int64_t i0 = 0; i0 < HW; i0 += kFlush) {
+      const int64_t i1 = HW < i0 + kFlush ? HW : i0 + kFlush;
+      A wl = 0, bl = 0;
+#pragma omp simd reduction(+ : wl, bl)
+      for (int64_t i = i0; i < i1; ++i) {
+        const A xh = (load(xr + i) - mu) * r;
+        const A g = silu_grad(xh * wd + bd, load(gr + i), er);
+        sr[i] = g;
+        wl += g * xh;
+        bl += g;
+      }
+      dw_sum += wl;
+      db_sum += bl;
+    }
+    dwp[d] = dw_sum;
+    db[d] = db_sum;
+    s1 += double(wd) * db_sum;
+    s2 += double(wd) * dw_sum;
+  }
+  const double M = double(D * HW);
+  const A a2 = A(-double(r) * double(r) * s2 / M), b2 = A(-double(r) * s1 / M);
+  for (int64_t d = 0; d < D; ++d) {
+    const A alpha = w ? r * w[d] : r;
+    const T* xr = x + d * HW;
+    const A* sr = scratch + d * HW;
+    T* out = dx + d * HW;
+#pragma omp simd
+    for (int64_t i = 0; i < HW; ++i) store(out + i, alpha * sr[i] + a2 * (load(xr + i) - mu) + b2);
+  }
+}
+
+// ---------------------------------------------------------------- NHWC: tasks are (n, block of rows)
+// A row is the C contiguous channels of one spatial position; loops run along C so they vectorize.
+
+// Column sums of (x - shift[c]) and squares over `rows` rows, added into s[c], q[c] (double).
+template <typename T>
+GNS_CLONES void nhwc_col_sums(const T* x, int64_t rows, int64_t C, const Acc<T>* shift, Acc<T>* sl,
+                              Acc<T>* ql, double* s, double* q) {
+  using A = Acc<T>;
+  for (int64_t r0 = 0; r0 < rows; r0 += kFlush / 16) {
+    const int64_t r1 = rows < r0 + kFlush / 16 ? rows : r0 + kFlush / 16;
+    std::fill(sl, sl + C, A(0));
+    std::fill(ql, ql + C, A(0));
+    for (int64_t rr = r0; rr < r1; ++rr) {
+      const T* row = x + rr * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const A v = load(row + c) - shift[c];
+        sl[c] += v;
+        ql[c] += v * v;
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) s[c] += sl[c], q[c] += ql[c];
+  }
+}
+
+template <typename T>
+GNS_CLONES void nhwc_fwd_rows(const T* x, T* y, int64_t rows, int64_t C, const Acc<T>* mu, const Acc<T>* a,
+                              const Acc<T>* c0) {
+  using A = Acc<T>;
+  const ExpRange er{gns_exp_lo, gns_exp_hi};
+  for (int64_t rr = 0; rr < rows; ++rr) {
+    const T* xr = x + rr * C;
+    T* yr = y + rr * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const A z = (load(xr + c) - mu[c]) * a[c] + c0[c];
+      store(yr + c, z * sigmoid(z, er));
+    }
+  }
+}
+
+// Backward pass 1 over rows: dwp[c] += sum dz*xhat, db[c] += sum dz (coef: mu, rstd, w, b per channel).
+template <typename T>
+GNS_CLONES void nhwc_bwd_sums(const T* x, const T* dy, int64_t rows, int64_t C, const Acc<T>* mu,
+                              const Acc<T>* rs, const Acc<T>* w, const Acc<T>* b, Acc<T>* wl, Acc<T>* bl,
+                              double* dwp, double* db) {
+  using A = Acc<T>;
+  const ExpRange er{gns_exp_lo, gns_exp_hi};
+  for (int64_t r0 = 0; r0 < rows; r0 += kFlush / 16) {
+    const int64_t r1 = rows < r0 + kFlush / 16 ? rows : r0 + kFlush / 16;
+    std::fill(wl, wl + C, A(0));
+    std::fill(bl, bl + C, A(0));
+    for (int64_t rr = r0; rr < r1; ++rr) {
+      const T* xr = x + rr * C;
+      const T* gr = dy + rr * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const A xh = (load(xr + c) - mu[c]) * rs[c];
+        const A g = silu_grad(xh * w[c] + b[c], load(gr + c), er);
+        wl[c] += g * xh;
+        bl[c] += g;
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) dwp[c] += wl[c], db[c] += bl[c];
+  }
+}
+
+// Backward pass 2: dx = alpha*dz + a2*(x - mu) + b2, dz recomputed (cheaper than a round trip to memory).
+template <typename T>
+GNS_CLONES void nhwc_bwd_dx(const T* x, const T* dy, T* dx, int64_t rows, int64_t C, const Acc<T>* mu,
+                            const Acc<T>* rs, const Acc<T>* w, const Acc<T>* b, const Acc<T>* alpha,
+                            const Acc<T>* a2, const Acc<T>* b2) {
+  using A = Acc<T>;
+  const ExpRange er{gns_exp_lo, gns_exp_hi};
+  for (int64_t rr = 0; rr < rows; ++rr) {
+    const T* xr = x + rr * C;
+    const T* gr = dy + rr * C;
+    T* out = dx + rr * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const A xm = load(xr + c) - mu[c];
+      const A g = silu_grad(xm * rs[c] * w[c] + b[c], load(gr + c), er);
+      store(out + c, alpha[c] * g + a2[c] * xm + b2[c]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- drivers
+
+// Threads actually used: at most one per task, and none for tiny tensors where waking one costs more.
+int use_threads(int requested, int64_t tasks, int64_t numel) {
+  const int64_t by_work = std::max<int64_t>(1, numel / 16384);
+  return int(std::max<int64_t>(1, std::min<int64_t>({int64_t(requested), tasks, by_work})));
+}
+
+// Rows of sample n handled by NHWC task `blk` of `nb`.
+struct RowBlock {
+  int64_t r0, r1;
+};
+GNS_INLINE RowBlock row_block(int64_t HW, int64_t nb, int64_t blk) { return {HW * blk / nb, HW * (blk + 1) / nb}; }
+
+// dweight[c] = sum_n dwp[n, c], dbias[c] = sum_n db[n, c] (fixed order: deterministic).
+template <typename A>
+void reduce_affine_grads(const GroupNormSiLUParams& p, const std::vector<double>& dwp,
+                         const std::vector<double>& db) {
+  if (p.dweight == nullptr) return;
+  A* dw = static_cast<A*>(p.dweight);
+  A* dbias = static_cast<A*>(p.dbias);
+  for (int64_t c = 0; c < p.C; ++c) {
+    double sw = 0, sb = 0;
+    for (int64_t n = 0; n < p.N; ++n) sw += dwp[n * p.C + c], sb += db[n * p.C + c];
+    dw[c] = A(sw);
+    dbias[c] = A(sb);
+  }
+}
+
+template <typename T> void fwd_nchw(const GroupNormSiLUParams& p, int nt) {
+  using A = Acc<T>;
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  A* mean = static_cast<A*>(p.mean);
+  A* rstd = static_cast<A*>(p.rstd);
+  const A* w = static_cast<const A*>(p.weight);
+  const A* b = static_cast<const A*>(p.bias);
+  const int64_t D = p.D(), M = p.group_size(), tasks = p.N * p.G;
+#pragma omp parallel for num_threads(use_threads(nt, tasks, p.numel())) schedule(static)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t c0 = (t % p.G) * D;  // group (n, g) is t = n*G + g; its data starts at t*M
+    fwd_nchw_group<T>(x + t * M, y + t * M, w ? w + c0 : nullptr, b ? b + c0 : nullptr, D, p.HW, p.eps,
+                      mean + t, rstd + t);
+  }
+}
+
+template <typename T> void bwd_nchw(const GroupNormSiLUParams& p, int nt) {
+  using A = Acc<T>;
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.dy);
+  T* dx = static_cast<T*>(p.dx);
+  const A* mean = static_cast<const A*>(p.mean);
+  const A* rstd = static_cast<const A*>(p.rstd);
+  const A* w = static_cast<const A*>(p.weight);
+  const A* b = static_cast<const A*>(p.bias);
+  const int64_t D = p.D(), M = p.group_size(), tasks = p.N * p.G;
+  std::vector<double> dwp(p.N * p.C), db(p.N * p.C);
+#pragma omp parallel num_threads(use_threads(nt, tasks, p.numel()))
+  {
+    std::vector<A> scratch(M);  // dz of one group, reused by this thread
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t c0 = (t % p.G) * D;
+      bwd_nchw_group<T>(x + t * M, dy + t * M, dx + t * M, w ? w + c0 : nullptr, b ? b + c0 : nullptr, D,
+                        p.HW, mean[t], rstd[t], scratch.data(), dwp.data() + t * D, db.data() + t * D);
+    }
+  }
+  reduce_affine_grads<A>(p, dwp, db);
+}
+
+// NHWC blocks per sample: enough tasks to balance the threads, each block at least 8 rows.
+int64_t nhwc_blocks(const GroupNormSiLUParams& p, int nt) {
+  const int64_t want = (4 * int64_t(nt) + p.N - 1) / p.N;
+  return std::max<int64_t>(1, std::min<int64_t>(want, p.HW / 8));
+}
+
+template <typename T> void fwd_nhwc(const GroupNormSiLUParams& p, int nt) {
+  using A = Acc<T>;
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  const int64_t N = p.N, C = p.C, HW = p.HW, D = p.D(), nb = nhwc_blocks(p, nt), tasks = N * nb;
+  // Every channel of a group is shifted by the group's first element (see finish_stats).
+  std::vector<A> shift(N * C), mu(N * C), a(N * C), c0(N * C);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) shift[n * C + c] = load(x + n * HW * C + (c / D) * D);
+  std::vector<double> ps(tasks * C), pq(tasks * C);
+#pragma omp parallel num_threads(use_threads(nt, tasks, p.numel()))
+  {
+    std::vector<A> sl(C), ql(C);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t n = t / nb;
+      const RowBlock rb = row_block(HW, nb, t % nb);
+      nhwc_col_sums<T>(x + (n * HW + rb.r0) * C, rb.r1 - rb.r0, C, shift.data() + n * C, sl.data(), ql.data(),
+                       ps.data() + t * C, pq.data() + t * C);
+    }
+#pragma omp for schedule(static)
+    for (int64_t ng = 0; ng < N * p.G; ++ng) {
+      const int64_t n = ng / p.G, cg = (ng % p.G) * D;
+      double s = 0, q = 0;
+      for (int64_t c = cg; c < cg + D; ++c)
+        for (int64_t blk = 0; blk < nb; ++blk) s += ps[(n * nb + blk) * C + c], q += pq[(n * nb + blk) * C + c];
+      A mean, r;
+      finish_stats(double(D * HW), double(shift[n * C + cg]), s, q, p.eps, &mean, &r);
+      static_cast<A*>(p.mean)[ng] = mean;
+      static_cast<A*>(p.rstd)[ng] = r;
+      for (int64_t c = cg; c < cg + D; ++c) {
+        mu[n * C + c] = mean;
+        a[n * C + c] = p.weight ? r * static_cast<const A*>(p.weight)[c] : r;
+        c0[n * C + c] = p.bias ? static_cast<const A*>(p.bias)[c] : A(0);
+      }
+    }
+    // Same static schedule as the first loop: each thread normalizes the rows it summed (still cached).
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t n = t / nb;
+      const RowBlock rb = row_block(HW, nb, t % nb);
+      const int64_t off = (n * HW + rb.r0) * C;
+      nhwc_fwd_rows<T>(x + off, y + off, rb.r1 - rb.r0, C, mu.data() + n * C, a.data() + n * C,
+                       c0.data() + n * C);
+    }
+  }
+}
+
+template <typename T> void bwd_nhwc(const GroupNormSiLUParams& p, int nt) {
+  using A = Acc<T>;
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.dy);
+  T* dx = static_cast<T*>(p.dx);
+  const A* mean = static_cast<const A*>(p.mean);
+  const A* rstd = static_cast<const A*>(p.rstd);
+  const int64_t N = p.N, C = p.C, HW = p.HW, D = p.D(), nb = nhwc_blocks(p, nt), tasks = N * nb;
+  const double M = double(D * HW);
+  // Per-(n, c) broadcasts of the per-(n, g) values, so the row loops run along C without gathers.
+  std::vector<A> mu(N * C), rs(N * C), w(C), b(C), alpha(N * C), a2(N * C), b2(N * C);
+  for (int64_t c = 0; c < C; ++c) {
+    w[c] = p.weight ? static_cast<const A*>(p.weight)[c] : A(1);
+    b[c] = p.bias ? static_cast<const A*>(p.bias)[c] : A(0);
+  }
+  for (int64_t i = 0; i < N * C; ++i) mu[i] = mean[(i / C) * p.G + (i % C) / D], rs[i] = rstd[(i / C) * p.G + (i % C) / D];
+  std::vector<double> pw(tasks * C), pb(tasks * C), dwp(N * C), db(N * C);
+#pragma omp parallel num_threads(use_threads(nt, tasks, p.numel()))
+  {
+    std::vector<A> wl(C), bl(C);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t n = t / nb;
+      const RowBlock rb = row_block(HW, nb, t % nb);
+      const int64_t off = (n * HW + rb.r0) * C;
+      nhwc_bwd_sums<T>(x + off, dy + off, rb.r1 - rb.r0, C, mu.data() + n * C, rs.data() + n * C, w.data(),
+                       b.data(), wl.data(), bl.data(), pw.data() + t * C, pb.data() + t * C);
+    }
+#pragma omp for schedule(static)
+    for (int64_t ng = 0; ng < N * p.G; ++ng) {
+      const int64_t n = ng / p.G, cg = (ng % p.G) * D;
+      double s1 = 0, s2 = 0;
+      for (int64_t c = cg; c < cg + D; ++c) {
+        double sw = 0, sb = 0;
+        for (int64_t blk = 0; blk < nb; ++blk) sw += pw[(n * nb + blk) * C + c], sb += pb[(n * nb + blk) * C + c];
+        dwp[n * C + c] = sw;
+        db[n * C + c] = sb;
+        s1 += double(w[c]) * sb;
+        s2 += double(w[c]) * sw;
+      }
+      const double r = double(rstd[ng]);
+      for (int64_t c = cg; c < cg + D; ++c) {
+        alpha[n * C + c] = A(r) * w[c];
+        a2[n * C + c] = A(-r * r * s2 / M);
+        b2[n * C + c] = A(-r * s1 / M);
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t n = t / nb, k = n * C;
+      const RowBlock rb = row_block(HW, nb, t % nb);
+      const int64_t off = (n * HW + rb.r0) * C;
+      nhwc_bwd_dx<T>(x + off, dy + off, dx + off, rb.r1 - rb.r0, C, mu.data() + k, rs.data() + k, w.data(),
+                     b.data(), alpha.data() + k, a2.data() + k, b2.data() + k);
+    }
+  }
+  reduce_affine_grads<A>(p, dwp, db);
+}
+
+// Empty tensors (N == 0 or HW == 0): nothing to normalize; statistics and affine grads are zeros.
+template <typename A> void fill_empty(const GroupNormSiLUParams& p, bool backward) {
+  if (!backward) {
+    std::fill(static_cast<A*>(p.mean), static_cast<A*>(p.mean) + p.N * p.G, A(0));
+    std::fill(static_cast<A*>(p.rstd), static_cast<A*>(p.rstd) + p.N * p.G, A(0));
+  } else if (p.dweight != nullptr) {
+    std::fill(static_cast<A*>(p.dweight), static_cast<A*>(p.dweight) + p.C, A(0));
+    std::fill(static_cast<A*>(p.dbias), static_cast<A*>(p.dbias) + p.C, A(0));
+  }
+}
+
+template <typename T> void run(const GroupNormSiLUParams& p, int nt, bool backward) {
+  if (p.numel() == 0) {
+    if (p.N * p.G > 0 || backward) fill_empty<Acc<T>>(p, backward);
+    return;
+  }
+  const bool nhwc = p.layout == Layout::kNHWC;
+  if (!backward) nhwc ? fwd_nhwc<T>(p, nt) : fwd_nchw<T>(p, nt);
+  else nhwc ? bwd_nhwc<T>(p, nt) : bwd_nchw<T>(p, nt);
+}
+
+void dispatch(const GroupNormSiLUParams& p, int num_threads, bool backward) {
+  gns_check(p, backward);
+  gns_require(num_threads >= 1, "num_threads must be >= 1 (got " + std::to_string(num_threads) + ")");
+  switch (p.dtype) {
+    case DType::kFloat32: return run<float>(p, num_threads, backward);
+    case DType::kBFloat16: return run<bf16>(p, num_threads, backward);
+    case DType::kFloat64: return run<double>(p, num_threads, backward);
+    default: gns_require(false, "float16 is not supported by the CPU kernels (use float32 or bfloat16)");
+  }
+}
+
+}  // namespace
+
+void group_norm_silu_fwd_cpu(const GroupNormSiLUParams& p, int num_threads) { dispatch(p, num_threads, false); }
+void group_norm_silu_bwd_cpu(const GroupNormSiLUParams& p, int num_threads) { dispatch(p, num_threads, true); }
+
+}  // namespace ddpm_fast
