@@ -118,7 +118,7 @@ def load_dataset(spec: str, split: str = "train", data_dir: Optional[str] = None
         raise ValueError(f"dataset spec must be a non-empty string; got {spec!r}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
-    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+    if image_size is not None and (type(image_size) is not int or image_size < 1):
         raise ValueError(f"image_size must be a positive int or None; got {image_size!r}")
     if spec == "digits":
         if data_dir is not None:
