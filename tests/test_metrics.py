@@ -258,3 +258,14 @@ def test_reference_scores_cli(tmp_path, capsys):
                           "blur sigma=1", "one class only"}
     assert table["real held-out"]["fd"] < table["blur sigma=1"]["fd"] < table["one class only"]["fd"]
     assert "floor (held-out vs train)" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_evaluate_on_cuda_matches_cpu(digits_test):
+    real = digits_test.tensor()
+    cpu = evaluate(real, "digits", kid_subsets=10)
+    gpu = evaluate(real.cuda().half(), "digits", kid_subsets=10)  # half: any float dtype is accepted
+    # cuDNN may use TF32 for the convolutions: features differ at ~1e-3 relative.
+    for key in ("floor_fd", "fd", "noise_fd"):
+        assert gpu[key] == pytest.approx(cpu[key], rel=2e-2, abs=2e-3), key
+    assert gpu["noise_kid"] == pytest.approx(cpu["noise_kid"], rel=2e-2)
