@@ -282,9 +282,10 @@ def test_cuda_matches_reference(seed, dtype):
 
 @pytest.mark.gpu
 def test_cuda_graph_of_the_whole_loop_replays_with_new_seeds():
-    """Capture 10 steps (seeded x_T + p_step each) in one CUDA graph: capture proves no host sync; replays with
-    the seed written into the static tensor reproduce eager runs and differ across seeds."""
-    sched = NoiseSchedule.linear(1000).respace(10)
+    """Capture all 1000 steps (seeded x_T, then a stand-in model + p_step per step) in one CUDA graph: capture
+    proves no host sync; replays with the seed written into the static tensor reproduce eager runs and differ
+    across seeds."""
+    sched = NoiseSchedule.linear(1000)
     sched.tables("cuda")
     seed_t = torch.tensor([1], device="cuda")
     x = torch.empty(4, 3, 8, 8, device="cuda")
