@@ -92,9 +92,10 @@ template <typename A> GNS_INLINE A silu_grad(A z, A g, ExpRange er) {
   return g * s * (A(1) + z * (A(1) - s));
 }
 
-// Reductions are written as `omp simd reduction` loops: that licenses the reassociation a vectorized sum needs
-// (no -ffast-math here). Hand-unrolled lane arrays made GCC emit permute storms (measured 2x slower).
-constexpr int64_t kFlush = 4096;  // flush float partial sums to double this often (bounds their rounding)
+// Reductions are `omp simd reduction` loops into double accumulators: the pragma licenses the reassociation
+// that vectorizing a sum needs (no -ffast-math here), and double keeps the variance accurate to fp32 round-off
+// over any group size (float accumulators measured 5-15 ulp errors in y). Hand-unrolled float lane arrays
+// made GCC emit permute storms (2x slower).
 
 // mean and 1/sqrt(var + eps) from n elements' sums s = sum(x - shift), q = sum((x - shift)^2). The shift is
 // one of the elements, so q/n - (s/n)^2 does not cancel catastrophically when |mean| >> std.
@@ -105,23 +106,17 @@ template <typename A> GNS_INLINE void finish_stats(double n, double shift, doubl
   *rstd = A(1.0 / std::sqrt((var > 0.0 ? var : 0.0) + eps));
 }
 
-// Sums of (row[i] - shift) and of their squares over n contiguous elements, in double.
+// Sums of (row[i] - shift) and of their squares over n contiguous elements.
 template <typename T>
 GNS_INLINE void row_shifted_sums(const T* row, int64_t n, double shift, double* s_out, double* q_out) {
   using A = typename AccOf<T>::type;
   const A k = A(shift);
   double s = 0, q = 0;
-  for (int64_t i0 = 0; i0 < n; i0 += kFlush) {
-    const int64_t i1 = n < i0 + kFlush ? n : i0 + kFlush;
-    A sl = 0, ql = 0;
-#pragma omp simd reduction(+ : sl, ql)
-    for (int64_t i = i0; i < i1; ++i) {
-      const A v = load(row + i) - k;
-      sl += v;
-      ql += v * v;
-    }
-    s += sl;
-    q += ql;
+#pragma omp simd reduction(+ : s, q)
+  for (int64_t i = 0; i < n; ++i) {
+    const A v = load(row + i) - k;
+    s += double(v);
+    q += double(v * v);
   }
   *s_out = s;
   *q_out = q;
@@ -170,19 +165,13 @@ GNS_CLONES void bwd_nchw_group(const T* x, const T* dy, T* dx, const Acc<T>* w, 
     const T* gr = dy + d * HW;
     A* sr = scratch + d * HW;
     double dw_sum = 0, db_sum = 0;
-    for (int64_t i0 = 0; i0 < HW; i0 += kFlush) {
-      const int64_t i1 = HW < i0 + kFlush ? HW : i0 + kFlush;
-      A wl = 0, bl = 0;
-#pragma omp simd reduction(+ : wl, bl)
-      for (int64_t i = i0; i < i1; ++i) {
-        const A xh = (load(xr + i) - mu) * r;
-        const A g = silu_grad(xh * wd + bd, load(gr + i), er);
-        sr[i] = g;
-        wl += g * xh;
-        bl += g;
-      }
-      dw_sum += wl;
-      db_sum += bl;
+#pragma omp simd reduction(+ : dw_sum, db_sum)
+    for (int64_t i = 0; i < HW; ++i) {
+      const A xh = (load(xr + i) - mu) * r;
+      const A g = silu_grad(xh * wd + bd, load(gr + i), er);
+      sr[i] = g;
+      dw_sum += double(g * xh);
+      db_sum += double(g);
     }
     dwp[d] = dw_sum;
     db[d] = db_sum;
@@ -204,25 +193,18 @@ GNS_CLONES void bwd_nchw_group(const T* x, const T* dy, T* dx, const Acc<T>* w, 
 // ---------------------------------------------------------------- NHWC: tasks are (n, block of rows)
 // A row is the C contiguous channels of one spatial position; loops run along C so they vectorize.
 
-// Column sums of (x - shift[c]) and squares over `rows` rows, added into s[c], q[c] (double).
+// Column sums of (x - shift[c]) and of their squares over `rows` rows, added into s[c], q[c].
 template <typename T>
-GNS_CLONES void nhwc_col_sums(const T* x, int64_t rows, int64_t C, const Acc<T>* shift, Acc<T>* sl,
-                              Acc<T>* ql, double* s, double* q) {
+GNS_CLONES void nhwc_col_sums(const T* x, int64_t rows, int64_t C, const Acc<T>* shift, double* s, double* q) {
   using A = Acc<T>;
-  for (int64_t r0 = 0; r0 < rows; r0 += kFlush / 16) {
-    const int64_t r1 = rows < r0 + kFlush / 16 ? rows : r0 + kFlush / 16;
-    std::fill(sl, sl + C, A(0));
-    std::fill(ql, ql + C, A(0));
-    for (int64_t rr = r0; rr < r1; ++rr) {
-      const T* row = x + rr * C;
+  for (int64_t rr = 0; rr < rows; ++rr) {
+    const T* row = x + rr * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const A v = load(row + c) - shift[c];
-        sl[c] += v;
-        ql[c] += v * v;
-      }
+    for (int64_t c = 0; c < C; ++c) {
+      const A v = load(row + c) - shift[c];
+      s[c] += double(v);
+      q[c] += double(v * v);
     }
-    for (int64_t c = 0; c < C; ++c) s[c] += sl[c], q[c] += ql[c];
   }
 }
 
@@ -245,26 +227,19 @@ GNS_CLONES void nhwc_fwd_rows(const T* x, T* y, int64_t rows, int64_t C, const A
 // Backward pass 1 over rows: dwp[c] += sum dz*xhat, db[c] += sum dz (coef: mu, rstd, w, b per channel).
 template <typename T>
 GNS_CLONES void nhwc_bwd_sums(const T* x, const T* dy, int64_t rows, int64_t C, const Acc<T>* mu,
-                              const Acc<T>* rs, const Acc<T>* w, const Acc<T>* b, Acc<T>* wl, Acc<T>* bl,
-                              double* dwp, double* db) {
+                              const Acc<T>* rs, const Acc<T>* w, const Acc<T>* b, double* dwp, double* db) {
   using A = Acc<T>;
   const ExpRange er{gns_exp_lo, gns_exp_hi};
-  for (int64_t r0 = 0; r0 < rows; r0 += kFlush / 16) {
-    const int64_t r1 = rows < r0 + kFlush / 16 ? rows : r0 + kFlush / 16;
-    std::fill(wl, wl + C, A(0));
-    std::fill(bl, bl + C, A(0));
-    for (int64_t rr = r0; rr < r1; ++rr) {
-      const T* xr = x + rr * C;
-      const T* gr = dy + rr * C;
+  for (int64_t rr = 0; rr < rows; ++rr) {
+    const T* xr = x + rr * C;
+    const T* gr = dy + rr * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const A xh = (load(xr + c) - mu[c]) * rs[c];
-        const A g = silu_grad(xh * w[c] + b[c], load(gr + c), er);
-        wl[c] += g * xh;
-        bl[c] += g;
-      }
+    for (int64_t c = 0; c < C; ++c) {
+      const A xh = (load(xr + c) - mu[c]) * rs[c];
+      const A g = silu_grad(xh * w[c] + b[c], load(gr + c), er);
+      dwp[c] += double(g * xh);
+      db[c] += double(g);
     }
-    for (int64_t c = 0; c < C; ++c) dwp[c] += wl[c], db[c] += bl[c];
   }
 }
 
@@ -376,13 +351,12 @@ template <typename T> void fwd_nhwc(const GroupNormSiLUParams& p, int nt) {
   std::vector<double> ps(tasks * C), pq(tasks * C);
 #pragma omp parallel num_threads(use_threads(nt, tasks, p.numel()))
   {
-    std::vector<A> sl(C), ql(C);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t n = t / nb;
       const RowBlock rb = row_block(HW, nb, t % nb);
-      nhwc_col_sums<T>(x + (n * HW + rb.r0) * C, rb.r1 - rb.r0, C, shift.data() + n * C, sl.data(), ql.data(),
-                       ps.data() + t * C, pq.data() + t * C);
+      nhwc_col_sums<T>(x + (n * HW + rb.r0) * C, rb.r1 - rb.r0, C, shift.data() + n * C, ps.data() + t * C,
+                       pq.data() + t * C);
     }
 #pragma omp for schedule(static)
     for (int64_t ng = 0; ng < N * p.G; ++ng) {
@@ -431,14 +405,13 @@ template <typename T> void bwd_nhwc(const GroupNormSiLUParams& p, int nt) {
   std::vector<double> pw(tasks * C), pb(tasks * C), dwp(N * C), db(N * C);
 #pragma omp parallel num_threads(use_threads(nt, tasks, p.numel()))
   {
-    std::vector<A> wl(C), bl(C);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t n = t / nb;
       const RowBlock rb = row_block(HW, nb, t % nb);
       const int64_t off = (n * HW + rb.r0) * C;
       nhwc_bwd_sums<T>(x + off, dy + off, rb.r1 - rb.r0, C, mu.data() + n * C, rs.data() + n * C, w.data(),
-                       b.data(), wl.data(), bl.data(), pw.data() + t * C, pb.data() + t * C);
+                       b.data(), pw.data() + t * C, pb.data() + t * C);
     }
 #pragma omp for schedule(static)
     for (int64_t ng = 0; ng < N * p.G; ++ng) {

@@ -113,9 +113,9 @@ def _ptr(t):
 
 
 def _empty_stats(x, num_groups):
-    """mean, rstd: (N, G) in the stats dtype (one allocation)."""
-    stats = torch.empty((2, x.shape[0], num_groups), dtype=_stats_dtype(x), device=x.device)
-    return stats[0], stats[1]
+    """mean, rstd: (N, G) in the stats dtype (separate tensors: op outputs must not alias each other)."""
+    shape, dt = (x.shape[0], num_groups), _stats_dtype(x)
+    return torch.empty(shape, dtype=dt, device=x.device), torch.empty(shape, dtype=dt, device=x.device)
 
 
 # ----------------------------------------------------------------------------- backends

@@ -66,19 +66,19 @@ def _group_norm_silu_fwd_kernel(
         xc = tl.where(mask, x - mean, 0.0)
         var = tl.sum(tl.sum(xc * xc, axis=1), axis=0) / count
     else:
-        # Sums shifted by the group's first element: no catastrophic cancellation when |mean| >> std.
-        shift = tl.load(X + n.to(tl.int64) * stride_n + (g * D).to(tl.int64) * stride_c).to(tl.float32)
+        # Exact two passes (mean, then centred squares): fp32 sum-of-squares tricks lose ~10 ulp here.
         s = tl.zeros((BLOCK_D, BLOCK_HW), dtype=tl.float32)
+        for start in range(0, HW, BLOCK_HW):
+            mask = dmask[:, None] & (start + hw < HW)[None, :]
+            s += tl.load(X + base + (start + hw)[None, :] * stride_hw, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(tl.sum(s, axis=1), axis=0) / count
         q = tl.zeros((BLOCK_D, BLOCK_HW), dtype=tl.float32)
         for start in range(0, HW, BLOCK_HW):
             mask = dmask[:, None] & (start + hw < HW)[None, :]
             x = tl.load(X + base + (start + hw)[None, :] * stride_hw, mask=mask, other=0.0).to(tl.float32)
-            v = tl.where(mask, x - shift, 0.0)
-            s += v
+            v = tl.where(mask, x - mean, 0.0)
             q += v * v
-        ms = tl.sum(tl.sum(s, axis=1), axis=0) / count
-        mean = shift + ms
-        var = tl.maximum(tl.sum(tl.sum(q, axis=1), axis=0) / count - ms * ms, 0.0)
+        var = tl.sum(tl.sum(q, axis=1), axis=0) / count
     rstd = 1.0 / tl.sqrt(var + eps)
     tl.store(Mean + pid, mean)
     tl.store(Rstd + pid, rstd)
