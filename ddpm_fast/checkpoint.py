@@ -1,0 +1,186 @@
+"""Model files and training checkpoints: safetensors files written atomically (temp file + fsync + rename).
+
+Model file (``save`` / ``load``), format "ddpm_fast.model/1": ONE .safetensors file, no JSON beside it.
+    tensors   the U-Net's state_dict under its own names (``conv_in.weight``, ...), as stored in the model
+    metadata  format, unet_config (JSON of UNetConfig.to_dict()), diffusion_config (JSON of
+              DiffusionConfig.to_dict(), or "null"), info (optional free-form JSON: how it was made)
+Training checkpoint (written by ddpm_fast.train), format "ddpm_fast.train/1": ONE .safetensors file.
+    tensors   "model.<name>", "ema.<name>", "optim.<param index>.<state key>", "rng.<name>"
+    metadata  format, unet_config, diffusion_config, and "state": JSON of the step, the TrainConfig, the
+              optimizer's hyperparameters and parameter order, the GradScaler and the non-tensor RNG states.
+``load`` reads both (a training checkpoint gives its EMA weights) and a run directory (its model.safetensors,
+else its checkpoint.safetensors). Every problem (missing, truncated, not safetensors, wrong format, weights that
+do not fit the config) raises an error naming the file and the problem, before a model is built.
+"""
+import json
+import os
+import tempfile
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+MODEL_FORMAT = "ddpm_fast.model/1"
+TRAIN_FORMAT = "ddpm_fast.train/1"
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+DEFAULT_MODEL = os.path.join(ASSETS, "default_digits.safetensors")
+RUN_MODEL, RUN_CHECKPOINT = "model.safetensors", "checkpoint.safetensors"  # names inside a run directory
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Calls ``write(tmp)`` for a temp file in path's directory, fsyncs it, then renames it onto ``path``.
+
+    A crash or exception at any point leaves ``path`` as it was (the old file, or none) and removes the temp.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix="_" + os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # the bytes reach the disk before the rename makes them the checkpoint
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_safetensors(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
+    """Atomically writes CPU-contiguous copies of ``tensors`` with string ``metadata``."""
+    from safetensors.torch import save_file
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
+
+
+def read_safetensors(path: str, expect_format: Tuple[str, ...]) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """(tensors on the CPU, metadata with its JSON values parsed) of a ddpm_fast file of one of the formats."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = dict(f.metadata() or {})
+        tensors = load_file(path)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+    fmt = meta.get("format")
+    if fmt not in expect_format:
+        raise ValueError(f"{path} has format {fmt!r}, expected one of {list(expect_format)} (a file written by "
+                         f"ddpm_fast.save or ddpm_fast.train)")
+    parsed = {"format": fmt}
+    for key, value in meta.items():
+        if key == "format":
+            continue
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: metadata entry {key!r} is not valid JSON: {err}") from None
+    return tensors, parsed
+
+
+def _unwrap(model):
+    """The UNet inside DDP / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def model_metadata(model, info: Optional[dict] = None) -> Dict[str, str]:
+    """The metadata of a model file for ``model`` (a UNet): its configs as JSON strings."""
+    from .unet import UNet
+    model = _unwrap(model)
+    if not isinstance(model, UNet):
+        raise TypeError(f"expected a ddpm_fast UNet, got {type(model).__name__}")
+    diffusion = None if model.diffusion is None else model.diffusion.to_dict()
+    meta = {"format": MODEL_FORMAT, "unet_config": json.dumps(model.config.to_dict()),
+            "diffusion_config": json.dumps(diffusion)}
+    if info is not None:
+        meta["info"] = json.dumps(info)
+    return meta
+
+
+def save(model, path: str, info: Optional[dict] = None) -> str:
+    """Writes ``model`` (a UNet, or DDP/compiled wrappers of one) to ``path`` (.safetensors) atomically.
+
+    Weights are stored in the model's dtype; configs go in the file's metadata (see the module doc), with
+    ``info`` (any JSON-ready dict) beside them. Returns ``path``.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    meta = model_metadata(model, info)
+    write_safetensors(os.fspath(path), _unwrap(model).state_dict(), meta)
+    return os.fspath(path)
+
+
+def _resolve_path(path) -> str:
+    if path is None:
+        if not os.path.isfile(DEFAULT_MODEL):
+            raise FileNotFoundError(
+                f"the bundled default model {DEFAULT_MODEL} is missing (not trained yet, or the install left "
+                f"out package data); pass a path to a model file or a run directory")
+        return DEFAULT_MODEL
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        for name in (RUN_MODEL, RUN_CHECKPOINT):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise FileNotFoundError(f"{path} is a directory holding neither {RUN_MODEL} nor {RUN_CHECKPOINT}")
+    return path
+
+
+def build_model(path: str, meta: dict, fused: bool = True):
+    """A UNet (on the CPU, fp32) from a file's parsed metadata; errors name the file."""
+    from .diffusion import DiffusionConfig
+    from .unet import UNet, UNetConfig
+    try:
+        config = UNetConfig.from_dict({**meta["unet_config"], "fused": bool(fused)})
+        diffusion = meta.get("diffusion_config")
+        diffusion = None if diffusion is None else DiffusionConfig.from_dict(diffusion)
+        return UNet(config, diffusion)
+    except KeyError as err:
+        raise ValueError(f"{path}: metadata lacks {err}") from None
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: its configs are invalid: {err}") from None
+
+
+def load_weights(module: torch.nn.Module, state: Dict[str, torch.Tensor], path: str, what: str = "weights"):
+    """Copies ``state`` into ``module`` after checking names and shapes; the error lists every mismatch."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}" if missing else "",
+                 f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}" if unexpected else "",
+                 f"shape mismatches {shapes[:5]}" if shapes else ""]
+        raise ValueError(f"{path}: the {what} do not fit the model its config describes: "
+                         + "; ".join(p for p in parts if p))
+    bad = [k for k, v in state.items() if not v.is_floating_point() and own[k].is_floating_point()]
+    if bad:
+        raise ValueError(f"{path}: tensors {bad[:5]} are not floating point")
+    module.load_state_dict(state, strict=True)
+
+
+def load(path=None, device="cpu", fused: bool = True):
+    """A ready UNet (eval mode, float32, on ``device``) with ``.diffusion`` set, from a model file.
+
+    path: a model file written by ``save``, a training checkpoint (its EMA weights), a run directory, or None
+        for the bundled default model (ddpm_fast/assets/default_digits.safetensors: the tiny preset trained on
+        scikit-learn's 8x8 digits). fused: use the fused GroupNorm+SiLU op (same weights either way).
+    """
+    device = torch.device(device)
+    path = _resolve_path(path)
+    tensors, meta = read_safetensors(path, (MODEL_FORMAT, TRAIN_FORMAT))
+    if meta["format"] == TRAIN_FORMAT:
+        tensors = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    model = build_model(path, meta, fused)
+    load_weights(model, tensors, path, "EMA weights" if meta["format"] == TRAIN_FORMAT else "weights")
+    return model.eval().to(device)

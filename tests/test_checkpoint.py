@@ -1,0 +1,126 @@
+"""ddpm_fast.save / load: round trips, atomic writes, and clear errors for bad files."""
+import json
+import os
+
+import pytest
+import torch
+
+import ddpm_fast
+from ddpm_fast import checkpoint
+from ddpm_fast.unet import UNet
+
+
+def _tiny(**overrides):
+    model = UNet.preset("tiny", ch=8, num_groups=4, **overrides)
+    with torch.no_grad():  # random weights everywhere (the zero-init biases would hide a bad copy)
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_round_trip_same_outputs(tmp_path, seed, fused):
+    model = _tiny().eval()
+    path = ddpm_fast.save(model, tmp_path / "m.safetensors", info={"note": "test"})
+    loaded = ddpm_fast.load(path, fused=fused)
+    assert not loaded.training and loaded.config.fused is fused
+    assert loaded.config == UNet.preset("tiny", ch=8, num_groups=4, fused=fused).config
+    assert loaded.diffusion == model.diffusion
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    x, t = torch.randn(3, 1, 8, 8), torch.randint(0, 1000, (3,))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t), model(x, t), rtol=1e-5, atol=1e-5)
+
+
+def test_save_unwraps_and_loads_run_directory(tmp_path):
+    model = _tiny()
+    wrapped = torch.nn.Module()
+    wrapped.module = model  # what DDP looks like to save()
+    ddpm_fast.save(wrapped, tmp_path / checkpoint.RUN_MODEL)
+    loaded = ddpm_fast.load(tmp_path)  # a run directory -> its model.safetensors
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_save_rejects_non_unet(tmp_path):
+    with pytest.raises(TypeError, match="UNet"):
+        ddpm_fast.save(torch.nn.Linear(2, 2), tmp_path / "x.safetensors")
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        ddpm_fast.load(tmp_path / "nope.safetensors")
+    with pytest.raises(FileNotFoundError, match="neither"):
+        ddpm_fast.load(tmp_path)
+
+
+def test_missing_default_model_says_so(monkeypatch, tmp_path):
+    monkeypatch.setattr(checkpoint, "DEFAULT_MODEL", str(tmp_path / "default_digits.safetensors"))
+    with pytest.raises(FileNotFoundError, match="bundled default model"):
+        ddpm_fast.load()
+
+
+@pytest.mark.parametrize("keep", [0, 7, 100, -50])
+def test_truncated_or_garbage_file(tmp_path, keep):
+    path = ddpm_fast.save(_tiny(), tmp_path / "m.safetensors")
+    data = open(path, "rb").read()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(data[:keep] if keep else os.urandom(5000))
+    with pytest.raises(ValueError, match="bad.safetensors.*(truncated or corrupt|format)"):
+        ddpm_fast.load(bad)
+
+
+def test_foreign_safetensors_file(tmp_path):
+    from safetensors.torch import save_file
+    path = str(tmp_path / "foreign.safetensors")
+    save_file({"w": torch.randn(2)}, path)
+    with pytest.raises(ValueError, match="foreign.safetensors has format None"):
+        ddpm_fast.load(path)
+
+
+def test_weights_that_do_not_fit_the_config(tmp_path):
+    small, big = _tiny(), UNet.preset("tiny", ch=16, num_groups=4)
+    meta = checkpoint.model_metadata(big)  # says ch=16, but the tensors are ch=8
+    path = str(tmp_path / "mismatch.safetensors")
+    checkpoint.write_safetensors(path, small.state_dict(), meta)
+    with pytest.raises(ValueError, match="mismatch.safetensors.*shape mismatches"):
+        ddpm_fast.load(path)
+    state = small.state_dict()
+    state.pop("conv_in.weight")
+    checkpoint.write_safetensors(path, state, checkpoint.model_metadata(small))
+    with pytest.raises(ValueError, match=r"missing \['conv_in.weight'\]"):
+        ddpm_fast.load(path)
+
+
+def test_bad_metadata(tmp_path):
+    model = _tiny()
+    path = str(tmp_path / "meta.safetensors")
+    meta = checkpoint.model_metadata(model)
+    checkpoint.write_safetensors(path, model.state_dict(), {**meta, "unet_config": "{not json"})
+    with pytest.raises(ValueError, match="unet_config.*not valid JSON"):
+        ddpm_fast.load(path)
+    cfg = json.loads(meta["unet_config"])
+    cfg["ch_mult"] = []
+    checkpoint.write_safetensors(path, model.state_dict(), {**meta, "unet_config": json.dumps(cfg)})
+    with pytest.raises(ValueError, match="configs are invalid.*ch_mult"):
+        ddpm_fast.load(path)
+
+
+def test_atomic_write_keeps_old_file_when_rename_fails(tmp_path, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    old = _tiny()
+    ddpm_fast.save(old, path)
+    before = path.read_bytes()
+
+    def crash(src, dst):
+        raise OSError("simulated crash between write and rename")
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        ddpm_fast.save(_tiny(), path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # the temp file was removed
+    loaded = ddpm_fast.load(path)
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), loaded.state_dict().values()))
