@@ -88,14 +88,15 @@ def test_fused_matches_plain_fp32(seed):
         assert_error_rule(fused(x, t), plain(x, t), ref, 1e-5)
 
 
-def test_fused_matches_plain_under_bf16_autocast(seed):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_matches_plain_under_autocast(seed, dtype):
     fused, plain = small_pair()
     x, t = inputs()
     with torch.no_grad():
         ref = plain(x, t)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
             out, naive = fused(x, t), plain(x, t)
-    assert out.dtype == naive.dtype == torch.bfloat16
+    assert out.dtype == naive.dtype == dtype
     assert_error_rule(out.float(), naive.float(), ref, 1e-3)
 
 
