@@ -119,24 +119,39 @@ def _empty_stats(x, num_groups):
 
 
 # ----------------------------------------------------------------------------- backends
-def _fwd_cpp(x, weight, bias, num_groups, eps):
-    """C++ CPU or CUDA kernel (by x.device). Returns (y, mean, rstd)."""
+_STATS_SCRATCH = {}  # stats dtype -> CPU buffer for calls that discard mean/rstd (saves 2 allocations)
+
+
+def _scratch_stats_ptrs(x, num_groups):
+    n, dt = x.shape[0] * num_groups, _stats_dtype(x)
+    buf = _STATS_SCRATCH.get(dt)
+    if buf is None or buf.numel() < 2 * n:
+        buf = _STATS_SCRATCH[dt] = torch.empty(max(2 * n, 4096), dtype=dt)
+    return buf.data_ptr(), buf.data_ptr() + n * buf.element_size()
+
+
+def _fwd_cpp(x, weight, bias, num_groups, eps, keep_stats=True):
+    """C++ CPU or CUDA kernel (by x.device). Returns (y, mean, rstd); mean/rstd are None when keep_stats is
+    False on the CPU (inference: they go to a reused scratch buffer)."""
     x, layout = _prepare(x)
     N, C, HW, G = _sizes(x, num_groups)
     y = torch.empty_like(x)
-    mean, rstd = _empty_stats(x, G)
-    sd = mean.dtype
+    if keep_stats or x.is_cuda:
+        mean, rstd = _empty_stats(x, G)
+        sd, mean_ptr, rstd_ptr = mean.dtype, mean.data_ptr(), rstd.data_ptr()
+    else:
+        mean = rstd = None
+        sd, (mean_ptr, rstd_ptr) = _stats_dtype(x), _scratch_stats_ptrs(x, G)
     w, b = _param(weight, sd), _param(bias, sd)
     ext, code = _ext.load(), _DTYPE_CODES[x.dtype]
     if x.is_cuda:
         with torch.cuda.device(x.device):
-            ext.group_norm_silu_fwd_cuda(x.data_ptr(), _ptr(w), _ptr(b), y.data_ptr(), mean.data_ptr(),
-                                         rstd.data_ptr(), N, C, HW, G, float(eps), code, layout,
+            ext.group_norm_silu_fwd_cuda(x.data_ptr(), _ptr(w), _ptr(b), y.data_ptr(), mean_ptr, rstd_ptr,
+                                         N, C, HW, G, float(eps), code, layout,
                                          torch.cuda.current_stream(x.device).cuda_stream)
     else:
-        ext.group_norm_silu_fwd_cpu(x.data_ptr(), _ptr(w), _ptr(b), y.data_ptr(), mean.data_ptr(),
-                                    rstd.data_ptr(), N, C, HW, G, float(eps), code, layout,
-                                    torch.get_num_threads())
+        ext.group_norm_silu_fwd_cpu(x.data_ptr(), _ptr(w), _ptr(b), y.data_ptr(), mean_ptr, rstd_ptr,
+                                    N, C, HW, G, float(eps), code, layout, torch.get_num_threads())
     return y, mean, rstd
 
 
@@ -304,8 +319,10 @@ def _plain_eager(*tensors):
             return False
     except AttributeError:  # private hooks moved: be safe, use the op
         return False
-    return all(t is None or (type(t) in (Tensor, nn.Parameter) and t.device.type in ("cpu", "cuda"))
-               for t in tensors)
+    for t in tensors:
+        if t is not None and not ((type(t) is Tensor or type(t) is nn.Parameter) and (t.is_cpu or t.is_cuda)):
+            return False
+    return True
 
 
 class _GroupNormSiLUFunction(torch.autograd.Function):
@@ -338,9 +355,12 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5):
     if not _plain_eager(x, weight, bias):
         return torch.ops.ddpm_fast.group_norm_silu(x, weight, bias, num_groups, eps)[0]
     _check(x, num_groups, weight, bias, eps)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
         return _GroupNormSiLUFunction.apply(x, weight, bias, num_groups, eps)
-    return _pick_fwd(x, num_groups)(x, weight, bias, num_groups, eps)[0]
+    fwd = _pick_fwd(x, num_groups)
+    return fwd(x, weight, bias, num_groups, eps, keep_stats=False)[0] if fwd is _fwd_cpp else \
+        fwd(x, weight, bias, num_groups, eps)[0]
 
 
 class GroupNormSiLU(nn.GroupNorm):
