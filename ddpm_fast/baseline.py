@@ -1,0 +1,158 @@
+"""The plain PyTorch DDPM that ddpm_fast is measured against: what a user writes without ddpm_fast.
+
+The same U-Net weights run with ``fused=False`` (nn.GroupNorm, then SiLU), eagerly, in a Python loop whose
+posterior math is separate torch ops with ``torch.randn`` noise per step (improved-diffusion's formulas, tables
+kept on the device), or diffusers' ``DDPMScheduler.step`` in its place. None of ddpm_fast's math is used here:
+``PlainDiffusion`` derives its own tables from the betas, so tests can compare the two implementations
+(tests/test_baseline.py checks both against the closed-form Gaussian oracle).
+
+Also the plain training step (q_sample as torch ops, eps-MSE, AdamW), the baseline of benchmarks/bench_train.py.
+"""
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+class PlainDiffusion:
+    """Coefficient tables of a DDPM chain, computed in float64 and kept as float32 tensors on ``device``.
+
+    :param betas: (T,) training betas (any sequence of floats in (0, 1)).
+    :param steps: sampling steps; fewer than T keeps the timesteps round(linspace(0, T-1, steps)) and
+        recomputes beta_i = 1 - abar[t_i] / abar[t_{i-1}] (improved-diffusion's respacing).
+    :param prediction: "eps" | "x0" | "v";  variance: "fixed_small" | "fixed_large" | "learned_range".
+    """
+
+    def __init__(self, betas, steps: Optional[int] = None, *, prediction="eps", variance="fixed_small",
+                 clip=True, device="cpu"):
+        betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
+        T = betas.numel()
+        steps = T if steps is None else int(steps)
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps must satisfy 1 <= steps <= T = {T}, got {steps}")
+        if prediction not in ("eps", "x0", "v") or variance not in ("fixed_small", "fixed_large", "learned_range"):
+            raise ValueError(f"unsupported prediction={prediction!r} or variance={variance!r}")
+        self.prediction, self.variance, self.clip = prediction, variance, bool(clip)
+        abar_full = torch.cumprod(1 - betas, 0)
+        ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long() if steps < T else torch.arange(T)
+        abar = abar_full[ts]
+        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        betas = 1 - abar / abar_prev
+        post_var = betas * (1 - abar_prev) / (1 - abar)
+        first = post_var[1] if steps > 1 else betas[0]  # log(0) at step 0: borrow step 1's value
+        tables = {
+            "sqrt_recip_abar": (1 / abar).sqrt(), "sqrt_recipm1_abar": (1 / abar - 1).sqrt(),
+            "sqrt_abar": abar.sqrt(), "sqrt_1m_abar": (1 - abar).sqrt(),
+            "coef1": betas * abar_prev.sqrt() / (1 - abar),
+            "coef2": (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar),
+            "log_var_small": torch.cat([first.view(1), post_var[1:]]).log(),
+            "log_var_large": torch.cat([first.view(1), betas[1:]]).log(),
+            "log_betas": betas.log(),
+        }
+        self.tables = {k: v.to(device=device, dtype=torch.float32) for k, v in tables.items()}
+        self.timesteps = ts.tolist()  # original training timestep of each step index (Python ints)
+        self.num_steps, self.device = steps, torch.device(device)
+
+    @classmethod
+    def for_model(cls, model, steps=None, device=None) -> "PlainDiffusion":
+        """From a ddpm_fast UNet's DiffusionConfig (its betas; prediction, variance and clip as trained)."""
+        cfg = model.diffusion
+        if cfg is None:
+            raise ValueError("PlainDiffusion.for_model: the model has no DiffusionConfig (model.diffusion)")
+        device = device or _device_dtype(model)[0]
+        return cls(cfg.make_schedule().betas, steps, prediction=cfg.prediction, variance=cfg.variance,
+                   clip=cfg.clip, device=device)
+
+    def _at(self, name, t):
+        return self.tables[name][t].view(-1, 1, 1, 1)  # (N,) step indices -> (N, 1, 1, 1)
+
+    def p_sample(self, model_output, x, t, noise):
+        """One ancestral step. model_output: (N, C or 2C, H, W); x, noise: (N, C, H, W) fp32; t: (N,) step
+        indices. Returns x_{t-1} (fp32); no noise where t == 0."""
+        C = x.shape[1]
+        out = model_output[:, :C].float()
+        if self.prediction == "eps":
+            x0 = self._at("sqrt_recip_abar", t) * x - self._at("sqrt_recipm1_abar", t) * out
+        elif self.prediction == "v":
+            x0 = self._at("sqrt_abar", t) * x - self._at("sqrt_1m_abar", t) * out
+        else:
+            x0 = out
+        if self.clip:
+            x0 = x0.clamp(-1, 1)
+        mean = self._at("coef1", t) * x0 + self._at("coef2", t) * x
+        if self.variance == "learned_range":
+            frac = (model_output[:, C:].float() + 1) / 2
+            log_var = frac * self._at("log_betas", t) + (1 - frac) * self._at("log_var_small", t)
+        else:
+            log_var = self._at("log_var_small" if self.variance == "fixed_small" else "log_var_large", t)
+        nonzero = (t != 0).float().view(-1, 1, 1, 1)
+        return mean + nonzero * torch.exp(0.5 * log_var) * noise
+
+
+def _device_dtype(model):
+    """The device and float dtype of a module's first parameter (or buffer); (cpu, float32) when it has none."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _autocast(device, dtype):
+    """bf16/fp16 models run under autocast (what a user writes); fp32 needs nothing."""
+    if dtype in (None, torch.float32):
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+@torch.inference_mode()
+def plain_sample(model, n, steps=None, *, diffusion: Optional[PlainDiffusion] = None, shape=None,
+                 generator: Optional[torch.Generator] = None, scheduler=None):
+    """Samples n images with the plain loop: (n, C, H, W) float32 on the model's device.
+
+    :param model: ``model(x, t) -> output``, t an int64 (n,) tensor of ORIGINAL timesteps (a ddpm_fast UNet,
+        typically built with fused=False). ``shape`` (C, H, W) defaults to the model's image shape.
+    :param diffusion: the tables (default ``PlainDiffusion.for_model(model, steps)``).
+    The model runs in its own parameter dtype (cast the model, e.g. ``.to(torch.bfloat16)``, as diffusers users
+    do); x and the posterior math stay fp32.
+    :param scheduler: None for the hand-written step, or a diffusers DDPMScheduler (configured like the model,
+        ``set_timesteps`` is called here) whose ``step`` replaces it.
+    """
+    device, dtype = _device_dtype(model)
+    shape = tuple(shape or model.diffusion.image_shape)
+    if scheduler is not None:
+        scheduler.set_timesteps(steps or scheduler.config.num_train_timesteps, device=device)
+        plan = [(None, int(t)) for t in scheduler.timesteps]
+    else:
+        diffusion = diffusion or PlainDiffusion.for_model(model, steps, device)
+        plan = [(i, diffusion.timesteps[i]) for i in reversed(range(diffusion.num_steps))]
+    x = torch.randn((n, *shape), generator=generator, device=device)
+    for i, timestep in plan:
+        t = torch.full((n,), timestep, device=device, dtype=torch.long)
+        out = model(x.to(dtype), t)
+        if scheduler is not None:
+            x = scheduler.step(out.float(), timestep, x, generator=generator).prev_sample
+        else:
+            noise = torch.randn(x.shape, generator=generator, device=device)
+            x = diffusion.p_sample(out, x, torch.full((n,), i, device=device, dtype=torch.long), noise)
+    return x
+
+
+def plain_train_step(model, optimizer, x0, diffusion: PlainDiffusion, *, dtype=None,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One eager training step: random timesteps, q_sample as torch ops, eps-MSE, backward, optimizer step.
+
+    x0: (N, C, H, W) fp32 data in [-1, 1]; ``diffusion`` must be the un-respaced chain (steps = T).
+    Returns the loss (a 0-dim tensor, not synchronised).
+    """
+    n = x0.shape[0]
+    t = torch.randint(0, diffusion.num_steps, (n,), device=x0.device, generator=generator)
+    noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+    x_t = diffusion._at("sqrt_abar", t) * x0 + diffusion._at("sqrt_1m_abar", t) * noise
+    with _autocast(x0.device, dtype):
+        out = model(x_t, t)
+    loss = F.mse_loss(out.float(), noise)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
