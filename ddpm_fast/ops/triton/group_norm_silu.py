@@ -61,9 +61,9 @@ def _group_norm_silu_fwd_kernel(
     count = D * HW
     if ONE_TILE:
         mask = dmask[:, None] & (hw < HW)[None, :]
-        x = tl.load(X + base + hw[None, :] * stride_hw, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
-        xc = tl.where(mask, x - mean, 0.0)
+        xt = tl.load(X + base + hw[None, :] * stride_hw, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(tl.sum(xt, axis=1), axis=0) / count
+        xc = tl.where(mask, xt - mean, 0.0)
         var = tl.sum(tl.sum(xc * xc, axis=1), axis=0) / count
     else:
         # Exact two passes (mean, then centred squares): fp32 sum-of-squares tricks lose ~10 ulp here.
@@ -75,8 +75,8 @@ def _group_norm_silu_fwd_kernel(
         q = tl.zeros((BLOCK_D, BLOCK_HW), dtype=tl.float32)
         for start in range(0, HW, BLOCK_HW):
             mask = dmask[:, None] & (start + hw < HW)[None, :]
-            x = tl.load(X + base + (start + hw)[None, :] * stride_hw, mask=mask, other=0.0).to(tl.float32)
-            v = tl.where(mask, x - mean, 0.0)
+            xs = tl.load(X + base + (start + hw)[None, :] * stride_hw, mask=mask, other=0.0).to(tl.float32)
+            v = tl.where(mask, xs - mean, 0.0)
             q += v * v
         var = tl.sum(tl.sum(q, axis=1), axis=0) / count
     rstd = 1.0 / tl.sqrt(var + eps)
@@ -86,7 +86,9 @@ def _group_norm_silu_fwd_kernel(
     for start in range(0, HW, BLOCK_HW):
         mask = dmask[:, None] & (start + hw < HW)[None, :]
         offs = base + (start + hw)[None, :] * stride_hw
-        if not ONE_TILE:
+        if ONE_TILE:  # constexpr: only one branch is compiled
+            x = xt
+        else:
             x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         _, z = _silu_pre(x, mean, rstd, w, b)
         y = z / (1.0 + tl.exp(-z))
