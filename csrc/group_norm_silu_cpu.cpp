@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "group_norm_silu.h"
@@ -285,26 +286,32 @@ GNS_CLONES void nhwc_fwd_rows(const T* x, T* y, int64_t rows, int64_t C, const A
   }
 }
 
+// dz can be parked in dx itself (and read back by pass 2 instead of recomputing the sigmoid) when dx's type
+// holds it exactly: fp32 and fp64, not bf16.
+template <typename T> constexpr bool kStashDz = std::is_same<T, Acc<T>>::value;
+
 // Backward pass 1 over rows: dwp[c] += sum dz*xhat, db[c] += sum dz (coef: mu, rstd, w, b per channel).
 template <typename T>
-GNS_CLONES void nhwc_bwd_sums(const T* x, const T* dy, int64_t rows, int64_t C, const Acc<T>* mu,
+GNS_CLONES void nhwc_bwd_sums(const T* x, const T* dy, T* dz, int64_t rows, int64_t C, const Acc<T>* mu,
                               const Acc<T>* rs, const Acc<T>* w, const Acc<T>* b, double* dwp, double* db) {
   using A = Acc<T>;
   const ExpRange er{gns_exp_lo, gns_exp_hi};
   for (int64_t rr = 0; rr < rows; ++rr) {
     const T* xr = x + rr * C;
     const T* gr = dy + rr * C;
+    T* zr = dz + rr * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const A xh = (load(xr + c) - mu[c]) * rs[c];
       const A g = silu_grad(xh * w[c] + b[c], load(gr + c), er);
+      if constexpr (kStashDz<T>) zr[c] = g;
       dwp[c] += double(g * xh);
       db[c] += double(g);
     }
   }
 }
 
-// Backward pass 2: dx = alpha*dz + a2*(x - mu) + b2, dz recomputed (cheaper than a round trip to memory).
+// Backward pass 2: dx = alpha*dz + a2*(x - mu) + b2, dz read back from dx (kStashDz) or recomputed.
 template <typename T>
 GNS_CLONES void nhwc_bwd_dx(const T* x, const T* dy, T* dx, int64_t rows, int64_t C, const Acc<T>* mu,
                             const Acc<T>* rs, const Acc<T>* w, const Acc<T>* b, const Acc<T>* alpha,
@@ -318,7 +325,9 @@ GNS_CLONES void nhwc_bwd_dx(const T* x, const T* dy, T* dx, int64_t rows, int64_
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const A xm = load(xr + c) - mu[c];
-      const A g = silu_grad(xm * rs[c] * w[c] + b[c], load(gr + c), er);
+      A g;
+      if constexpr (kStashDz<T>) g = load(out + c);
+      else g = silu_grad(xm * rs[c] * w[c] + b[c], load(gr + c), er);
       store(out + c, alpha[c] * g + a2[c] * xm + b2[c]);
     }
   }
@@ -412,7 +421,8 @@ template <typename T> void fwd_nhwc(const GroupNormSiLUParams& p, int nt) {
   // Every channel of a group is shifted by the group's first element (see finish_stats).
   std::vector<A> shift(N * C), mu(N * C), a(N * C), c0(N * C);
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c) shift[n * C + c] = load(x + n * HW * C + (c / D) * D);
+    for (int64_t cg = 0; cg < C; cg += D)
+      for (int64_t c = cg; c < cg + D; ++c) shift[n * C + c] = load(x + n * HW * C + cg);
   std::vector<double> ps(tasks * C), pq(tasks * C);
 #pragma omp parallel num_threads(use_threads(nt, tasks, p.numel()))
   {
@@ -466,7 +476,8 @@ template <typename T> void bwd_nhwc(const GroupNormSiLUParams& p, int nt) {
     w[c] = p.weight ? static_cast<const A*>(p.weight)[c] : A(1);
     b[c] = p.bias ? static_cast<const A*>(p.bias)[c] : A(0);
   }
-  for (int64_t i = 0; i < N * C; ++i) mu[i] = mean[(i / C) * p.G + (i % C) / D], rs[i] = rstd[(i / C) * p.G + (i % C) / D];
+  for (int64_t ng = 0; ng < N * p.G; ++ng)  // (n, g) -> its D channels, without a division per element
+    for (int64_t c = ng * D; c < (ng + 1) * D; ++c) mu[c] = mean[ng], rs[c] = rstd[ng];
   std::vector<double> pw(tasks * C), pb(tasks * C), dwp(N * C), db(N * C);
 #pragma omp parallel num_threads(use_threads(nt, tasks, p.numel()))
   {
@@ -475,8 +486,8 @@ template <typename T> void bwd_nhwc(const GroupNormSiLUParams& p, int nt) {
       const int64_t n = t / nb;
       const RowBlock rb = row_block(HW, nb, t % nb);
       const int64_t off = (n * HW + rb.r0) * C;
-      nhwc_bwd_sums<T>(x + off, dy + off, rb.r1 - rb.r0, C, mu.data() + n * C, rs.data() + n * C, w.data(),
-                       b.data(), pw.data() + t * C, pb.data() + t * C);
+      nhwc_bwd_sums<T>(x + off, dy + off, dx + off, rb.r1 - rb.r0, C, mu.data() + n * C, rs.data() + n * C,
+                       w.data(), b.data(), pw.data() + t * C, pb.data() + t * C);
     }
 #pragma omp for schedule(static)
     for (int64_t ng = 0; ng < N * p.G; ++ng) {
