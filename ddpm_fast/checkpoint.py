@@ -184,3 +184,110 @@ def load(path=None, device="cpu", fused: bool = True):
     model = build_model(path, meta, fused)
     load_weights(model, tensors, path, "EMA weights" if meta["format"] == TRAIN_FORMAT else "weights")
     return model.eval().to(device)
+
+
+# ---- training checkpoints ------------------------------------------------------------------------------------
+
+def rng_states() -> Tuple[Dict[str, torch.Tensor], dict]:
+    """(tensors, JSON-ready dict) of the process's global RNGs: torch CPU and CUDA, NumPy, Python's random."""
+    import random
+    import numpy as np
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
+    version, py_state, py_gauss = random.getstate()
+    return tensors, {"numpy": [name, int(pos), int(has_gauss), float(gauss)],
+                     "python": [version, list(py_state), py_gauss]}
+
+
+def set_rng_states(tensors: Dict[str, torch.Tensor], states: dict) -> None:
+    """Restores what ``rng_states`` returned (CUDA states only for the devices present)."""
+    import random
+    import numpy as np
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    if cuda and torch.cuda.is_available():
+        for k in cuda[:torch.cuda.device_count()]:
+            torch.cuda.set_rng_state(tensors[k], int(k.rsplit(".", 1)[1]))
+    name, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, py_state, py_gauss = states["python"]
+    random.setstate((version, tuple(py_state), py_gauss))
+
+
+def _json_scalar(v):
+    """Optimizer hyperparameters as JSON: tensors (a capturable lr) become numbers, tuples lists."""
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    return list(v) if isinstance(v, tuple) else v
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, param_names) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """The optimizer's state flattened to "optim.<i>.<key>" tensors (i: index in ``param_names``, the
+    optimizer's parameter order) + JSON: hyperparameters, parameter names, non-tensor state values."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for i, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{i}.{key}"] = value
+            else:
+                scalars[f"{i}.{key}"] = value
+    groups = [{k: _json_scalar(v) for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "param_names": list(param_names), "scalars": scalars}
+
+
+def restore_optimizer(optimizer, tensors: Dict[str, torch.Tensor], info: dict, param_names, path: str) -> None:
+    """Loads a saved optimizer state ({"<i>.<key>": tensor}, the "optim." prefix removed, + its JSON) into
+    ``optimizer`` after checking that it optimizes the same parameters in the same order. The optimizer keeps
+    its own param_groups (lr is set every step; a capturable lr tensor must stay the same tensor)."""
+    if list(param_names) != info["param_names"]:
+        diff = next(i for i, (a, b) in enumerate(zip(param_names, info["param_names"] + [None])) if a != b)
+        raise ValueError(f"{path}: the optimizer state is for other parameters (first difference at index {diff}:"
+                         f" {info['param_names'][diff] if diff < len(info['param_names']) else None!r} vs "
+                         f"{param_names[diff]!r})")
+    state: Dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(info["scalars"].items()):
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = value
+    sd = optimizer.state_dict()
+    sd["state"] = state
+    optimizer.load_state_dict(sd)
+
+
+def split_prefixed(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    """{name: tensor} of the entries "<prefix>.<name>"."""
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def write_training_checkpoint(path: str, model, ema: Dict[str, torch.Tensor], optimizer, param_names,
+                              state: dict) -> None:
+    """One atomic safetensors file: model, EMA, optimizer and RNG tensors; configs and ``state`` (step, train
+    config, scaler, seeds: any JSON-ready dict) in the metadata. ``model`` is the (unwrapped) UNet."""
+    model = _unwrap(model)
+    meta = model_metadata(model)
+    meta["format"] = TRAIN_FORMAT
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.items()})
+    opt_tensors, opt_info = optimizer_tensors(optimizer, param_names)
+    rng_tensors, rng_info = rng_states()
+    tensors.update(opt_tensors)
+    tensors.update(rng_tensors)
+    meta["state"] = json.dumps({**state, "optimizer": opt_info, "rng": rng_info})
+    write_safetensors(path, tensors, meta)
+
+
+def read_training_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """(tensors, parsed metadata) of a training checkpoint; the metadata must hold a "state" entry."""
+    tensors, meta = read_safetensors(path, (TRAIN_FORMAT,))
+    for key in ("state", "unet_config"):
+        if key not in meta:
+            raise ValueError(f"{path}: training checkpoint metadata lacks {key!r}")
+    for key in ("step", "train_config", "optimizer", "rng"):
+        if key not in meta["state"]:
+            raise ValueError(f"{path}: training checkpoint state lacks {key!r}")
+    return tensors, meta
