@@ -19,7 +19,8 @@
 #pragma GCC optimize("no-trapping-math")
 #endif
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// "arch=x86-64-v3" in target_clones needs GCC >= 12; older compilers build the baseline code only.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
 #define GNS_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define GNS_CLONES
