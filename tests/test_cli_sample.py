@@ -1,0 +1,132 @@
+"""`ddpm-fast sample` end to end on a tiny UNet saved with ddpm_fast.save, and the PNG/npz writers."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ddpm_fast
+from ddpm_fast import UNet, checkpoint
+from ddpm_fast.cli import main
+from ddpm_fast.images import make_grid, save_grid_png, save_npz, to_uint8
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: extra threads only add OpenMP barrier stalls on a loaded 2-core machine (10x measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    ddpm_fast.save(UNet.preset("tiny", ch_mult=(1, 2)), str(path))
+    return str(path)
+
+
+def _files(directory):
+    return sorted(os.listdir(directory))
+
+
+def test_cli_writes_png_and_npz_atomically_and_reproducibly(tmp_path, model_file, capsys):
+    out, npz = tmp_path / "grid.png", tmp_path / "s.npz"
+    argv = ["sample", "--checkpoint", model_file, "--n", "5", "--steps", "4", "--seed", "7", "--device", "cpu",
+            "--batch-size", "2", "--out", str(out), "--npz", str(npz), "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert "wrote 5 samples" in printed.out and "seed 7" in printed.out and printed.err == ""
+    assert _files(tmp_path) == ["grid.png", "s.npz"]  # no temp files left behind
+    with Image.open(out) as im:  # 5 images of 8x8: 3 per row, 2 rows, 2 px padding
+        assert im.format == "PNG" and im.mode == "L" and im.size == (3 * 10 + 2, 2 * 10 + 2)
+        grid = np.asarray(im)
+    with np.load(npz) as data:
+        images, pixels = data["images"], data["arr_0"]
+    assert images.shape == (5, 1, 8, 8) and images.dtype == np.float32 and np.abs(images).max() <= 1
+    assert pixels.shape == (5, 8, 8, 1) and pixels.dtype == np.uint8
+    want_pixels = np.clip(np.rint((images.astype(np.float64) + 1) * 127.5), 0, 255).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(pixels, want_pixels)
+    np.testing.assert_array_equal(grid[2:10, 12:20], pixels[1, :, :, 0])  # second image, first row
+    want = ddpm_fast.sample(ddpm_fast.load(model_file), 5, 4, seed=7, batch_size=2, progress=False)
+    np.testing.assert_array_equal(images, want.numpy())
+
+
+def test_python_dash_m_runs_the_same_command(tmp_path, model_file):
+    npz = tmp_path / "m.npz"
+    cmd = [sys.executable, "-m", "ddpm_fast", "sample", "--checkpoint", model_file, "--n", "3", "--steps", "3",
+           "--seed", "11", "--device", "cpu", "--out", str(tmp_path / "m.png"), "--npz", str(npz), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    want = ddpm_fast.sample(ddpm_fast.load(model_file), 3, 3, seed=11, progress=False)
+    with np.load(npz) as data:  # same thread count (the U-Net's rounding depends on it), same images
+        np.testing.assert_array_equal(data["images"], want.numpy())
+
+
+def test_default_model_is_used_when_bundled_else_checkpoint_is_required(tmp_path, model_file, monkeypatch, capsys):
+    monkeypatch.setattr(checkpoint, "DEFAULT_MODEL", str(tmp_path / "absent.safetensors"))
+    with pytest.raises(SystemExit, match="--checkpoint PATH is needed: this install has no bundled default"):
+        main(["sample", "--n", "2", "--steps", "2", "--out", str(tmp_path / "x.png"), "--no-progress"])
+    monkeypatch.setattr(checkpoint, "DEFAULT_MODEL", model_file)
+    assert main(["sample", "--n", "2", "--steps", "2", "--device", "cpu", "--seed", "1", "--out",
+                 str(tmp_path / "d.png"), "--no-progress"]) == 0
+    assert (tmp_path / "d.png").is_file()
+
+
+def test_cli_errors_are_clear_and_come_before_sampling(tmp_path, model_file, capsys):
+    base = ["sample", "--checkpoint", model_file, "--device", "cpu", "--no-progress"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(base + ["--n", "0"])
+    assert exit_info.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="is a directory"):
+        main(base + ["--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["sample", "--checkpoint", str(tmp_path / "nope.safetensors"), "--no-progress"])
+    with pytest.raises(SystemExit, match="steps must satisfy 1 <= steps <= 1000"):
+        main(base + ["--steps", "1001", "--out", str(tmp_path / "y.png")])
+    with pytest.raises(SystemExit, match="eta applies to sampler='ddim' only"):
+        main(base + ["--eta", "0.5", "--out", str(tmp_path / "y.png")])
+    assert not (tmp_path / "y.png").exists()
+
+
+# ---- the writers ------------------------------------------------------------------------------------------
+
+def test_to_uint8_and_grid_layout():
+    x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 1.0, 1.2]).view(1, 1, 2, 3)
+    np.testing.assert_array_equal(to_uint8(x)[0, :, :, 0], [[0, 0, 128], [191, 255, 255]])
+    imgs = np.arange(7 * 2 * 3 * 3, dtype=np.uint8).reshape(7, 2, 3, 3)
+    grid = make_grid(imgs, nrow=4, padding=1)
+    assert grid.shape == (2 * 3 + 1, 4 * 4 + 1, 3)
+    np.testing.assert_array_equal(grid[4:6, 5:8], imgs[5])  # row 1, column 1
+    assert grid[:, 0].max() == 0 and grid[0].max() == 0  # black padding
+
+
+def test_writers_check_inputs_and_leave_old_files_intact_on_failure(tmp_path, monkeypatch):
+    rgb = torch.rand(4, 3, 5, 5) * 2 - 1
+    path = tmp_path / "g.png"
+    save_grid_png(rgb, path)
+    with Image.open(path) as im:
+        assert im.mode == "RGB"
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="1, 3 or 4 channels"):
+        save_grid_png(torch.zeros(2, 2, 4, 4), path)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        save_npz(torch.full((1, 1, 2, 2), float("nan")), tmp_path / "n.npz")
+    with pytest.raises(ValueError, match=r"float tensor \(N, C, H, W\)"):
+        save_npz(torch.zeros(3, 4), tmp_path / "n.npz")
+
+    def broken(self, fp, format=None, **kw):
+        fp.write(b"\x89PNG partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(Image.Image, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_grid_png(rgb.flip(0), path)
+    assert path.read_bytes() == before and _files(tmp_path) == ["g.png"]
