@@ -3,6 +3,8 @@
 Error rule (STYLE.md): |out - ref| <= 2 * |naive - ref| + atol, where naive is F.silu(F.group_norm(...)) run
 by PyTorch in the output's own dtype and ref is the specification evaluated in float64.
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,9 +35,13 @@ def make_x(shape, layout, dtype, device="cpu", scale=2.0, offset=0.5):
                                                                      *[slice(1, s + 1) for s in sp])]
         if not sp:
             x = torch.randn(N, 2 * C, device=device)[:, ::2]
+    elif layout == "misaligned":  # NCHW-contiguous, but data_ptr one element past a 16-byte boundary
+        x = torch.randn(math.prod(shape) + 1, device=device)[1:].view(shape)
     else:
         x = torch.randn(shape, device=device)
     x = (x * scale + offset).to(dtype)
+    if layout == "misaligned":
+        x = torch.empty(x.numel() + 1, dtype=dtype, device=device)[1:].view(shape).copy_(x)
     assert tuple(x.shape) == tuple(shape)
     return x
 
@@ -366,7 +372,7 @@ DDPM_SHAPES = [((4, 128, 32, 32), 32), ((4, 256, 16, 16), 32), ((4, 384, 8, 8), 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape,G", DDPM_SHAPES)
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced", "misaligned"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_kernels(seed, shape, G, layout, dtype):
     if not _ext.has_cuda_kernels():
@@ -374,6 +380,9 @@ def test_cuda_kernels(seed, shape, G, layout, dtype):
     x = make_x(shape, layout, dtype, device="cuda")
     w, b = affine(shape[1], device="cuda")
     dy = torch.randn(shape, device="cuda").to(dtype)
+    if layout == "misaligned":
+        assert x.data_ptr() % 16 != 0  # the kernels must take their unvectorized path
+        dy = torch.empty(dy.numel() + 1, dtype=dtype, device="cuda")[1:].view(shape).copy_(dy)
     y, mean, rstd = gns._fwd_cpp(x, w, b, G, 1e-5)
     assert_rule(y, ref64(x, G, w, b), naive(x, G, w, b), ATOL[dtype])
     dx, dw, db = gns._bwd_cpp(dy, x, w, b, mean, rstd, G)
