@@ -138,11 +138,13 @@ def plain_sample(model, n, steps=None, *, diffusion: Optional[PlainDiffusion] = 
     return x
 
 
-def plain_train_step(model, optimizer, x0, diffusion: PlainDiffusion, *, dtype=None,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """One eager training step: random timesteps, q_sample as torch ops, eps-MSE, backward, optimizer step.
+def plain_train_step(model, optimizer, x0, diffusion: PlainDiffusion, *, dtype=None, grad_clip: float = 0.0,
+                     ema=None, ema_decay: float = 0.9999, generator: Optional[torch.Generator] = None):
+    """One eager training step: random timesteps, q_sample as torch ops, eps-MSE, backward, optional grad-norm
+    clip, optimizer step, optional EMA update (a Python loop over tensors, as improved-diffusion's update_ema).
 
     x0: (N, C, H, W) fp32 data in [-1, 1]; ``diffusion`` must be the un-respaced chain (steps = T).
+    dtype: bf16/fp16 run the model under autocast (fp32 weights). ema: a list of tensors like the parameters.
     Returns the loss (a 0-dim tensor, not synchronised).
     """
     n = x0.shape[0]
@@ -154,5 +156,11 @@ def plain_train_step(model, optimizer, x0, diffusion: PlainDiffusion, *, dtype=N
     loss = F.mse_loss(out.float(), noise)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
+    if ema is not None:
+        with torch.no_grad():
+            for e, p in zip(ema, model.parameters()):
+                e.mul_(ema_decay).add_(p.detach(), alpha=1 - ema_decay)
     return loss.detach()
