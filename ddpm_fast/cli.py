@@ -95,6 +95,21 @@ def _run_sample(args):
 
 
 # ---- bench ----
+def _add_bench(sub):
+    from .bench import __doc__ as doc, add_arguments  # the standard library only: --help stays fast
+    p = sub.add_parser("bench", help="sampling speed: ddpm_fast vs plain PyTorch, torch.compile and diffusers",
+                       description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args):
+    from .bench import config_from_args, run
+    try:
+        config = config_from_args(args).resolved()
+    except ValueError as err:
+        raise SystemExit(f"ddpm-fast bench: error: {err}") from None
+    return run(config)
 # ---- end bench ----
 
 
