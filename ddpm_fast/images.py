@@ -2,8 +2,8 @@
 crash never leaves a half-written file under the final name).
 
 Pixel values: x in [-1, 1] -> round((x + 1) * 127.5), clamped to 0..255 (the inverse of ddpm_fast.data's).
-The .npz holds two arrays: "images", float32 (N, C, H, W) in [-1, 1] (the raw samples; ``npz:FILE`` datasets and
-``ddpm-fast eval`` read it), and "arr_0", uint8 (N, H, W, C) (improved-/guided-diffusion's sample-file layout).
+The .npz holds two arrays: "images", float32 (N, C, H, W) in [-1, 1] (the raw samples; ``npz:FILE`` datasets
+read it), and "arr_0", uint8 (N, H, W, C) (improved-/guided-diffusion's sample-file layout).
 """
 import math
 import os
