@@ -327,6 +327,8 @@ def test_graph_policy_chunks_and_fallbacks(seed, fake_graphs):
     chunked = ddpm_fast.sample(model, 7, batch_size=3, **kw)  # chunks: one-step graphs, one per offset
     assert last_run_info()["modes"] == ["graph-step"] * 3 and torch.equal(chunked, whole)
     assert backend.captured == ["whole", "step", "step", "step"]
+    forced = ddpm_fast.sample(model, 7, batch_size=3, graph="whole", **kw)  # asked for: one per chunk offset
+    assert last_run_info()["modes"] == ["graph-whole"] * 3 and torch.equal(forced, whole)
     backend = fake_graphs(fail={"whole"})
     with caplog_debug() as logs:
         x = ddpm_fast.sample(model, 7, **kw)
