@@ -72,6 +72,9 @@ class BenchConfig:
     out_dir: str = _f("benchmarks/results", "directory of the JSON results (<device>-<date>.json)")
     profile: Optional[Tuple[str, ...]] = _f(None, "variants to profile once per case (torch.profiler table)",
                                             kind="list")
+    cases: Optional[Tuple[str, ...]] = _f(None, "explicit cases preset:dtype:batch:steps, run in this order "
+                                          "(instead of the presets x dtypes x steps x batches product)", kind="list")
+    time_budget: Optional[float] = _f(None, "seconds: cases not started by then are skipped (listed in the JSON)")
     quick: bool = _f(False, "dry run: tiny preset, batches 1,2, 3 steps, 2 repeats (results file *-quick.json)")
     seed: int = _f(0, "seed of the model weights and of ddpm_fast.sample")
 
@@ -103,6 +106,11 @@ class BenchConfig:
             unknown = [v for v in getattr(self, name) if v not in allowed]
             if unknown:
                 bad(name, f"unknown {unknown}; choose from {', '.join(allowed)}")
+        for spec in self.cases or ():
+            parts = spec.split(":")
+            if len(parts) != 4 or parts[0] not in PRESETS or parts[1] not in DTYPES or \
+                    not all(p.isdigit() and int(p) > 0 for p in parts[2:]):
+                bad("cases", f"{spec!r} is not preset:dtype:batch:steps (e.g. ddpm_cifar10:bf16:128:100)")
         for name in ("batches", "steps", "compile_batches"):
             if getattr(self, name) is not None and any(v < 1 for v in getattr(self, name)):
                 bad(name, "must be positive")
@@ -118,8 +126,10 @@ class BenchConfig:
     def batches_for(self, preset):
         return self.batches or DEFAULT_BATCHES[self.device][preset]
 
-    def cases(self):
+    def all_cases(self):
         """(preset, dtype, batch, steps) in run order: cheap presets first, so a cut-short run has them."""
+        if self.cases:
+            return [(p, d, int(b), int(s)) for p, d, b, s in (spec.split(":") for spec in self.cases)]
         return [(p, d, b, s) for p in self.presets for d in self.dtypes for s in self.steps
                 for b in self.batches_for(p)]
 
@@ -156,7 +166,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif kind:
             parser.add_argument(flag, type=_split(kind), default=None, help=help_text + " (comma-separated)")
         else:
-            typ = int if f.name in ("repeats", "warmup", "threads", "seed") else str
+            typ = int if f.name in ("repeats", "warmup", "threads", "seed") else \
+                float if f.name == "time_budget" else str
             parser.add_argument(flag, type=typ, default=f.default, help=help_text, **meta)
     parser.add_argument("--skip-compile", action="store_true", help="same as --compile none")
 

@@ -277,9 +277,14 @@ def run_benchmark(config: BenchConfig) -> int:
     results["matmul"] = bc.matmul_tflops(device, matmul_dtype, size=512 if config.quick else None)
     log(f"bench: {results['meta']['device']}, {torch.get_num_threads()} threads, matmul "
         f"{results['matmul']['tflops']:.3f} TFLOP/s ({results['matmul']['dtype']}); writing {path}")
-    models = None
-    for case in config.cases():
+    models, start = None, time.perf_counter()
+    for case in config.all_cases():
         preset, dtype = case[:2]
+        if config.time_budget is not None and time.perf_counter() - start > config.time_budget:
+            log(f"case {case}: skipped, the time budget of {config.time_budget:.0f} s is spent")
+            results["rows"].append(dict(zip(("preset", "dtype", "batch", "steps"), case), variant="*",
+                                        skipped=f"time budget ({config.time_budget:.0f} s) spent"))
+            continue
         if models is None or (models.preset, models.dtype_name) != (preset, dtype):
             models = _models(models, preset, dtype, device, config.seed)
             results["gflops_per_image"][preset] = bc.unet_gflops(models.plain.config)

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+import ddpm_fast
 from ddpm_fast import NoiseSchedule
 from ddpm_fast.baseline import PlainDiffusion, plain_sample
-from ddpm_fast.ops.p_step import p_step, p_step_ref, seeded_randn
+from ddpm_fast.ops.p_step import p_step_ref
 
 T = 1000
 SHAPE = (1, 3, 3)
@@ -87,21 +88,16 @@ def _baseline(oracle, betas, steps, variance, seed, scheduler=None):
     return plain_sample(oracle, N, steps, diffusion=diff, shape=SHAPE, generator=g, scheduler=scheduler)
 
 
-def _fused_loop(oracle, steps, variance, seed):
-    """ddpm_fast's loop: seeded Philox x_T, then the fused p_step (C++ on the CPU) with the step's own noise."""
-    sched = NoiseSchedule.linear(T).respace(steps)
-    ts = sched.timesteps
-    x = seeded_randn((N, *SHAPE), seed)
-    for i in reversed(range(steps)):
-        out = oracle(x, torch.full((N,), int(ts[i])))
-        x = p_step(sched, out, x, i, variance=variance, clip=False, seed=seed)
-    return x
+def _ddpm_fast(oracle, steps, variance, seed):
+    """ddpm_fast.sample with the same oracle (a foreign module: shape and schedule given)."""
+    return ddpm_fast.sample(oracle, N, steps, shape=SHAPE, schedule=NoiseSchedule.linear(T), variance=variance,
+                            clip=False, seed=seed, progress=False)
 
 
 @pytest.mark.parametrize("sampler, variance, steps", [
     ("baseline", "fixed_small", T), ("baseline", "fixed_small", 25), ("baseline", "fixed_large", 25),
-    ("ddpm_fast p_step", "fixed_large", T), ("ddpm_fast p_step", "fixed_small", 25),
-    ("ddpm_fast p_step", "fixed_large", 25)])
+    ("ddpm_fast.sample", "fixed_large", T), ("ddpm_fast.sample", "fixed_small", 25),
+    ("ddpm_fast.sample", "fixed_large", 25)])
 def test_oracle_moments(problem, seed, sampler, variance, steps):
     betas, mu, s, oracle = problem
     mean, std = exact_moments(betas, steps, mu.numpy(), s.numpy(), variance)
@@ -109,7 +105,7 @@ def test_oracle_moments(problem, seed, sampler, variance, steps):
         assert np.abs(mean - mu.numpy()).max() < 1e-3 and np.abs(std / s.numpy() - 1).max() < 0.06
     with torch.inference_mode():
         x = _baseline(oracle, betas, steps, variance, seed) if sampler == "baseline" else \
-            _fused_loop(oracle, steps, variance, seed)
+            _ddpm_fast(oracle, steps, variance, seed)
     z = moment_z_scores(x, mean, std)
     assert z.max() < Z_MAX, f"{sampler}: worst z = {z.max():.1f} (means then stds: {np.round(z, 1)})"
 
