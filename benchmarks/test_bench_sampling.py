@@ -131,3 +131,14 @@ def test_cli_flags_come_from_the_config(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--batches", "1,x"])
     assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_cases_and_time_budget(tmp_path):
+    """Explicit cases keep their order; with the budget spent every case is listed as skipped, not run."""
+    assert BenchConfig(cases=("tiny:fp32:2:3", "tiny:bf16:1:4")).resolved().all_cases() == \
+        [("tiny", "fp32", 2, 3), ("tiny", "bf16", 1, 4)]
+    status = bench.main(["--quick", "--cases", "tiny:fp32:1:2,tiny:fp32:2:2", "--variants", "eager",
+                         "--time-budget", "0", "--threads", "1", "--out-dir", str(tmp_path)])
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    assert status == 0 and [(r["batch"], r["variant"]) for r in rows] == [(1, "*"), (2, "*")]
+    assert all("time budget" in r["skipped"] for r in rows)
