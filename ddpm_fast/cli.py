@@ -87,10 +87,133 @@ def _run_sample(args):
 
 
 # ---- train ----
+def _dataclass_flags(parser, cls, defaults_note=None):
+    """One flag per field of the dataclass ``cls``: ``--field-name``, typed from the annotation (Optional[X]
+    -> X), help and choices from the field's metadata; bool fields become switches. Values left unset stay
+    at the field's default (None fields: ``defaults_note(name)`` says what they resolve to)."""
+    import dataclasses
+    import typing
+    for f in dataclasses.fields(cls):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if f.type is bool:
+            parser.add_argument(flag, action="store_true", help=meta.get("help"))
+            continue
+        typ = next((a for a in typing.get_args(f.type) if a is not type(None)), f.type)
+        note = defaults_note(f.name) if f.default is None and defaults_note else None
+        default = note or f"{f.default}"
+        parser.add_argument(flag, type=typ, default=f.default, choices=meta.get("choices"),
+                            metavar=None if meta.get("choices") else f.name.upper(),
+                            help=f"{meta.get('help', '')} (default: {default})")
+
+
+def _dataclass_values(args, cls):
+    import dataclasses
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+
+
+def _add_train(sub):
+    from ddpm_fast.train_config import RECIPES, TrainConfig
+    p = sub.add_parser("train", help="train a DDPM (checkpoints, resume, torchrun DDP)",
+                       description="Train a DDPM on a dataset; writes checkpoints, the EMA model, metrics and a "
+                       "loss curve into --out. Under `torchrun --nproc_per_node K -m ddpm_fast train ...` it "
+                       "runs DDP (NCCL on GPUs, gloo on the CPU).")
+
+    def recipe(name):
+        return "the preset's: " + ", ".join(f"{k} {v[name]}" for k, v in RECIPES.items()) if name in \
+            RECIPES["tiny"] else None
+
+    _dataclass_flags(p, TrainConfig, recipe)
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args):
+    import torch.distributed as dist
+    from ddpm_fast import distributed
+    from ddpm_fast.train import Trainer, TrainConfig
+    owns_group = not dist.is_initialized()  # under torchrun the group is made here, unless a caller made it
+    try:
+        try:
+            trainer = Trainer(TrainConfig(**_dataclass_values(args, TrainConfig)))
+        except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as err:
+            print(f"ddpm-fast train: error: {err}", file=sys.stderr)
+            return 2
+        path = trainer.fit()
+    finally:
+        if owns_group:
+            distributed.cleanup()
+    if trainer.dist.is_main:
+        print(f"trained {trainer.step} steps; EMA model: {path} (ddpm-fast sample --checkpoint {path})")
+    return 0
 # ---- end train ----
 
 
 # ---- eval ----
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="score a model's samples (FD/KID in a feature net's space) beside the "
+                       "real-vs-real floor and pure noise",
+                       description="Sample n images from a model and score them with ddpm_fast.metrics.evaluate "
+                       "against the dataset's train split; prints the held-out real floor and the noise score "
+                       "beside them.")
+    p.add_argument("--checkpoint", metavar="PATH", help="a model file, a training checkpoint (its EMA weights) "
+                   "or a run directory (default: the bundled model)")
+    p.add_argument("--dataset", required=True, help="the dataset the model was trained on (digits, "
+                   "fashion-mnist, folder:DIR, npz:FILE)")
+    p.add_argument("--n", type=int, default=None, help="images to sample and score (default: the held-out "
+                   "split's size, which is also the maximum)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all T)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    p.add_argument("--seed", type=int, default=0, help="sampling and metric seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per sampling chunk")
+    p.add_argument("--data-dir", default=None, help="where the dataset's files are")
+    p.add_argument("--feature-net", default=None, help="a feature net .safetensors (default: the committed one)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the scores as JSON")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args):
+    import json
+    import torch
+    import ddpm_fast
+    from ddpm_fast.checkpoint import atomic_write
+    from ddpm_fast.data import load_dataset
+    from ddpm_fast.distributed import resolve_device
+    from ddpm_fast.metrics import evaluate
+    try:
+        device = resolve_device(args.device)
+        model = ddpm_fast.load(args.checkpoint, device=device)
+        held_out = len(load_dataset(args.dataset, "test", data_dir=args.data_dir))
+        n = held_out if args.n is None else args.n
+        if not 2 <= n <= held_out:
+            raise ValueError(f"--n must be in [2, {held_out}] ({args.dataset}'s held-out images, which the "
+                             f"real-vs-real floor uses); got {n}")
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
+        print(f"ddpm-fast eval: error: {err}", file=sys.stderr)
+        return 2
+    samples = ddpm_fast.sample(model, n, steps=args.steps, sampler=args.sampler, seed=args.seed,
+                               batch_size=args.batch_size, progress=sys.stderr.isatty())
+    scores = evaluate(samples, args.dataset, n=n, data_dir=args.data_dir, seed=args.seed,
+                      feature_net=args.feature_net)
+    scores.update(checkpoint=args.checkpoint or "bundled default", steps=args.steps or model.diffusion.T,
+                  sampler=args.sampler, seed=args.seed)
+    print(_format_eval(scores))
+    if args.json:
+        text = json.dumps(scores, indent=2) + "\n"
+        atomic_write(args.json, lambda tmp: open(tmp, "w").write(text))
+    return 0
+
+
+def _format_eval(s):
+    rows = [("samples", "", s["fd"], s["kid"], s["kid_std"]),
+            ("real held-out (floor)", "", s["floor_fd"], s["floor_kid"], s["floor_kid_std"]),
+            ("pure noise", "", s["noise_fd"], s["noise_kid"], s["noise_kid_std"])]
+    lines = [f"{s['dataset']}: {s['n']} samples ({s['sampler']}, {s['steps']} steps, seed {s['seed']}) vs "
+             f"{s['reference_n']} train images",
+             f"{'':24s} {'FD':>10s} {'KIDx1e3':>10s} {'+-':>8s}"]
+    lines += [f"{name:24s} {fd:10.3f} {k * 1e3:10.3f} {sd * 1e3:8.3f}" for name, _, fd, k, sd in rows]
+    ratio = s["fd"] / s["floor_fd"] if s["floor_fd"] > 0 else float("inf")
+    lines.append(f"FD / floor = {ratio:.2f}")
+    return "\n".join(lines)
 # ---- end eval ----
 
 

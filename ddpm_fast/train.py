@@ -84,6 +84,9 @@ class Trainer:
         if b % world:
             raise ValueError(f"--batch-size {b} is the global batch; it must divide evenly over the {world} "
                              f"processes")
+        if len(self.dataset) // world < b // world:  # DistributedSampler(drop_last) gives each rank n // world
+            raise ValueError(f"dataset {self.config.dataset!r} has {len(self.dataset)} training images, fewer than "
+                             f"one batch of {b}; lower --batch-size")
         c, h, w = self.dataset.shape
         if h != w:
             raise ValueError(f"{self.config.dataset} images are {h}x{w}; the U-Net presets need square images "

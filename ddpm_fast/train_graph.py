@@ -56,6 +56,7 @@ def capture(step: TrainStep, warmup: int = 3) -> torch.cuda.CUDAGraph:
     """
     check_capturable(step)
     snap = _snapshot(step)
+    step.graph_mode = True  # the autocast cast cache stays off from the warm-up on
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

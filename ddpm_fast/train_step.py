@@ -132,12 +132,14 @@ class TrainStep:
         self.loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         self.params: List[torch.nn.Parameter] = [p for p in net.parameters() if p.requires_grad]
         self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.graph_mode = False  # set by train_graph.capture, from its warm-up on
 
     def _autocast(self):
         if self.amp == "none":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
-        return torch.autocast(self.x0.device.type, dtype=dtype)
+        # No cast cache under a CUDA graph: cached copies made while warming up must not leak into the capture.
+        return torch.autocast(self.x0.device.type, dtype=dtype, cache_enabled=not self.graph_mode)
 
     def loss(self) -> torch.Tensor:
         """The mean training loss of the current batch (forward only), fp32 scalar."""
