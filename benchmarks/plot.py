@@ -29,6 +29,9 @@ def plot(results: dict, png_path: str) -> str:
     import matplotlib.pyplot as plt
 
     panels = series(results["rows"])
+    # one colour per variant across panels, in the JSON's variant order
+    order = list(results.get("variants", {})) + sorted({v for p in panels.values() for v in p})
+    colors = {v: plt.cm.tab10(i % 10) for i, v in enumerate(dict.fromkeys(order))}
     if not panels:
         raise ValueError("no timed rows to plot")
     cols = min(len(panels), 3)
@@ -37,7 +40,8 @@ def plot(results: dict, png_path: str) -> str:
     for ax, ((preset, dtype, steps), lines) in zip(axes.flat, panels.items()):
         for variant, pts in lines.items():
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", label=variant, linestyle="--" if not variant.startswith("ddpm_fast") else "-")
+            ax.plot(xs, ys, marker="o", label=variant, color=colors[variant],
+                    linestyle="-" if variant.startswith("ddpm_fast") else "--")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch size")

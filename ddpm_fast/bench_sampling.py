@@ -193,9 +193,9 @@ def _fmt_x(value, row):
 COLUMNS = [("preset", "preset", ""), ("dtype", "dtype", ""), ("batch", "batch", "d"), ("steps", "steps", "d"),
            ("variant", "variant", ""), ("ms/step", "ms_per_step", ".2f"),
            ("min-max ms/step", "ms_per_step_min", lambda v, r: f"{v:.2f}-{r['ms_per_step_max']:.2f}"),
-           ("img/s", "images_per_s", ".1f"), ("vs eager", "speedup_vs_eager", _fmt_x),
-           ("vs best compile", "speedup_vs_best_compile", _fmt_x), ("TFLOP/s", "tflops", ".3f"),
-           ("% matmul", "pct_of_matmul", ".1f"), ("peak MiB", "peak_mib", ".0f"),
+           ("img/s", "images_per_s", ".3g"), ("vs eager", "speedup_vs_eager", _fmt_x),
+           ("vs best compile", "speedup_vs_best_compile", _fmt_x), ("TFLOP/s", "tflops", ".3g"),
+           ("% matmul", "pct_of_matmul", ".3g"), ("peak MiB", "peak_mib", ".0f"),
            ("first call s", "first_call_s", ".2f"), ("compile s", "compile_s", ".1f"),
            ("capture s", "capture_s", ".2f"), ("graph MiB", "graph_mib", ".0f")]
 
