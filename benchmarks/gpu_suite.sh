@@ -78,8 +78,10 @@ part "import check" 60 bash -c "cd '$SCRATCH' && $PY -P -c 'import ddpm_fast, dd
 print(\"ddpm_fast from\", ddpm_fast.__file__, \"| _C with_cuda =\", C.with_cuda)'"
 
 # ---- 2. GPU tests (Triton compiled, not interpreted) ----
-part "GPU tests" 120 env DDPM_FAST_TEST_GPU_TRITON=1 $PY -P -m pytest -q -m gpu tests benchmarks \
-  --benchmark-disable
+# benchmarks/ holds GPU cases too, but its suites need pytest-benchmark (absent on some GPU machines).
+BENCH_TESTS=$($PY -P -c "import pytest_benchmark" 2>/dev/null && echo "benchmarks --benchmark-disable")
+[ -z "$BENCH_TESTS" ] && say "pytest-benchmark is not installed: GPU cases under benchmarks/ are not run"
+part "GPU tests" 120 env DDPM_FAST_TEST_GPU_TRITON=1 $PY -P -m pytest -q -m gpu tests $BENCH_TESTS
 
 # ---- 3. benchmarks ----
 if [ $DRY -eq 0 ]; then
