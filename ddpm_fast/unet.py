@@ -196,7 +196,9 @@ def _same_format(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class ResnetBlock(nn.Module):
     """GN+SiLU -> conv3x3 -> + Linear(SiLU(temb)) -> GN+SiLU -> dropout -> conv3x3, plus the (1x1) skip.
 
-    x: (N, in_ch, H, W); temb_act: (N, temb_dim), the time embedding after SiLU. Returns (N, out_ch, H, W).
+    x: (N, in_ch, H, W); proj: (N or 1, out_ch), this block's ``time_emb_proj(SiLU(temb))``, which depends on t
+    alone: UNet.time_projections computes every block's at once (and sampling, once for all steps).
+    Returns (N, out_ch, H, W).
     """
 
     def __init__(self, in_ch: int, out_ch: int, config: UNetConfig):
@@ -209,10 +211,13 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
-    def forward(self, x, temb_act):
+    def forward(self, x, proj):
         h = self.conv1(self.norm1(x))
-        h = h + self.time_emb_proj(temb_act)[:, :, None, None]
-        h = self.conv2(self.dropout(self.norm2(h)))
+        h = h + proj[:, :, None, None]
+        h = self.norm2(h)
+        if self.training and self.dropout.p > 0:  # skip the module call in eval: ~30 per forward add up
+            h = self.dropout(h)
+        h = self.conv2(h)
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return skip + h
 
@@ -284,9 +289,9 @@ class DownBlock(nn.Module):
         self.attentions = nn.ModuleList(AttentionBlock(out_ch, config) for _ in range(n) if attention)
         self.downsamplers = nn.ModuleList([Downsample(out_ch, config.downsample_padding)] if downsample else [])
 
-    def forward(self, h, temb_act, skips):
+    def forward(self, h, projs, skips):
         for i, resnet in enumerate(self.resnets):
-            h = resnet(h, temb_act)
+            h = resnet(h, next(projs))
             if self.attentions:
                 h = self.attentions[i](h)
             skips.append(h)
@@ -307,9 +312,9 @@ class UpBlock(nn.Module):
         self.attentions = nn.ModuleList(AttentionBlock(out_ch, config) for _ in skip_chs if attention)
         self.upsamplers = nn.ModuleList([Upsample(out_ch)] if upsample else [])
 
-    def forward(self, h, temb_act, skips):
+    def forward(self, h, projs, skips):
         for i, resnet in enumerate(self.resnets):
-            h = resnet(torch.cat([h, skips.pop()], dim=1), temb_act)
+            h = resnet(torch.cat([h, skips.pop()], dim=1), next(projs))
             if self.attentions:
                 h = self.attentions[i](h)
         for up in self.upsamplers:
@@ -325,11 +330,11 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList([ResnetBlock(channels, channels, config) for _ in range(2)])
         self.attentions = nn.ModuleList([AttentionBlock(channels, config)] if config.mid_attention else [])
 
-    def forward(self, h, temb_act):
-        h = self.resnets[0](h, temb_act)
+    def forward(self, h, projs):
+        h = self.resnets[0](h, next(projs))
         for attn in self.attentions:
             h = attn(h)
-        return self.resnets[1](h, temb_act)
+        return self.resnets[1](h, next(projs))
 
 
 class TimestepEmbedding(nn.Module):
@@ -382,6 +387,7 @@ class UNet(nn.Module):
             in_ch = chs[l]
         self.conv_norm_out = _norm_act(chs[0], config)
         self.conv_out = nn.Conv2d(chs[0], config.out_channels, 3, padding=1)
+        self._proj_sizes = tuple(block.time_emb_proj.out_features for block in self._resnets())
 
     @classmethod
     def preset(cls, name: str, diffusion: Optional[DiffusionConfig] = None, **overrides) -> "UNet":
@@ -409,22 +415,46 @@ class UNet(nn.Module):
         from .unet_diffusers import to_diffusers
         return to_diffusers(self)
 
-    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
-        t = self._check_inputs(x, t)
-        emb = timestep_embedding(t, self.config.ch, self.config.flip_sin_to_cos, self.config.freq_shift)
-        emb = self.time_embedding(emb.to(self.time_embedding.linear_1.weight.dtype))
-        temb_act = F.silu(emb)  # every ResBlock applies SiLU before its projection: do it once
+    def forward(self, x: torch.Tensor, t, time_proj: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``time_proj``: optional ``self.time_projections(t)`` computed beforehand ((N or 1, P)); t is then
+        ignored. The sampler passes it: every sample of a reverse step shares t, so it computes the projections
+        of all steps in one batched pass before the loop instead of ~30 small matmuls in every forward."""
+        if time_proj is None:
+            time_proj = self.time_projections(self._check_inputs(x, t))
+        else:
+            self._check_x(x)
+            if time_proj.dim() != 2 or time_proj.shape[0] not in (1, x.shape[0]) or \
+                    time_proj.shape[1] != sum(self._proj_sizes):
+                raise ValueError(f"UNet: time_proj must be (N or 1, {sum(self._proj_sizes)}) from "
+                                 f"time_projections(t), got {tuple(time_proj.shape)}")
+        projs = iter(time_proj.split(self._proj_sizes, dim=1))
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
-            h = block(h, temb_act, skips)
-        h = self.mid_block(h, temb_act)
+            h = block(h, projs, skips)
+        h = self.mid_block(h, projs)
         for block in self.up_blocks:
-            h = block(h, temb_act, skips)
+            h = block(h, projs, skips)
         return self.conv_out(self.conv_norm_out(h))
+
+    def time_projections(self, t: torch.Tensor) -> torch.Tensor:
+        """Everything the network computes from t alone: each ResBlock's ``time_emb_proj(SiLU(temb(t)))``,
+        concatenated in forward order. t: (N,) timesteps -> (N, P), P = the sum of the blocks' out channels."""
+        emb = timestep_embedding(t, self.config.ch, self.config.flip_sin_to_cos, self.config.freq_shift)
+        emb = self.time_embedding(emb.to(self.time_embedding.linear_1.weight.dtype))
+        temb_act = F.silu(emb)  # every ResBlock applies SiLU before its projection: do it once
+        return torch.cat([block.time_emb_proj(temb_act) for block in self._resnets()], dim=1)
+
+    def _resnets(self):
+        """The ResBlocks in forward order (module registration order: down, mid, up)."""
+        return [m for m in self.modules() if isinstance(m, ResnetBlock)]
 
     def _check_inputs(self, x, t) -> torch.Tensor:
         """Validates shapes, dtypes and devices (metadata only: no device sync); returns t as an (N,) tensor."""
+        self._check_x(x)
+        return self._check_t(x, t)
+
+    def _check_x(self, x):
         cfg = self.config
         if not torch.is_tensor(x) or x.dim() != 4 or x.shape[1] != cfg.in_channels:
             got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
@@ -435,6 +465,8 @@ class UNet(nn.Module):
                              f"got {tuple(x.shape[2:])}")
         if not x.is_floating_point():
             raise TypeError(f"UNet: x must be a float tensor, got {x.dtype}")
+
+    def _check_t(self, x, t) -> torch.Tensor:
         n = x.shape[0]
         if not torch.is_tensor(t):
             if isinstance(t, bool) or not isinstance(t, (int, float)):

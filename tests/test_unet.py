@@ -177,6 +177,24 @@ def test_timestep_forms(seed):
             torch.testing.assert_close(model(x, t), full, rtol=0, atol=0)
 
 
+def test_precomputed_time_projections(seed):
+    fused, _ = small_pair()
+    x, t = inputs(3)
+    with torch.no_grad():
+        ref = fused(x, t)
+        proj = fused.time_projections(t)
+        assert proj.shape == (3, sum(b.time_emb_proj.out_features for b in fused._resnets()))
+        torch.testing.assert_close(fused(x, None, time_proj=proj), ref, rtol=0, atol=0)
+        # one row shared by the batch (the sampler's case: a reverse step's samples share t)
+        t1 = torch.full((3,), int(t[0]))
+        torch.testing.assert_close(fused(x, None, time_proj=fused.time_projections(t1[:1])), fused(x, t1),
+                                   rtol=1e-5, atol=1e-5)  # a 1-row matmul rounds differently
+        with pytest.raises(ValueError, match="time_proj must be"):
+            fused(x, None, time_proj=proj[:, :-1])
+        with pytest.raises(ValueError, match="time_proj must be"):
+            fused(x, None, time_proj=proj[:2])
+
+
 def test_dropout_only_in_train_mode(seed):
     model = small_pair(dropout=0.5)[0]
     x, t = inputs()
