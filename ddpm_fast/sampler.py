@@ -27,6 +27,7 @@ from torch import nn
 
 from .ops.p_step import p_step, seeded_randn
 from .sampler_args import as_unet, resolve
+from .unet import UNet
 
 log = logging.getLogger("ddpm_fast")
 
@@ -134,6 +135,7 @@ class Statics:
     x: (B, C, H, W) float32 NCHW, the chain (updated in place). x_in: the model's input when it needs another
     dtype or memory format, else None. seed: (1,) int64. t: (steps, B) int64 original timesteps per step index.
     step, t_step: the step index (1,) and its timesteps (B,) for the one-step graph.
+    time_proj, proj_step: see refresh_time_proj (ddpm_fast UNets only).
     """
 
     def __init__(self, plan, schedule):
@@ -148,6 +150,8 @@ class Statics:
         self.t = self.tables.timesteps[:, None].expand(-1, B).contiguous()
         self.step = torch.zeros(1, dtype=torch.int64, device=dev)
         self.t_step = torch.empty(B, dtype=torch.int64, device=dev)
+        self.time_proj = None  # (steps, P): a UNet's time projections of every step (refresh_time_proj)
+        self.proj_step = None  # (1, P): the one-step graph's row, gathered by the step index
 
     def set_seed(self, seed):
         value = seed & _MASK64  # the int64 with the seed's low 64 bits, as p_step.seed_tensor
@@ -179,12 +183,32 @@ def check_model_output(out, plan):
     return out[:, :C] if not learned and got[1] == 2 * C else out
 
 
+def refresh_time_proj(model, st, plan):
+    """For a ddpm_fast UNet: everything it computes from t alone (its ResBlocks' time projections), for every
+    step in ONE batched pass, into st.time_proj (steps, P). All samples of a reverse step share t, so each
+    forward then reads a (1, P) row instead of running ~30 small matmuls. Recomputed at the start of every
+    chain (inside the whole-loop graph too), so updated weights are always used."""
+    if not isinstance(model, UNet):
+        return
+    with autocast_for(plan):
+        proj = model.time_projections(st.tables.timesteps)
+    if st.time_proj is None or st.time_proj.dtype != proj.dtype:
+        st.time_proj, st.proj_step = proj, torch.empty_like(proj[:1])
+    else:
+        st.time_proj.copy_(proj)
+
+
 def model_step(model, st, plan, step, t, offset, noise):
     """x <- p_step(model(x, t), x, step) in place. step: int (baked into a graph) or st.step (read on device);
     noise: {"seed": st.seed} or {"generator": g}."""
     inp = st.x if st.x_in is None else st.x_in.copy_(st.x)
     with autocast_for(plan):
-        out = model(inp, t)
+        if st.time_proj is None:
+            out = model(inp, t)
+        elif isinstance(step, int):
+            out = model(inp, t, time_proj=st.time_proj[step:step + 1])
+        else:
+            out = model(inp, t, time_proj=torch.index_select(st.time_proj, 0, step, out=st.proj_step))
     out = check_model_output(out, plan)
     p_step(st.tables, out, st.x, step, prediction=plan.prediction, variance=plan.variance, clip=plan.clip,
            sampler=plan.sampler, eta=plan.eta, element_offset=offset, out=st.x, **noise)
@@ -201,6 +225,7 @@ def init_x(st, offset, generator=None):
 def run_loop(model, st, plan, offset, generator=None, bar=None):
     """The whole chain of one chunk, eagerly (also the body the whole-loop graph captures, with bar=None)."""
     init_x(st, offset, generator)
+    refresh_time_proj(model, st, plan)
     noise = {"seed": st.seed} if generator is None else {"generator": generator}
     for i in reversed(range(st.t.shape[0])):
         model_step(model, st, plan, i, st.t[i], offset, noise)

@@ -25,7 +25,7 @@ from collections import OrderedDict
 import torch
 
 from .ops.p_step import p_step
-from .sampler import Statics, autocast_for, check_model_output, init_x, model_step, run_loop
+from .sampler import Statics, autocast_for, check_model_output, init_x, model_step, refresh_time_proj, run_loop
 
 log = logging.getLogger("ddpm_fast")
 
@@ -126,7 +126,7 @@ def run_chunk_graph(job, model, plan, offset, n_chunks, bar, info):
             if graph is None:
                 errors.append(f"{kind}: {err}")
                 continue
-        _replay(graph, entry.statics, kind, offset, job.seed, bar)
+        _replay(graph, model, entry.statics, plan, kind, offset, job.seed, bar)
         return f"graph-{kind}", entry.statics.x
     return _refuse(job, "; ".join(errors))
 
@@ -139,13 +139,14 @@ def _refuse(job, why):
     return None, None
 
 
-def _replay(graph, st, kind, offset, seed, bar):
+def _replay(graph, model, st, plan, kind, offset, seed, bar):
     st.set_seed(seed)
     if kind == "whole":
         graph.replay()
         bar.update(st.t.shape[0])
         return
     init_x(st, offset)
+    refresh_time_proj(model, st, plan)
     for i in reversed(range(st.t.shape[0])):
         st.step.fill_(i)  # a device-side fill on the current stream: no sync
         graph.replay()
@@ -162,6 +163,7 @@ def _warm_up(model, st, plan, kind, offset):
     capture will record (step baked vs read from memory); also checks the model's output shape before capture."""
     with BACKEND.side_stream(st.x.device):
         init_x(st, offset)
+        refresh_time_proj(model, st, plan)
         last = st.t.shape[0] - 1
         for it in range(WARMUP_ITERS):
             if kind == "whole":
