@@ -77,6 +77,8 @@ def _prepare(x):
     """(x, layout): x itself when NCHW- or NHWC-dense, else a dense copy (NHWC when channels are innermost)."""
     if x.is_contiguous():
         return x, NCHW
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):  # the common case, checked in C++
+        return x, NHWC
     if x.dim() >= 3 and _is_nhwc(x):
         return x, NHWC
     if x.dim() >= 3 and x.stride(1) == 1:
