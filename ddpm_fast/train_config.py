@@ -13,6 +13,8 @@ AMP_MODES = ("none", "bf16", "fp16")
 # (Ho et al. 2020, CIFAR-10: Adam 2e-4, 5000 warmup steps, batch 128, EMA 0.9999, 800k steps, grad clip 1).
 # "tiny" is tuned for a short CPU run on 8x8 digits (a few thousand steps): a larger lr and a short warmup reach
 # a low loss in minutes, and EMA 0.999 averages over ~1000 steps instead of 10000 that such a run never has.
+# (Tried on digits: 8000 steps with the lr decaying to 0 on a half cosine scored no better than these 6000 steps at
+# a constant lr -- FD 0.122 / 0.148 vs 0.093 / 0.128 for sampling seeds 0 / 1 -- so the recipe keeps it simple.)
 RECIPES = {
     "ddpm_cifar10": dict(steps=800_000, batch_size=128, lr=2e-4, warmup=5000, ema=0.9999, save_every=10_000),
     "tiny": dict(steps=6000, batch_size=64, lr=1e-3, warmup=200, ema=0.999, save_every=1000),

@@ -124,3 +124,14 @@ def test_atomic_write_keeps_old_file_when_rename_fails(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # the temp file was removed
     loaded = ddpm_fast.load(path)
     assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_bundled_default_model_loads_and_samples():
+    """The committed default (trained with `ddpm-fast train`, see README) loads with no path and samples."""
+    model = ddpm_fast.load()
+    assert not model.training and model.config.image_size == 8 and model.config.in_channels == 1
+    assert model.diffusion.T == 1000 and model.diffusion.image_shape == (1, 8, 8)
+    assert os.path.getsize(checkpoint.DEFAULT_MODEL) < 20 * 2 ** 20
+    x = ddpm_fast.sample(ddpm_fast.load(), 4, steps=10, seed=0, progress=False)
+    assert x.shape == (4, 1, 8, 8) and x.dtype == torch.float32
+    assert torch.isfinite(x).all() and x.min() >= -1 and x.max() <= 1 and x.std() > 0.1
