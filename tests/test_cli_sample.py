@@ -13,7 +13,6 @@ from ddpm_fast import UNet, checkpoint
 from ddpm_fast.cli import main
 from ddpm_fast.images import make_grid, save_grid_png, save_npz, to_uint8
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +63,8 @@ def test_python_dash_m_runs_the_same_command(tmp_path, model_file):
     cmd = [sys.executable, "-m", "ddpm_fast", "sample", "--checkpoint", model_file, "--n", "3", "--steps", "3",
            "--seed", "11", "--device", "cpu", "--out", str(tmp_path / "m.png"), "--npz", str(npz), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    # cwd outside the checkout: from the repo root, ./ddpm_fast (no _C in a fresh clone) would shadow the install
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     want = ddpm_fast.sample(ddpm_fast.load(model_file), 3, 3, seed=11, progress=False)
     with np.load(npz) as data:  # same thread count (the U-Net's rounding depends on it), same images
