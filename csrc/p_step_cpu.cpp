@@ -127,33 +127,41 @@ AVX2 inline void store_groups8(float* dst, const __m256* n) {
   _mm256_storeu_ps(dst + 24, _mm256_permute2f128_ps(g26, g37, 0x31));
 }
 
-AVX2 void randn_groups_avx2(float* dst, uint64_t g0, int64_t ng, uint64_t seed, uint32_t step, uint32_t stream) {
+// U independent batches of 8 consecutive groups (8 U groups from g): the 10 Philox rounds are a chain of
+// dependent multiplies, so keeping U > 1 chains in flight fills the pipeline that one chain leaves idle.
+template <int U>
+AVX2 inline void randn_batches_avx2(float* dst, uint64_t g, uint64_t seed, uint32_t step, uint32_t stream) {
   const __m256i ma = _mm256_set1_epi32(static_cast<int>(kRoundA));
   const __m256i mb = _mm256_set1_epi32(static_cast<int>(kRoundB));
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int64_t i = 0; i < ng; i += 8) {
-    uint64_t g = g0 + static_cast<uint64_t>(i);
-    // 8 consecutive groups; the high counter word is shared unless the low word wraps inside the batch
-    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g))), lane);
-    __m256i c3 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g >> 32)));
-    if (static_cast<uint32_t>(g) > 0xFFFFFFF8u) {
+  __m256i c0[U], c1[U], c2[U], c3[U];
+  for (int u = 0; u < U; ++u) {
+    uint64_t gu = g + 8 * static_cast<uint64_t>(u);
+    c0[u] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(gu))), lane);
+    c3[u] = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(gu >> 32)));
+    if (static_cast<uint32_t>(gu) > 0xFFFFFFF8u) {  // the low word wraps inside the batch
       alignas(32) uint32_t hi[8];
-      for (int j = 0; j < 8; ++j) hi[j] = static_cast<uint32_t>((g + j) >> 32);
-      c3 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
+      for (int j = 0; j < 8; ++j) hi[j] = static_cast<uint32_t>((gu + j) >> 32);
+      c3[u] = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
     }
-    __m256i c1 = _mm256_set1_epi32(static_cast<int>(step)), c2 = _mm256_set1_epi32(static_cast<int>(stream));
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int r = 0; r < 10; ++r) {
+    c1[u] = _mm256_set1_epi32(static_cast<int>(step)), c2[u] = _mm256_set1_epi32(static_cast<int>(stream));
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    const __m256i kk0 = _mm256_set1_epi32(static_cast<int>(k0)), kk1 = _mm256_set1_epi32(static_cast<int>(k1));
+    for (int u = 0; u < U; ++u) {
       __m256i hi0, lo0, hi1, lo1;
-      mulhilo(c2, mb, &hi0, &lo0);
-      mulhilo(c0, ma, &hi1, &lo1);
-      c0 = _mm256_xor_si256(_mm256_xor_si256(hi0, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-      c2 = _mm256_xor_si256(_mm256_xor_si256(hi1, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-      c1 = lo0, c3 = lo1;
-      k0 += kKeyA, k1 += kKeyB;
+      mulhilo(c2[u], mb, &hi0, &lo0);
+      mulhilo(c0[u], ma, &hi1, &lo1);
+      c0[u] = _mm256_xor_si256(_mm256_xor_si256(hi0, c1[u]), kk0);
+      c2[u] = _mm256_xor_si256(_mm256_xor_si256(hi1, c3[u]), kk1);
+      c1[u] = lo0, c3[u] = lo1;
     }
+    k0 += kKeyA, k1 += kKeyB;
+  }
+  for (int u = 0; u < U; ++u) {
     __m256 n[4];
-    const __m256i outs[4] = {c0, c1, c2, c3};
+    const __m256i outs[4] = {c0[u], c1[u], c2[u], c3[u]};
     for (int pair = 0; pair < 2; ++pair) {
       __m256 u1 = _mm256_max_ps(_mm256_set1_ps(1.0e-7f), uniform8(outs[2 * pair]));
       __m256 rad = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log8(u1)));
@@ -162,7 +170,37 @@ AVX2 void randn_groups_avx2(float* dst, uint64_t g0, int64_t ng, uint64_t seed, 
       n[2 * pair] = _mm256_mul_ps(rad, c);
       n[2 * pair + 1] = _mm256_mul_ps(rad, s);
     }
-    store_groups8(dst + 4 * i, n);
+    store_groups8(dst + 32 * u, n);
+  }
+}
+
+AVX2 void randn_groups_avx2(float* dst, uint64_t g0, int64_t ng, uint64_t seed, uint32_t step, uint32_t stream) {
+  int64_t i = 0;
+  for (; i + 16 <= ng; i += 16) randn_batches_avx2<2>(dst + 4 * i, g0 + static_cast<uint64_t>(i), seed, step, stream);
+  for (; i < ng; i += 8) randn_batches_avx2<1>(dst + 4 * i, g0 + static_cast<uint64_t>(i), seed, step, stream);
+}
+
+// The common step (model output laid out like x, no learned variance):
+// o = a * clip(p x + q m) + b x + sigma z, 8 lanes at a time; z may be null (no noise).
+AVX2 void step_run_avx2(const float* x, const float* m, const float* z, float* o, int64_t len, float p, float q,
+                        float a, float b, float sigma, bool clip) {
+  const __m256 vp = _mm256_set1_ps(p), vq = _mm256_set1_ps(q), va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+  const __m256 vs = _mm256_set1_ps(sigma), lo = _mm256_set1_ps(clip ? -1.0f : -INFINITY);
+  const __m256 hi = _mm256_set1_ps(clip ? 1.0f : INFINITY);
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    __m256 xv = _mm256_loadu_ps(x + i);
+    __m256 x0 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(m + i), _mm256_mul_ps(vp, xv));
+    x0 = _mm256_min_ps(hi, _mm256_max_ps(lo, x0));  // operand order keeps NaN (max/min return the 2nd)
+    __m256 r = _mm256_fmadd_ps(va, x0, _mm256_mul_ps(vb, xv));
+    if (z) r = _mm256_fmadd_ps(vs, _mm256_loadu_ps(z + i), r);
+    _mm256_storeu_ps(o + i, r);
+  }
+  for (; i < len; ++i) {  // the same fused roundings as the vector lanes: a tail element equals its vector twin
+    float x0 = std::fma(q, m[i], p * x[i]);
+    if (clip) x0 = x0 < -1.0f ? -1.0f : (x0 > 1.0f ? 1.0f : x0);
+    float r = std::fma(a, x0, b * x[i]);
+    o[i] = z ? std::fma(sigma, z[i], r) : r;
   }
 }
 
@@ -268,6 +306,12 @@ void apply_run(const PStepCpuArgs& A, int64_t l, int64_t len, int64_t base, int6
   const float* x = A.x + l;
   const float* m = A.mo + base;
   float* o = A.out + l;
+#ifdef DDPM_FAST_X86
+  if (st == 1 && !A.learned && use_avx2()) {
+    step_run_avx2(x, m, A.add_noise ? z : nullptr, o, len, A.p, A.q, A.a, A.b, A.sigma, A.clip);
+    return;
+  }
+#endif
   for (int64_t i = 0; i < len; ++i) {
     float x0 = A.p * x[i] + A.q * m[i * st];
     if (A.clip) x0 = x0 < -1.0f ? -1.0f : (x0 > 1.0f ? 1.0f : x0);
@@ -297,17 +341,15 @@ void p_step_cpu(const PStepCpuArgs& A, int threads) {
   if (mid_st == in_len * in_st) run *= mid_len;
   if (run == A.C * A.S && A.mo_sn == run * in_st) run = n > 0 ? n : 1;
   parallel_tiles(n, threads, [&](int64_t l0, int64_t l1) {
-    std::vector<float> z, scratch(static_cast<size_t>(std::min(run, l1 - l0)));
-    if (A.add_noise && !A.noise) {
-      z.resize(static_cast<size_t>(l1 - l0));
-      randn_range(z.data(), A.element_offset + l0, A.element_offset + l1, A.seed, A.step, A.stream);
-    }
+    alignas(32) float z[kTile], scratch[kTile];  // a tile is at most kTile elements: no heap per tile
+    const bool draw = A.add_noise && !A.noise;
+    if (draw) randn_range(z, A.element_offset + l0, A.element_offset + l1, A.seed, A.step, A.stream);
     for (int64_t l = l0; l < l1;) {
       int64_t len = std::min(run - l % run, l1 - l);
       int64_t ns = l / (A.C * A.S), rem = l % (A.C * A.S);
       int64_t base = ns * A.mo_sn + (rem / in_len) * mid_st + (rem % in_len) * in_st;
-      const float* zp = A.noise ? A.noise + l : (z.empty() ? nullptr : z.data() + (l - l0));
-      apply_run(A, l, len, base, in_st, zp, scratch.data());
+      const float* zp = A.noise ? A.noise + l : (draw ? z + (l - l0) : nullptr);
+      apply_run(A, l, len, base, in_st, zp, scratch);
       l += len;
     }
   });

@@ -256,6 +256,12 @@ class NoiseSchedule:
 
         Cached per (device, dtype): call once before capturing a CUDA graph (the first call copies to the device).
         """
+        try:  # fast path: the exact argument seen before (a per-step call in a sampling loop)
+            hit = self._tables.get((device, dtype))
+        except TypeError:  # unhashable device argument: let torch.device() report it
+            hit = None
+        if hit is not None:
+            return hit
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
@@ -267,6 +273,8 @@ class NoiseSchedule:
             packed = torch.from_numpy(np.stack([rows[name] for name in ROWS])).to(dtype)
             self._tables[key] = ScheduleTables(packed=packed.to(dev).contiguous(),
                                                timesteps=self.timesteps.to(dev))
+        if dev.type == "cpu" or torch.device(device).index is not None:  # "cuda" alone follows current_device
+            self._tables[(device, dtype)] = self._tables[key]
         return self._tables[key]
 
     # ---- serialisation ------------------------------------------------------------------------------------

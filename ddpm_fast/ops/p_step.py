@@ -318,9 +318,17 @@ def _columns(table):
     return entry[1]
 
 
+_HOST_STEPS = {}  # (id(table), step, options) -> (weak reference to the table, _host_step's result)
+
+
 def _host_step(table, step, step_index, prediction, variance, ddim, eta):
-    """(step index, table column as a dict, p, q, a, b, sigma, learned) read on the host (a sync on CUDA)."""
+    """(step index, table column as a dict, p, q, a, b, sigma, learned) read on the host (a sync on CUDA).
+    Cached per table, step and options: a sampling loop asks for the same few hundred steps again and again."""
     i = int(step) if step is not None else step_index
+    key = (id(table), i, prediction, variance, ddim, eta)
+    hit = _HOST_STEPS.get(key)
+    if hit is not None and hit[0]() is table:
+        return hit[1]
     if not 0 <= i < table.shape[1]:
         raise ValueError(f"step index {i} out of range [0, {table.shape[1]})")
     c = _columns(table)[i]
@@ -328,7 +336,10 @@ def _host_step(table, step, step_index, prediction, variance, ddim, eta):
     learned = variance == "learned_range" and not ddim
     sigma = eta * c["posterior_variance"] ** 0.5 if ddim else \
         c["fixed_large_std" if variance == "fixed_large" else "posterior_std"]
-    return i, c, p, q, a, b, sigma, learned
+    if len(_HOST_STEPS) > 16384:
+        _HOST_STEPS.clear()
+    result = _HOST_STEPS[key] = (weakref.ref(table), (i, c, p, q, a, b, sigma, learned))
+    return result[1]
 
 
 def _p_step_cpp(x_t, model_output, table, step, step_index, noise, seed, element_offset, prediction, variance,

@@ -129,16 +129,33 @@ def test_noise_is_the_specified_philox_stream(seed, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_chunks_draw_the_noise_of_the_full_batch(seed, backend):
-    """A batch sampled in chunks (element_offset = first sample * C*H*W) gets the unchunked run's noise."""
-    x, mo, _ = _inputs((5, 3, 5, 5), "learned_range", torch.float32)   # 75 elements per sample: not 4-aligned
-    kw = dict(variance="learned_range", seed=seed, backend=backend)
+@pytest.mark.parametrize("variance", ["learned_range", "fixed_small"])
+def test_chunks_draw_the_noise_of_the_full_batch(seed, backend, variance):
+    """A batch sampled in chunks (element_offset = first sample * C*H*W) gets the unchunked run's noise, bitwise:
+    75 elements per sample are not 4- or 8-aligned, so chunk edges fall inside Philox groups and vector lanes."""
+    x, mo, _ = _inputs((5, 3, 5, 5), variance, torch.float32)
+    kw = dict(variance=variance, seed=seed, backend=backend)
     full = p_step(SCHED, mo, x, torch.tensor([8]), **kw)
     for lo, hi in ((0, 1), (1, 4), (4, 5)):
         part = p_step(SCHED, mo[lo:hi], x[lo:hi], torch.tensor([8]), element_offset=lo * 75, **kw)
         torch.testing.assert_close(part, full[lo:hi], rtol=0, atol=0)
     init = seeded_randn((5, 3, 5, 5), seed, backend=backend)
     torch.testing.assert_close(seeded_randn((3, 3, 5, 5), seed, element_offset=150, backend=backend), init[2:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("clip", [True, False])
+def test_non_finite_values_propagate(seed, backend, clip):
+    """NaN in x_t or the model output and inf in x_t must reach x_{t-1} (clipping x0 must not hide a NaN, as
+    torch.clamp in the reference does not): the sampler's one finiteness check at the end relies on it."""
+    x, mo, _ = _inputs((2, 3, 7, 9), "fixed_small", torch.float32)
+    x[0, 1, 2, 3], mo[1, 2, 4, 5], x[1, 0, 0, 0] = float("nan"), float("nan"), float("inf")
+    out = p_step(SCHED, mo, x, 5, variance="fixed_small", clip=clip, seed=seed, backend=backend)
+    assert out[0, 1, 2, 3].isnan() and out[1, 2, 4, 5].isnan()
+    assert not torch.isfinite(out[1, 0, 0, 0])
+    mask = torch.ones_like(out, dtype=torch.bool)
+    mask[0, 1, 2, 3] = mask[1, 2, 4, 5] = mask[1, 0, 0, 0] = False
+    assert torch.isfinite(out[mask]).all()
 
 
 @needs_ext

@@ -114,7 +114,7 @@ def _p_step_kernel(
 
     x0 = _predict_x0(x, m, tab_ptr, num_steps, step, PRED)
     if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+        x0 = tl.where(x0 < -1.0, -1.0, tl.where(x0 > 1.0, 1.0, x0))  # NaN stays NaN, as torch.clamp
     a, b, sigma = _step_coefs(tab_ptr, num_steps, step, eta, VAR, DDIM)
     res = a * x0 + b * x
     if NOISE != 0:
