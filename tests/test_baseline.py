@@ -127,11 +127,13 @@ def test_oracle_moments_diffusers_scheduler(problem, seed):
 
 
 def test_oracle_check_detects_a_wrong_variance(problem, seed):
-    """The check has power: fixed_large samples fail against fixed_small's moments at 25 steps."""
+    """The check has power: fixed_large samples fail against fixed_small's moments at 25 steps.
+    (Over 60 seeded problems the largest |z| ranged from 41 upward, so 10 * Z_MAX = 45 failed 1 run in 20; a
+    margin of 4x the threshold is still far outside what a right sampler produces.)"""
     betas, mu, s, oracle = problem
     mean, std = exact_moments(betas, 25, mu.numpy(), s.numpy(), "fixed_small")
     z = moment_z_scores(_baseline(oracle, betas, 25, "fixed_large", seed), mean, std)
-    assert z.max() > 10 * Z_MAX
+    assert z.max() > 4 * Z_MAX
 
 
 @pytest.mark.parametrize("steps", [1, 7, 25, 1000])

@@ -365,8 +365,58 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5):
         fwd(x, weight, bias, num_groups, eps)[0]
 
 
+# ----------------------------------------------------------------------------- CPU inference fast path
+_FAST_SCRATCH = {}  # stats dtype -> (data_ptr, numel, element size, buffer): discarded inference statistics
+
+
+def _fast_stats_ptrs(n, sd):
+    ent = _FAST_SCRATCH.get(sd)
+    if ent is None or ent[1] < 2 * n:
+        buf = torch.empty(max(2 * n, 4096), dtype=sd)
+        ent = _FAST_SCRATCH[sd] = (buf.data_ptr(), buf.numel(), buf.element_size(), buf)
+    return ent[0], ent[0] + n * ent[2]  # the kernel only writes them (its normalization uses registers)
+
+
+def _fwd_cpu_inference(x, num_groups, weight, bias, eps):
+    """y for the common inference call on the CPU (no autograd; 4-D float32/bfloat16/float64, NCHW- or
+    channels_last-dense; float parameters of the stats dtype), straight into the C++ kernel: the checks of the
+    general path cost ~3x the kernel on small tensors. None when the call is not that common case (the general
+    path then handles it, or raises the clear error)."""
+    dt = x.dtype
+    if x.dim() != 4 or not (dt is torch.float32 or dt is torch.bfloat16 or dt is torch.float64):
+        return None
+    N, C, H, W = x.shape
+    if N == 0 or C % num_groups or not eps >= 0:
+        return None
+    if x.is_contiguous():
+        layout = NCHW
+    elif x.is_contiguous(memory_format=torch.channels_last):
+        layout = NHWC
+    else:
+        return None
+    sd = torch.float64 if dt is torch.float64 else torch.float32
+    for t in (weight, bias):
+        if t is not None and not (t.dtype is sd and t.is_cpu and t.dim() == 1 and t.shape[0] == C
+                                  and t.is_contiguous()):
+            return None
+    ext = _ext.load()
+    if ext is None:
+        return None
+    y = torch.empty_like(x)
+    mean_ptr, rstd_ptr = _fast_stats_ptrs(N * num_groups, sd)
+    ext.group_norm_silu_fwd_cpu(x.data_ptr(), 0 if weight is None else weight.data_ptr(),
+                                0 if bias is None else bias.data_ptr(), y.data_ptr(), mean_ptr, rstd_ptr,
+                                N, C, H * W, num_groups, float(eps), _DTYPE_CODES[dt], layout,
+                                torch.get_num_threads())
+    return y
+
+
 class GroupNormSiLU(nn.GroupNorm):
     """nn.GroupNorm followed by SiLU, fused; state_dict identical to nn.GroupNorm's."""
 
     def forward(self, x):
+        if type(x) is Tensor and x.is_cpu and not torch.is_grad_enabled() and _plain_eager():
+            y = _fwd_cpu_inference(x, self.num_groups, self.weight, self.bias, self.eps)
+            if y is not None:
+                return y
         return group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps)

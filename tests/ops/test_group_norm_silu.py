@@ -23,26 +23,29 @@ LAYOUTS = ["nchw", "channels_last", "sliced", "sliced_channels_last"]
 
 
 def make_x(shape, layout, dtype, device="cpu", scale=2.0, offset=0.5):
-    """Random x (never zeros) in the requested memory layout; values are exact in dtype."""
+    """Random x (never zeros) in the requested memory layout; values are exact in dtype. The values are made
+    in dtype BEFORE the layout view is taken: an elementwise op on a sliced view would return a dense copy."""
     N, C, *sp = shape
+
+    def rand(*size):
+        return (torch.randn(*size, device=device) * scale + offset).to(dtype)
+
     if layout in ("channels_last", "sliced_channels_last") and sp:
-        base = torch.randn(N, *sp, C * (2 if layout.startswith("sliced") else 1), device=device)
+        base = rand(N, *sp, C * (2 if layout.startswith("sliced") else 1))
         perm = (0, len(sp) + 1, *range(1, len(sp) + 1))
         x = base.permute(perm)
         x = x[:, ::2] if layout.startswith("sliced") else x
     elif layout.startswith("sliced"):
-        x = torch.randn(N, C, *[s + 3 for s in sp], device=device)[(slice(None), slice(None),
-                                                                     *[slice(1, s + 1) for s in sp])]
+        x = rand(N, C, *[s + 3 for s in sp])[(slice(None), slice(None), *[slice(1, s + 1) for s in sp])]
         if not sp:
-            x = torch.randn(N, 2 * C, device=device)[:, ::2]
+            x = rand(N, 2 * C)[:, ::2]
     elif layout == "misaligned":  # NCHW-contiguous, but data_ptr one element past a 16-byte boundary
-        x = torch.randn(math.prod(shape) + 1, device=device)[1:].view(shape)
+        x = torch.empty(math.prod(shape) + 1, dtype=dtype, device=device)[1:].view(shape).copy_(rand(*shape))
     else:
-        x = torch.randn(shape, device=device)
-    x = (x * scale + offset).to(dtype)
-    if layout == "misaligned":
-        x = torch.empty(x.numel() + 1, dtype=dtype, device=device)[1:].view(shape).copy_(x)
+        x = rand(*shape)
     assert tuple(x.shape) == tuple(shape)
+    if layout.startswith("sliced"):
+        assert not x.is_contiguous() and not (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
     return x
 
 
@@ -60,7 +63,8 @@ def naive(x, G, w, b, eps=1e-5):
     w = None if w is None else w.to(x.dtype)
     b = None if b is None else b.to(x.dtype)
     if x.dtype == torch.float16 and x.device.type == "cpu":
-        return F.silu(F.group_norm(x.float(), G, w.float(), b.float(), eps)).half()
+        return F.silu(F.group_norm(x.float(), G, None if w is None else w.float(),
+                                   None if b is None else b.float(), eps)).half()
     return F.silu(F.group_norm(x, G, w, b, eps))
 
 
@@ -180,6 +184,54 @@ def test_module_state_dict_matches_group_norm(seed):
     assert torch.equal(back.weight, ref.weight) and torch.equal(back.bias, ref.bias)
     x = torch.randn(2, 32, 5, 5)
     assert_rule(fused(x), ref64(x, 8, ref.weight, ref.bias), F.silu(ref(x)), ATOL[torch.float32])
+
+
+@pytest.mark.parametrize("shape,G", SHAPES)
+@pytest.mark.parametrize("layout", LAYOUTS + ["misaligned"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.float16])
+@pytest.mark.parametrize("affine_params", [True, False])
+def test_module_inference_fast_path(seed, shape, G, layout, dtype, affine_params, monkeypatch):
+    """GroupNormSiLU under no_grad / inference_mode on the CPU goes straight to the kernel for dense 4-D inputs
+    (and falls back to the general path otherwise): the same rule against the specification either way, and
+    bitwise the general path's result where both run the C++ kernel."""
+    calls = []
+    real = gns._fwd_cpu_inference
+    monkeypatch.setattr(gns, "_fwd_cpu_inference", lambda *a: calls.append(real(*a)) or calls[-1])
+    C = shape[1]
+    mod = GroupNormSiLU(G, C, affine=affine_params).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    if affine_params:
+        with torch.no_grad():
+            mod.weight.normal_(1, 0.5), mod.bias.normal_(0, 0.5)
+    x = make_x(shape, layout, dtype)
+    w, b = (mod.weight, mod.bias) if affine_params else (None, None)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            y = mod(x)
+        assert y.shape == x.shape and y.dtype == dtype
+        if layout in ("nchw", "misaligned"):
+            assert y.is_contiguous()
+        assert_rule(y, ref64(x, G, w, b), naive(x, G, w, b), ATOL[dtype])
+    dense4d = len(shape) == 4 and layout in ("nchw", "channels_last", "misaligned") and dtype != torch.float16
+    took_fast = any(c is not None for c in calls)
+    assert took_fast == (dense4d and HAS_CPP), (calls, layout, dtype)
+    if took_fast:  # the fast path is the general path's kernel, called directly
+        assert torch.equal(y, group_norm_silu(x, G, w, b, mod.eps))
+        if layout == "channels_last":
+            assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_cpp
+def test_module_inference_fast_path_defers_errors():
+    """Inputs the fast path does not take still get the general path's clear errors."""
+    mod = GroupNormSiLU(4, 8)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="divisible"):
+            mod(torch.randn(2, 6, 3, 3))
+        with pytest.raises(ValueError, match="shape"):
+            GroupNormSiLU(2, 6)(torch.randn(2, 8, 3, 3))   # weight (6,) vs C = 8
+        with pytest.raises(TypeError, match="floating"):
+            mod(torch.ones(2, 8, 3, 3, dtype=torch.int64))
+        assert mod(torch.randn(0, 8, 3, 3)).shape == (0, 8, 3, 3)
 
 
 def test_autocast_bf16_input_fp32_params(seed):
