@@ -17,12 +17,12 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 
 import torch
 
 from ddpm_fast import NoiseSchedule
 from ddpm_fast.ops.p_step import p_step, p_step_ref
+from ddpm_fast.bench_common import time_bursts
 
 STEP = 500  # a mid-chain step: noise is drawn
 
@@ -63,29 +63,6 @@ def make_variants(n, device):
     else:
         variants["copy of x_t (bandwidth ceiling)"] = lambda: out.copy_(x)
     return variants
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_interleaved(variants, repeats, burst, device):
-    """name -> per-call seconds of each repeat; variants alternate within every repeat."""
-    times = {name: [] for name in variants}
-    for fn in variants.values():  # warm-up (kernel compilation, caches)
-        for _ in range(3):
-            fn()
-    _sync(device)
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(burst):
-                fn()
-            _sync(device)
-            times[name].append((time.perf_counter() - t0) / burst)
-    return times
 
 
 def summarize(times, n, device):
@@ -141,7 +118,7 @@ def main(argv=None):
     rows = []
     for n in sizes:
         burst = max(1, args.burst_elements // (n * 3 * 32 * 32)) if not args.quick else 2
-        rows += summarize(time_interleaved(make_variants(n, args.device), repeats, burst, args.device), n,
+        rows += summarize(time_bursts(make_variants(n, args.device), repeats, burst, args.device), n,
                           args.device)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else _cpu_model(),

@@ -19,24 +19,19 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
 
 from ddpm_fast.ops import _ext
 from ddpm_fast.ops.group_norm_silu import group_norm_silu
+from ddpm_fast.bench_common import time_bursts
 
 # (C, H*W) -> number of sites in one forward of the DDPM CIFAR-10 U-Net (counted with forward hooks on
 # ddpm_fast.unet's ddpm_cifar10 preset; every site has G = 32).
 UNET_SITES = {(128, 1024): 8, (128, 256): 1, (256, 1024): 2, (256, 256): 6, (256, 64): 7, (256, 16): 11,
               (384, 1024): 1, (384, 256): 1, (512, 256): 2, (512, 64): 3, (512, 16): 3}
 GROUPS = 32
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def _machine(device):
@@ -90,24 +85,6 @@ def backward_variants(x, w, b, dy, device):
         v["triton"] = lambda: _group_norm_silu_bwd(dy, xd, w, b, mean, rstd, GROUPS)
         v["copy"] = lambda: (dx_out.copy_(xd), dy2.copy_(dy))  # 2 reads + 2 writes >= the 3 tensors moved
     return v
-
-
-def time_interleaved(variants, repeats, burst, device):
-    """name -> seconds per call for each repeat; the variants alternate within every repeat."""
-    times = {name: [] for name in variants}
-    for fn in variants.values():  # warm-up: allocator, caches, Triton/inductor compilation
-        for _ in range(3):
-            fn()
-    _sync(device)
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(burst):
-                fn()
-            _sync(device)
-            times[name].append((time.perf_counter() - t0) / burst)
-    return times
 
 
 def rows_for(shape_key, pass_name, times, moved_bytes):
@@ -201,9 +178,9 @@ def main(argv=None):
         x, w, b, dy = make_case(C, HW, batch, dtype, args.device, args.channels_last)
         numel, item = x.numel(), x.element_size()
         burst = args.burst or max(1, min(50, int(2e6 // numel)))
-        rows.append(rows_for(key, "forward", time_interleaved(forward_variants(x, w, b, args.device), args.repeats,
+        rows.append(rows_for(key, "forward", time_bursts(forward_variants(x, w, b, args.device), args.repeats,
                                                               burst, args.device), 2 * numel * item))
-        rows.append(rows_for(key, "backward", time_interleaved(backward_variants(x, w, b, dy, args.device),
+        rows.append(rows_for(key, "backward", time_bursts(backward_variants(x, w, b, dy, args.device),
                                                                args.repeats, burst, args.device), 3 * numel * item))
     summary = summarize(rows)
     print(markdown(rows, summary, meta))

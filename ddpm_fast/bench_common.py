@@ -95,6 +95,25 @@ def time_interleaved(variants: Dict[str, Callable[[], object]], device, repeats:
     return results
 
 
+def time_bursts(variants: Dict[str, Callable[[], object]], repeats: int, burst: int, device) -> Dict[str, List[float]]:
+    """name -> seconds per call in each repeat: for microsecond-scale ops, each repeat times ``burst`` calls of
+    every variant in turn (the variants alternate within every repeat), after 3 untimed warm-up calls each."""
+    times = {name: [] for name in variants}
+    for fn in variants.values():  # warm-up: kernel compilation, allocator, caches
+        for _ in range(3):
+            fn()
+    _sync(device)
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(burst):
+                fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) / burst)
+    return times
+
+
 def _sync_quietly(device):
     try:
         _sync(device)

@@ -173,7 +173,6 @@ def _add_eval(sub):
 
 def _run_eval(args):
     import json
-    import torch
     import ddpm_fast
     from ddpm_fast.checkpoint import atomic_write
     from ddpm_fast.data import load_dataset

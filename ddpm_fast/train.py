@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from typing import Optional
 
 import torch

@@ -7,7 +7,7 @@ Reading a checkpoint directory needs safetensors or torch only; diffusers is nee
 import json
 import re
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping
 
 import torch
 

@@ -22,6 +22,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one thread for the test (modules opt in with pytestmark). The tiny models and tensors of these
+    tests are overhead-bound: a second OpenMP thread gains little, and on a loaded 2-core machine every op's
+    parallel region waits for a descheduled thread (measured here: 4 training steps/s with one thread, 0.7 with
+    two; sampling tests up to 30x slower). Also makes bitwise comparisons independent of the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def seed(request):
     """A fresh seed per test (printed on failure) so every run exercises new random inputs."""
     s = int.from_bytes(os.urandom(4), "little")

@@ -22,14 +22,7 @@ N = 2000
 Z_MAX = 4.5  # 18 z-scores per check: a false alarm about once in 8000 runs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors run faster on one thread; with two on a loaded machine every op's parallel region waits for
-    a descheduled thread (30x slower measured here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 class GaussianOracle(nn.Module):

@@ -15,13 +15,7 @@ from ddpm_fast.images import make_grid, save_grid_png, save_npz, to_uint8
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: extra threads only add OpenMP barrier stalls on a loaded 2-core machine (10x measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

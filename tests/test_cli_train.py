@@ -2,7 +2,6 @@
 message before any work, a tiny run end to end."""
 import dataclasses
 import json
-import os
 
 import pytest
 import torch
@@ -11,13 +10,7 @@ from ddpm_fast.cli import build_parser, main
 from ddpm_fast.train_config import TrainConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """As in test_train.py: the tiny U-Net gains little from a second thread, and a loaded machine stalls it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _train(tmp_path, *extra):

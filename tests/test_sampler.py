@@ -22,13 +22,7 @@ HAS_CUDA = torch.cuda.is_available()
 SCHED = NoiseSchedule.linear(50)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: extra threads only add OpenMP barrier stalls on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 class Recorder(nn.Module):

@@ -24,13 +24,7 @@ SHAPE = (2, 4, 4)
 Z_MAX = 5.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: extra threads only add OpenMP barrier stalls (10x on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 class GaussianOracle(nn.Module):

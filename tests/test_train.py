@@ -13,14 +13,7 @@ from ddpm_fast.train_log import read_metrics
 from ddpm_fast.train_step import EMA, StepBatches, ema_decay, mix, warmup_lr
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny U-Net is overhead-bound: a second OpenMP thread gains little, and on a loaded 2-core machine
-    its spin-waits stall every op (measured here: 4 steps/s with one thread, 0.7 with two)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _cfg(tmp_path, name="run", **kw):
