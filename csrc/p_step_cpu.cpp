@@ -127,41 +127,33 @@ AVX2 inline void store_groups8(float* dst, const __m256* n) {
   _mm256_storeu_ps(dst + 24, _mm256_permute2f128_ps(g26, g37, 0x31));
 }
 
-// U independent batches of 8 consecutive groups (8 U groups from g): the 10 Philox rounds are a chain of
-// dependent multiplies, so keeping U > 1 chains in flight fills the pipeline that one chain leaves idle.
-template <int U>
-AVX2 inline void randn_batches_avx2(float* dst, uint64_t g, uint64_t seed, uint32_t step, uint32_t stream) {
+AVX2 void randn_groups_avx2(float* dst, uint64_t g0, int64_t ng, uint64_t seed, uint32_t step, uint32_t stream) {
   const __m256i ma = _mm256_set1_epi32(static_cast<int>(kRoundA));
   const __m256i mb = _mm256_set1_epi32(static_cast<int>(kRoundB));
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  __m256i c0[U], c1[U], c2[U], c3[U];
-  for (int u = 0; u < U; ++u) {
-    uint64_t gu = g + 8 * static_cast<uint64_t>(u);
-    c0[u] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(gu))), lane);
-    c3[u] = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(gu >> 32)));
-    if (static_cast<uint32_t>(gu) > 0xFFFFFFF8u) {  // the low word wraps inside the batch
+  for (int64_t i = 0; i < ng; i += 8) {
+    uint64_t g = g0 + static_cast<uint64_t>(i);
+    // 8 consecutive groups; the high counter word is shared unless the low word wraps inside the batch
+    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g))), lane);
+    __m256i c3 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g >> 32)));
+    if (static_cast<uint32_t>(g) > 0xFFFFFFF8u) {
       alignas(32) uint32_t hi[8];
-      for (int j = 0; j < 8; ++j) hi[j] = static_cast<uint32_t>((gu + j) >> 32);
-      c3[u] = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
+      for (int j = 0; j < 8; ++j) hi[j] = static_cast<uint32_t>((g + j) >> 32);
+      c3 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
     }
-    c1[u] = _mm256_set1_epi32(static_cast<int>(step)), c2[u] = _mm256_set1_epi32(static_cast<int>(stream));
-  }
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int r = 0; r < 10; ++r) {
-    const __m256i kk0 = _mm256_set1_epi32(static_cast<int>(k0)), kk1 = _mm256_set1_epi32(static_cast<int>(k1));
-    for (int u = 0; u < U; ++u) {
+    __m256i c1 = _mm256_set1_epi32(static_cast<int>(step)), c2 = _mm256_set1_epi32(static_cast<int>(stream));
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int r = 0; r < 10; ++r) {
       __m256i hi0, lo0, hi1, lo1;
-      mulhilo(c2[u], mb, &hi0, &lo0);
-      mulhilo(c0[u], ma, &hi1, &lo1);
-      c0[u] = _mm256_xor_si256(_mm256_xor_si256(hi0, c1[u]), kk0);
-      c2[u] = _mm256_xor_si256(_mm256_xor_si256(hi1, c3[u]), kk1);
-      c1[u] = lo0, c3[u] = lo1;
+      mulhilo(c2, mb, &hi0, &lo0);
+      mulhilo(c0, ma, &hi1, &lo1);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi0, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi1, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+      c1 = lo0, c3 = lo1;
+      k0 += kKeyA, k1 += kKeyB;
     }
-    k0 += kKeyA, k1 += kKeyB;
-  }
-  for (int u = 0; u < U; ++u) {
     __m256 n[4];
-    const __m256i outs[4] = {c0[u], c1[u], c2[u], c3[u]};
+    const __m256i outs[4] = {c0, c1, c2, c3};
     for (int pair = 0; pair < 2; ++pair) {
       __m256 u1 = _mm256_max_ps(_mm256_set1_ps(1.0e-7f), uniform8(outs[2 * pair]));
       __m256 rad = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log8(u1)));
@@ -170,14 +162,8 @@ AVX2 inline void randn_batches_avx2(float* dst, uint64_t g, uint64_t seed, uint3
       n[2 * pair] = _mm256_mul_ps(rad, c);
       n[2 * pair + 1] = _mm256_mul_ps(rad, s);
     }
-    store_groups8(dst + 32 * u, n);
+    store_groups8(dst + 4 * i, n);
   }
-}
-
-AVX2 void randn_groups_avx2(float* dst, uint64_t g0, int64_t ng, uint64_t seed, uint32_t step, uint32_t stream) {
-  int64_t i = 0;
-  for (; i + 16 <= ng; i += 16) randn_batches_avx2<2>(dst + 4 * i, g0 + static_cast<uint64_t>(i), seed, step, stream);
-  for (; i < ng; i += 8) randn_batches_avx2<1>(dst + 4 * i, g0 + static_cast<uint64_t>(i), seed, step, stream);
 }
 
 // The common step (model output laid out like x, no learned variance):
