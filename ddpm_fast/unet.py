@@ -193,6 +193,15 @@ def _same_format(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return y.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
+def _add_into(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """fresh + other, in place into ``fresh`` (a conv output: a conv's backward does not need it) when that
+    keeps the out-of-place result's dtype; under autocast a bf16 conv output plus an fp32 residual must still
+    promote to fp32, as in diffusers. Same values either way (float addition is commutative)."""
+    if torch.promote_types(fresh.dtype, other.dtype) == fresh.dtype:
+        return fresh.add_(other)
+    return fresh + other
+
+
 class ResnetBlock(nn.Module):
     """GN+SiLU -> conv3x3 -> + Linear(SiLU(temb)) -> GN+SiLU -> dropout -> conv3x3, plus the (1x1) skip.
 
@@ -212,15 +221,13 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x, proj):
-        # The adds go in place into fresh conv outputs (a conv's backward does not need its output): one
-        # allocation fewer each, same values (float addition is commutative).
-        h = self.conv1(self.norm1(x)).add_(proj[:, :, None, None])
+        h = _add_into(self.conv1(self.norm1(x)), proj[:, :, None, None])
         h = self.norm2(h)
         if self.training and self.dropout.p > 0:  # skip the module call in eval: ~30 per forward add up
             h = self.dropout(h)
         h = self.conv2(h)
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return h.add_(skip)
+        return _add_into(h, skip)
 
 
 class AttentionBlock(nn.Module):
