@@ -311,6 +311,10 @@ def test_ddpm_parity_with_diffusers(seed, name, steps, spacing, dtype):
                     z = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
                     t = torch.full((2,), i)
                     got = D.ddpm_step(ours, out, x, t, z, prediction=pred, variance=variance, clip=clip)
+                    if spacing == "trailing" and i == 0:
+                        # diffusers clamps the zero posterior variance of this last step to 1e-20 and still adds
+                        # its noise, sqrt(1e-20) z = 1e-10 z: at the 1e-10 tolerance a |z| > ~4 element failed
+                        got = got + 1e-10 * z
                     scale = 1 + D.predict_x0(ours, x, t, out[:, :3], pred).abs().max().item()
                     torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=tol["atol"] * scale,
                                                msg=lambda m: f"{pred} {variance} clip={clip} step {i}: {m}")
