@@ -145,15 +145,10 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench_train: --device cuda but CUDA is not available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = bc.bench_device(args.device, args.threads, "bench_train")
     path = bc.result_path(args.out_dir, "train-", device, args.quick)
     meta = bc.environment(device)
-    matmul = bc.matmul_tflops(device, torch.bfloat16 if device.type == "cuda" else torch.float32,
-                              size=512 if args.quick else None)
+    matmul = bc.matmul_tflops(device, size=512 if args.quick else None)
     with tempfile.TemporaryDirectory(prefix="ddpm_fast_bench_train_") as tmp:
         fns, unet_config = make_variants(args, device, tmp)
         gflops = bc.unet_gflops(unet_config)

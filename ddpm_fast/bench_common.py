@@ -178,10 +178,21 @@ def environment(device) -> dict:
     return env
 
 
-def matmul_tflops(device, dtype, size: Optional[int] = None, repeats: int = 5) -> dict:
-    """The measured dense matmul rate: (size x size) @ (size x size) in ``dtype``, median of repeats.
-    The ceiling for achieved U-Net FLOP/s (convolutions are matmuls underneath)."""
+def bench_device(device: str, threads: Optional[int], who: str) -> torch.device:
+    """The torch.device a benchmark runs on, after checking CUDA exists when asked for; sets torch's CPU thread
+    count when ``threads`` is given. ``who`` names the command in the error."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{who}: --device cuda but CUDA is not available")
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.device(device)
+
+
+def matmul_tflops(device, dtype=None, size: Optional[int] = None, repeats: int = 5) -> dict:
+    """The measured dense matmul rate: (size x size) @ (size x size) in ``dtype`` (default: bf16 on a GPU, fp32
+    elsewhere), median of repeats. The ceiling for achieved U-Net FLOP/s (convolutions are matmuls underneath)."""
     dev = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     size = size or (8192 if dev.type == "cuda" else 1024)
     a = torch.randn(size, size, device=dev, dtype=dtype)
     b, c = torch.randn_like(a), torch.empty_like(a)

@@ -264,17 +264,12 @@ def targets_markdown(items):
 
 def run_benchmark(config: BenchConfig) -> int:
     """Measures every case, prints the tables, writes the JSON; returns 1 when any variant failed, else 0."""
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench: --device cuda but CUDA is not available")
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = torch.device(config.device)
+    device = bc.bench_device(config.device, config.threads, "bench")
     path = bc.result_path(config.out_dir, "", device, config.quick)
     results = {"meta": bc.environment(device), "config": {k: v for k, v in vars(config).items()},
                "variants": VARIANTS, "gflops_per_image": {}, "rows": [], "failures": [], "profiles": [],
                "targets": [], "complete": False}
-    matmul_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    results["matmul"] = bc.matmul_tflops(device, matmul_dtype, size=512 if config.quick else None)
+    results["matmul"] = bc.matmul_tflops(device, size=512 if config.quick else None)
     log(f"bench: {results['meta']['device']}, {torch.get_num_threads()} threads, matmul "
         f"{results['matmul']['tflops']:.3f} TFLOP/s ({results['matmul']['dtype']}); writing {path}")
     models, start = None, time.perf_counter()

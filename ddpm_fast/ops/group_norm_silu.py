@@ -121,15 +121,17 @@ def _empty_stats(x, num_groups):
 
 
 # ----------------------------------------------------------------------------- backends
-_STATS_SCRATCH = {}  # stats dtype -> CPU buffer for calls that discard mean/rstd (saves 2 allocations)
+_STATS_SCRATCH = {}  # stats dtype -> (data_ptr, numel, element size, buffer): CPU scratch for calls that discard
+#                      mean/rstd (saves 2 allocations); the kernels only write them (normalization uses registers)
 
 
-def _scratch_stats_ptrs(x, num_groups):
-    n, dt = x.shape[0] * num_groups, _stats_dtype(x)
-    buf = _STATS_SCRATCH.get(dt)
-    if buf is None or buf.numel() < 2 * n:
-        buf = _STATS_SCRATCH[dt] = torch.empty(max(2 * n, 4096), dtype=dt)
-    return buf.data_ptr(), buf.data_ptr() + n * buf.element_size()
+def _scratch_stats_ptrs(n, dt):
+    """(mean_ptr, rstd_ptr): room for n statistics each, of dtype dt, in the reused scratch buffer."""
+    ent = _STATS_SCRATCH.get(dt)
+    if ent is None or ent[1] < 2 * n:
+        buf = torch.empty(max(2 * n, 4096), dtype=dt)
+        ent = _STATS_SCRATCH[dt] = (buf.data_ptr(), buf.numel(), buf.element_size(), buf)
+    return ent[0], ent[0] + n * ent[2]
 
 
 def _fwd_cpp(x, weight, bias, num_groups, eps, keep_stats=True):
@@ -143,7 +145,8 @@ def _fwd_cpp(x, weight, bias, num_groups, eps, keep_stats=True):
         sd, mean_ptr, rstd_ptr = mean.dtype, mean.data_ptr(), rstd.data_ptr()
     else:
         mean = rstd = None
-        sd, (mean_ptr, rstd_ptr) = _stats_dtype(x), _scratch_stats_ptrs(x, G)
+        sd = _stats_dtype(x)
+        mean_ptr, rstd_ptr = _scratch_stats_ptrs(N * G, sd)
     w, b = _param(weight, sd), _param(bias, sd)
     ext, code = _ext.load(), _DTYPE_CODES[x.dtype]
     if x.is_cuda:
@@ -366,17 +369,6 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5):
 
 
 # ----------------------------------------------------------------------------- CPU inference fast path
-_FAST_SCRATCH = {}  # stats dtype -> (data_ptr, numel, element size, buffer): discarded inference statistics
-
-
-def _fast_stats_ptrs(n, sd):
-    ent = _FAST_SCRATCH.get(sd)
-    if ent is None or ent[1] < 2 * n:
-        buf = torch.empty(max(2 * n, 4096), dtype=sd)
-        ent = _FAST_SCRATCH[sd] = (buf.data_ptr(), buf.numel(), buf.element_size(), buf)
-    return ent[0], ent[0] + n * ent[2]  # the kernel only writes them (its normalization uses registers)
-
-
 def _fwd_cpu_inference(x, num_groups, weight, bias, eps):
     """y for the common inference call on the CPU (no autograd; 4-D float32/bfloat16/float64, NCHW- or
     channels_last-dense; float parameters of the stats dtype), straight into the C++ kernel: the checks of the
@@ -403,7 +395,7 @@ def _fwd_cpu_inference(x, num_groups, weight, bias, eps):
     if ext is None:
         return None
     y = torch.empty_like(x)
-    mean_ptr, rstd_ptr = _fast_stats_ptrs(N * num_groups, sd)
+    mean_ptr, rstd_ptr = _scratch_stats_ptrs(N * num_groups, sd)
     ext.group_norm_silu_fwd_cpu(x.data_ptr(), 0 if weight is None else weight.data_ptr(),
                                 0 if bias is None else bias.data_ptr(), y.data_ptr(), mean_ptr, rstd_ptr,
                                 N, C, H * W, num_groups, float(eps), _DTYPE_CODES[dt], layout,
