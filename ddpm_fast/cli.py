@@ -210,8 +210,17 @@ def _format_eval(s):
              f"{s['reference_n']} train images",
              f"{'':24s} {'FD':>10s} {'KIDx1e3':>10s} {'+-':>8s}"]
     lines += [f"{name:24s} {fd:10.3f} {k * 1e3:10.3f} {sd * 1e3:8.3f}" for name, _, fd, k, sd in rows]
-    ratio = s["fd"] / s["floor_fd"] if s["floor_fd"] > 0 else float("inf")
-    lines.append(f"FD / floor = {ratio:.2f}")
+    random_fd = s.get("random_floor_fd")
+    if random_fd is not None:
+        lines.append(f"{'random real subsets':24s} {random_fd:10.3f}   (median of {s['random_floor_draws']} "
+                     f"draws of {s['n']}: {s['random_floor_fd_min']:.3f}...{s['random_floor_fd_max']:.3f})")
+
+    def ratio(floor):
+        return s["fd"] / floor if floor > 0 else float("inf")
+    text = f"FD / held-out floor = {ratio(s['floor_fd']):.2f}"
+    if random_fd is not None:
+        text += f"; FD / random-subset floor = {ratio(random_fd):.2f}"
+    lines.append(text)
     return "\n".join(lines)
 # ---- end eval ----
 

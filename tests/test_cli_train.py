@@ -68,7 +68,7 @@ def test_train_then_resume_then_eval(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--dataset", "digits", "--n", "24", "--steps",
                  "4", "--device", "cpu", "--json", str(report)]) == 0
     text = capsys.readouterr().out
-    assert "floor" in text and "pure noise" in text and "FD / floor" in text
+    assert "pure noise" in text and "FD / held-out floor" in text and "random-subset floor" in text
     scores = json.loads(report.read_text())
     assert scores["n"] == 24 and scores["steps"] == 4
     assert scores["floor_fd"] < scores["noise_fd"]

@@ -11,7 +11,7 @@ from ddpm_fast.data import FASHION_MNIST_DIR
 from ddpm_fast.feature_net import (FeatureNet, FeatureNetConfig, FeatureTrainConfig, default_path,
                                    load_feature_net, save_feature_net, train_feature_net, weights_digest)
 from ddpm_fast.metrics import (check_samples, evaluate, frechet_distance, frechet_distance_from_stats,
-                               gaussian_blur, kid, main)
+                               gaussian_blur, kid, main, random_floor)
 
 HAS_FASHION = os.path.isfile(os.path.join(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz"))
 
@@ -157,6 +157,38 @@ def test_evaluate_digits_orders_quality(digits_test):
     noisy = evaluate((real + 0.3 * torch.randn_like(real)).clamp(-1, 1), "digits", kid_subsets=10)
     assert r["floor_fd"] < noisy["fd"] < blurred["fd"]
     assert r["floor_kid"] < noisy["kid"] < blurred["kid"]
+    # digits' held-out split is stratified (35-36 images per class); random real subsets of the same size have
+    # varying class counts, as a sampler's draws do, and score several times higher (README, "The quality metric").
+    assert r["random_floor_draws"] == 101
+    assert r["random_floor_fd_min"] <= r["random_floor_fd"] <= r["random_floor_fd_max"]
+    assert r["random_floor_fd"] > 2 * r["floor_fd"]
+
+
+def test_random_floor_definition(seed):
+    """random_floor = order statistics of FD(random n-subset of the reference, reference) over its draws."""
+    gen = torch.Generator().manual_seed(seed)
+    ref = torch.randn(200, 5, generator=gen, dtype=torch.float64) + torch.randint(0, 3, (200, 1), generator=gen) * 2.0
+    out = random_floor(ref, 37, 7, torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    fds = sorted(frechet_distance(ref[torch.randperm(200, generator=g)[:37]], ref) for _ in range(7))
+    assert out == {"random_floor_fd": pytest.approx(fds[3], rel=1e-9), "random_floor_fd_min":
+                   pytest.approx(fds[0], rel=1e-9), "random_floor_fd_max": pytest.approx(fds[-1], rel=1e-9),
+                   "random_floor_draws": 7}
+    assert 0 < fds[0] < fds[-1]
+    none = {"random_floor_fd": None, "random_floor_fd_min": None, "random_floor_fd_max": None,
+            "random_floor_draws": 0}
+    assert random_floor(ref, 101, 7, gen) == none  # more than half the reference
+    assert random_floor(ref, 37, 0, gen) == none
+
+
+def test_random_floor_sees_class_count_noise(seed):
+    """Class-structured features: subsets with exact class shares (stratified) score below random subsets."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(600) % 6
+    ref = torch.randn(600, 4, generator=gen, dtype=torch.float64) * 0.3
+    ref[:, 0] += labels * 3.0
+    stratified = torch.cat([torch.nonzero(labels == c).flatten()[:10] for c in range(6)])
+    assert frechet_distance(ref[stratified], ref) < random_floor(ref, 60, 21, gen)["random_floor_fd"]
 
 
 def test_evaluate_validates(digits_test):
@@ -173,6 +205,8 @@ def test_evaluate_validates(digits_test):
         evaluate(real, "npz:/nonexistent.npz")
     with pytest.raises(TypeError, match="FeatureNet"):
         evaluate(real, "digits", feature_net=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="floor_draws"):
+        evaluate(real, "digits", floor_draws=-1)
 
 
 @pytest.mark.skipif(not HAS_FASHION, reason="apt-get install dataset-fashion-mnist")
