@@ -152,7 +152,11 @@ def random_floor(ref_feats, n: int, draws: int, generator: torch.Generator) -> d
     stratified real images score ~0.02, random real images ~0.1 (measured; README, "The quality metric"),
     so no sampler, a perfect one included, can expect to score the stratified floor. These draws share images
     with the reference, which can only lower their FD, so this floor errs on the strict side. None values
-    when ``draws`` is 0 or n > half the reference (the draws would be most of the reference itself)."""
+    when ``draws`` is 0 or n > half the reference (the draws would be most of the reference itself). For an
+    even ``draws`` the lower of the two middle values is the median."""
+    for name, value, low in (("n", n, 2), ("draws", draws, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"random_floor: {name} must be an int >= {low}; got {value!r}")
     ref = _as_features(ref_feats, "ref_feats")
     if draws == 0 or n > len(ref) // 2:
         return {"random_floor_fd": None, "random_floor_fd_min": None, "random_floor_fd_max": None,

@@ -179,6 +179,9 @@ def test_random_floor_definition(seed):
             "random_floor_draws": 0}
     assert random_floor(ref, 101, 7, gen) == none  # more than half the reference
     assert random_floor(ref, 37, 0, gen) == none
+    for bad in (dict(n=1), dict(n=3.0), dict(draws=-1), dict(draws=True)):
+        with pytest.raises(ValueError, match=f"random_floor: {next(iter(bad))} must be an int"):
+            random_floor(ref, **{"n": 37, "draws": 7, "generator": gen, **bad})
 
 
 def test_random_floor_sees_class_count_noise(seed):
