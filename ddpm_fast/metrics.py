@@ -151,7 +151,7 @@ def random_floor(ref_feats, n: int, draws: int, generator: torch.Generator) -> d
     and in a classifier's feature space FD at small n is dominated by class counts. On digits at n = 355:
     stratified real images score ~0.02, random real images ~0.1 (measured; README, "The quality metric"),
     so no sampler, a perfect one included, can expect to score the stratified floor. These draws share images
-    with the reference, which can only lower their FD, so this floor errs on the strict side. None values
+    with the reference, which tends to lower their FD, so this floor errs on the strict side. None values
     when ``draws`` is 0 or n > half the reference (the draws would be most of the reference itself). For an
     even ``draws`` the lower of the two middle values is the median."""
     for name, value, low in (("n", n, 2), ("draws", draws, 0)):
