@@ -203,6 +203,7 @@ def _run_eval(args):
 
 
 def _format_eval(s):
+    from ddpm_fast.metrics import random_floor_text
     rows = [("samples", "", s["fd"], s["kid"], s["kid_std"]),
             ("real held-out (floor)", "", s["floor_fd"], s["floor_kid"], s["floor_kid_std"]),
             ("pure noise", "", s["noise_fd"], s["noise_kid"], s["noise_kid_std"])]
@@ -212,8 +213,7 @@ def _format_eval(s):
     lines += [f"{name:24s} {fd:10.3f} {k * 1e3:10.3f} {sd * 1e3:8.3f}" for name, _, fd, k, sd in rows]
     random_fd = s.get("random_floor_fd")
     if random_fd is not None:
-        lines.append(f"{'random real subsets':24s} {random_fd:10.3f}   (median of {s['random_floor_draws']} "
-                     f"draws of {s['n']}: {s['random_floor_fd_min']:.3f}...{s['random_floor_fd_max']:.3f})")
+        lines.append(f"{'random real subsets':24s} {random_floor_text(s)}")
 
     def ratio(floor):
         return s["fd"] / floor if floor > 0 else float("inf")

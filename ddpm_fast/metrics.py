@@ -142,6 +142,17 @@ def _scores(feats, ref, prefix, kid_subsets, kid_subset_size, seed):
     return {f"{prefix}fd": frechet_distance(feats, ref), f"{prefix}kid": mean, f"{prefix}kid_std": std}
 
 
+def _check_count(value, what: str, low: int):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{what} must be an int >= {low}; got {value!r}")
+
+
+def random_floor_text(scores: dict) -> str:
+    """'median (median of D draws of n: min...max)' of an evaluate() dict's random floor (it must have one)."""
+    return (f"{scores['random_floor_fd']:10.3f}   (median of {scores['random_floor_draws']} draws of "
+            f"{scores['n']}: {scores['random_floor_fd_min']:.3f}...{scores['random_floor_fd_max']:.3f})")
+
+
 def random_floor(ref_feats, n: int, draws: int, generator: torch.Generator) -> dict:
     """The FD of ``n`` real images drawn at random (without replacement) from the reference, scored against the
     reference, ``draws`` times: their median, min and max (keys random_floor_fd, _min, _max, random_floor_draws).
@@ -154,9 +165,8 @@ def random_floor(ref_feats, n: int, draws: int, generator: torch.Generator) -> d
     with the reference, which tends to lower their FD, so this floor errs on the strict side. None values
     when ``draws`` is 0 or n > half the reference (the draws would be most of the reference itself). For an
     even ``draws`` the lower of the two middle values is the median."""
-    for name, value, low in (("n", n, 2), ("draws", draws, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"random_floor: {name} must be an int >= {low}; got {value!r}")
+    _check_count(n, "random_floor: n", 2)
+    _check_count(draws, "random_floor: draws", 0)
     ref = _as_features(ref_feats, "ref_feats")
     if draws == 0 or n > len(ref) // 2:
         return {"random_floor_fd": None, "random_floor_fd_min": None, "random_floor_fd_max": None,
@@ -201,8 +211,7 @@ def evaluate(samples: torch.Tensor, dataset: str, n: Optional[int] = None, data_
     _max / random_floor_draws, noise_fd, noise_kid, noise_kid_std (N(0, 1) clipped to [-1, 1]), n,
     reference_n, dataset.
     """
-    if isinstance(floor_draws, bool) or not isinstance(floor_draws, int) or floor_draws < 0:
-        raise ValueError(f"floor_draws must be an int >= 0; got {floor_draws!r}")
+    _check_count(floor_draws, "floor_draws", 0)
     from ddpm_fast.data import load_dataset
     net, device = _resolve_feature_net(feature_net, dataset, samples)
     shape = (net.cfg.in_channels, net.cfg.image_size, net.cfg.image_size)
@@ -276,9 +285,7 @@ def format_scores(table: dict) -> str:
              f"{'case':28s} {'FD':>10s} {'KIDx1e3':>10s} {'+-':>8s}"]
     lines += [f"{name:28s} {fd:10.3f} {k * 1e3:10.3f} {s * 1e3:8.3f}" for name, fd, k, s in rows]
     if first.get("random_floor_fd") is not None:
-        lines.append(f"{'floor (random real subsets)':28s} {first['random_floor_fd']:10.3f}   median of "
-                     f"{first['random_floor_draws']}, {first['random_floor_fd_min']:.3f}..."
-                     f"{first['random_floor_fd_max']:.3f}")
+        lines.append(f"{'floor (random real subsets)':28s} {random_floor_text(first)}")
     return "\n".join(lines)
 
 
