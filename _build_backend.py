@@ -1,6 +1,6 @@
 """In-tree PEP 517 backend: setuptools, plus cmake/ninja from PyPI only when the system lacks them.
 
-Torch is never a build requirement (the extension is torch-free, see DESIGN.md).
+Torch is never a build requirement (the extension is torch-free, see docs/architecture.md).
 """
 import shutil
 

@@ -22,7 +22,7 @@ import torch
 
 from ddpm_fast import NoiseSchedule
 from ddpm_fast.ops.p_step import p_step, p_step_ref
-from ddpm_fast.bench_common import time_bursts
+from ddpm_fast.bench.common import time_bursts
 
 STEP = 500  # a mid-chain step: noise is drawn
 

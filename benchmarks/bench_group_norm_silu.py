@@ -25,10 +25,10 @@ import torch.nn.functional as F
 
 from ddpm_fast.ops import _ext
 from ddpm_fast.ops.group_norm_silu import group_norm_silu
-from ddpm_fast.bench_common import time_bursts
+from ddpm_fast.bench.common import time_bursts
 
 # (C, H*W) -> number of sites in one forward of the DDPM CIFAR-10 U-Net (counted with forward hooks on
-# ddpm_fast.unet's ddpm_cifar10 preset; every site has G = 32).
+# ddpm_fast.models' ddpm_cifar10 preset; every site has G = 32).
 UNET_SITES = {(128, 1024): 8, (128, 256): 1, (256, 1024): 2, (256, 256): 6, (256, 64): 7, (256, 16): 11,
               (384, 1024): 1, (384, 256): 1, (512, 256): 2, (512, 64): 3, (512, 16): 3}
 GROUPS = 32

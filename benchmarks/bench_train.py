@@ -4,7 +4,7 @@ torch.randn, eps-MSE, AdamW with torch's defaults, grad clip and an EMA loop as 
 preset, batch, dtype and recipe (AdamW, grad clip 1.0, EMA), timed interleaved in one process.
 
     python benchmarks/bench_train.py --device cpu           # tiny preset on 8x8x1 (digits' size), batch 64, fp32
-    python benchmarks/bench_train.py --device cuda          # CIFAR preset, batch 128, bf16 autocast (issue 6)
+    python benchmarks/bench_train.py --device cuda          # CIFAR preset, batch 128, bf16 autocast
     python benchmarks/bench_train.py --quick                # dry run
 
 Each timed call runs ``--burst`` optimizer steps. The Trainer is fed random data from an .npz file in a temporary
@@ -19,8 +19,8 @@ import tempfile
 import numpy as np
 import torch
 
-from ddpm_fast import bench_common as bc
-from ddpm_fast.baseline import PlainDiffusion, plain_train_step
+from ddpm_fast.bench import common as bc
+from ddpm_fast.bench.baseline import PlainDiffusion, plain_train_step
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 DEFAULTS = {"cpu": dict(preset="tiny", batch=64, dtype="fp32"), "cuda": dict(preset="ddpm_cifar10", batch=128,
@@ -55,7 +55,7 @@ class FastStep:
     path draws them); the first call of the graph variant captures."""
 
     def __init__(self, preset, batch, npz, run_dir, device, dtype, cuda_graph, seed):
-        from ddpm_fast.train import Trainer, TrainConfig
+        from ddpm_fast.training import Trainer, TrainConfig
         cfg = TrainConfig(dataset=f"npz:{npz}", preset=preset, steps=10 ** 9, batch_size=batch, lr=2e-4,
                           warmup=0, amp="none" if dtype == "fp32" else dtype, out=run_dir, seed=seed,
                           cuda_graph=cuda_graph, device=str(device))

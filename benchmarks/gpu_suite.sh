@@ -86,7 +86,7 @@ part "GPU tests" 120 env DDPM_FAST_TEST_GPU_TRITON=1 $PY -P -m pytest -q -m gpu 
 # ---- 3. benchmarks ----
 if [ $DRY -eq 0 ]; then
   DEV=cuda; Q=(); TH=()
-  # The targets first: CIFAR U-Net, 100 steps, bf16 at batch 1 / 128 / 512; then fp32 and batch 16 while
+  # The documented targets first: CIFAR U-Net, 100 steps, bf16 at batch 1 / 128 / 512; then fp32 and batch 16 while
   # the time budget lasts. torch.compile: reduce-overhead only (the faster mode at small batch), at 1 and 128.
   CASES=ddpm_cifar10:bf16:1:100,ddpm_cifar10:bf16:128:100,ddpm_cifar10:bf16:512:100,ddpm_cifar10:fp32:1:100
   CASES=$CASES,ddpm_cifar10:fp32:128:100,ddpm_cifar10:bf16:16:100
@@ -103,13 +103,13 @@ else
 fi
 SAMPLE_LIMIT=$(( $(left) < 210 * SCALE ? $(left) : 210 * SCALE ))
 # Cases not started within (limit - 80 s) are skipped, so the case in flight can finish inside the limit.
-part "sampling benchmark" 210 $PY -P benchmarks/bench_sampling.py --device $DEV "${SAMPLING[@]}" \
+part "sampling benchmark" 210 $PY -P -m ddpm_fast bench --device $DEV "${SAMPLING[@]}" \
   --repeats 5 --out-dir "$OUT" --time-budget $(( SAMPLE_LIMIT > 110 ? SAMPLE_LIMIT - 80 : 30 )) "${TH[@]}" "${Q[@]}"
 SAMPLING_JSON=$(ls -t "$OUT"/*.json 2>/dev/null | grep -v -e '/train-' -e '/diffusion_ops-' -e '/group_norm_silu-' \
   | head -1)
 part "plot" 30 $PY -P benchmarks/plot.py "${SAMPLING_JSON:-no sampling JSON was written}"
 part "training-step benchmark" 75 $PY -P benchmarks/bench_train.py --device $DEV --out-dir "$OUT" "${TH[@]}" "${Q[@]}"
-part "sampling profile" 45 $PY -P benchmarks/bench_sampling.py --device $DEV "${PROFILE[@]}" --repeats 1 \
+part "sampling profile" 45 $PY -P -m ddpm_fast bench --device $DEV "${PROFILE[@]}" --repeats 1 \
   --profile "$PROFILED" --out-dir "$SCRATCH/profile" "${TH[@]}"
 part "reverse-step benchmark" 40 $PY -P benchmarks/bench_diffusion_ops.py --device $DEV \
   --out "$OUT/diffusion_ops-$DEV.json" "${Q[@]}"

@@ -1,4 +1,4 @@
-"""Images/s against batch size, one line per method, from a sampling benchmark's JSON (bench_sampling.py).
+"""Images/s against batch size, one line per method, from a sampling benchmark's JSON (`ddpm-fast bench`).
 
     python benchmarks/plot.py benchmarks/results/<device>-<date>.json            # writes <same name>.png
     python benchmarks/plot.py RESULTS.json -o figure.png

@@ -1,6 +1,6 @@
 """pytest-benchmark smoke suite for the sampling and training benchmarks (CI: `pytest benchmarks
 --benchmark-disable`, each case once, so the harness cannot rot). Tiny settings; the real tables come from
-benchmarks/bench_sampling.py (`ddpm-fast bench`) and benchmarks/bench_train.py.
+`ddpm-fast bench` (ddpm_fast/bench/) and benchmarks/bench_train.py.
 
     pytest benchmarks/test_bench_sampling.py --benchmark-only      # timed, on this machine
 """
@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-from ddpm_fast import bench
-from ddpm_fast.bench import BenchConfig
+from ddpm_fast.cli import main as cli_main
+from ddpm_fast.bench.config import BenchConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -39,7 +39,7 @@ def _script(name):
 
 @pytest.fixture(scope="module")
 def tiny_models():
-    from ddpm_fast.bench_sampling import Models
+    from ddpm_fast.bench.sampling import Models
     return {dev: Models("tiny", "fp32", dev, seed=0) for dev in ("cpu", "cuda") if
             dev == "cpu" or torch.cuda.is_available()}
 
@@ -48,7 +48,7 @@ def tiny_models():
                          [pytest.param("cuda", v, marks=pytest.mark.gpu) for v in GPU_VARIANTS])
 def test_sampling_variant(benchmark, tiny_models, device, variant):
     """One sampling call of each variant: 2 images, 3 steps, the same weights."""
-    from ddpm_fast.bench_sampling import make_variant
+    from ddpm_fast.bench.sampling import make_variant
     fn = make_variant(variant, tiny_models[device], 2, 3, seed=0)
     if isinstance(fn, str):
         pytest.skip(fn)
@@ -65,7 +65,7 @@ def test_models_share_weights(tiny_models):
 
 def test_bench_end_to_end(tmp_path, capsys):
     """The harness: JSON with environment, rows with median/spread/speedups, targets; a table on stdout; a plot."""
-    status = bench.main(["--quick", "--variants", "eager,ddpm_fast", "--batches", "1", "--steps", "2",
+    status = cli_main(["bench", "--quick", "--variants", "eager,ddpm_fast", "--batches", "1", "--steps", "2",
                          "--repeats", "2", "--out-dir", str(tmp_path), "--profile", "ddpm_fast", "--threads", "1"])
     assert status == 0
     (path,) = tmp_path.glob("*-quick.json")
@@ -123,13 +123,13 @@ def test_config_errors(kw, words):
 
 def test_cli_flags_come_from_the_config(capsys):
     with pytest.raises(SystemExit):
-        bench.main(["--help"])
+        cli_main(["bench", "--help"])
     text = capsys.readouterr().out
     for flag in ("--presets", "--batches", "--steps", "--dtypes", "--variants", "--compile", "--skip-compile",
                  "--repeats", "--out-dir", "--profile", "--quick"):
         assert flag in text
     with pytest.raises(SystemExit):
-        bench.main(["--batches", "1,x"])
+        cli_main(["bench", "--batches", "1,x"])
     assert "comma-separated integers" in capsys.readouterr().err
 
 
@@ -137,7 +137,7 @@ def test_cases_and_time_budget(tmp_path):
     """Explicit cases keep their order; with the budget spent every case is listed as skipped, not run."""
     assert BenchConfig(cases=("tiny:fp32:2:3", "tiny:bf16:1:4")).resolved().all_cases() == \
         [("tiny", "fp32", 2, 3), ("tiny", "bf16", 1, 4)]
-    status = bench.main(["--quick", "--cases", "tiny:fp32:1:2,tiny:fp32:2:2", "--variants", "eager",
+    status = cli_main(["bench", "--quick", "--cases", "tiny:fp32:1:2,tiny:fp32:2:2", "--variants", "eager",
                          "--time-budget", "0", "--threads", "1", "--out-dir", str(tmp_path)])
     rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
     assert status == 0 and [(r["batch"], r["variant"]) for r in rows] == [(1, "*"), (2, "*")]

@@ -3,18 +3,21 @@
 Public API (imported lazily, so ``import ddpm_fast`` stays cheap):
     sample, train, UNet, UNetConfig, NoiseSchedule, DiffusionConfig, TrainConfig, load, save,
     GroupNormSiLU, group_norm_silu
+The subpackages (docs/architecture.md): diffusion/ (schedules, reference math), ops/ (fused kernels), models/
+(the U-Net), sampling/, training/, eval/ (metrics), bench/; plus data, checkpoint, images, files, distributed.
 """
 import importlib
 
-__version__ = "0.1.0"
+from . import _aliases
+from ._version import __version__
 
 _API = {
-    "sample": "ddpm_fast.sampler",
-    "train": "ddpm_fast.train",
-    "TrainConfig": "ddpm_fast.train",
-    "UNet": "ddpm_fast.unet",
-    "UNetConfig": "ddpm_fast.unet",
-    "NoiseSchedule": "ddpm_fast.schedule",
+    "sample": "ddpm_fast.sampling",
+    "train": "ddpm_fast.training",
+    "TrainConfig": "ddpm_fast.training",
+    "UNet": "ddpm_fast.models",
+    "UNetConfig": "ddpm_fast.models",
+    "NoiseSchedule": "ddpm_fast.diffusion",
     "DiffusionConfig": "ddpm_fast.diffusion",
     "load": "ddpm_fast.checkpoint",
     "save": "ddpm_fast.checkpoint",
@@ -23,6 +26,7 @@ _API = {
 }
 
 __all__ = sorted(_API) + ["__version__"]
+_aliases.install()
 
 
 def __getattr__(name):
@@ -30,6 +34,9 @@ def __getattr__(name):
         value = getattr(importlib.import_module(_API[name]), name)
         globals()[name] = value
         return value
+    alias = _aliases.ALIASES.get(f"{__name__}.{name}")
+    if alias is not None:  # an old module path used as an attribute: ddpm_fast.sampler.last_run_info()
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'ddpm_fast' has no attribute {name!r}")
 
 

@@ -14,73 +14,16 @@ do not fit the config) raises an error naming the file and the problem, before a
 """
 import json
 import os
-import tempfile
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from .files import ASSETS, read_safetensors, write_safetensors
+
 MODEL_FORMAT = "ddpm_fast.model/1"
 TRAIN_FORMAT = "ddpm_fast.train/1"
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 DEFAULT_MODEL = os.path.join(ASSETS, "default_digits.safetensors")
 RUN_MODEL, RUN_CHECKPOINT = "model.safetensors", "checkpoint.safetensors"  # names inside a run directory
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Calls ``write(tmp)`` for a temp file in path's directory, fsyncs it, then renames it onto ``path``.
-
-    A crash or exception at any point leaves ``path`` as it was (the old file, or none) and removes the temp.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix="_" + os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())  # the bytes reach the disk before the rename makes them the checkpoint
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_safetensors(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
-    """Atomically writes CPU-contiguous copies of ``tensors`` with string ``metadata``."""
-    from safetensors.torch import save_file
-    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
-
-
-def read_safetensors(path: str, expect_format: Tuple[str, ...]) -> Tuple[Dict[str, torch.Tensor], dict]:
-    """(tensors on the CPU, metadata with its JSON values parsed) of a ddpm_fast file of one of the formats."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        with safe_open(path, "pt") as f:
-            meta = dict(f.metadata() or {})
-        tensors = load_file(path)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
-    fmt = meta.get("format")
-    if fmt not in expect_format:
-        raise ValueError(f"{path} has format {fmt!r}, expected one of {list(expect_format)} (a file written by "
-                         f"ddpm_fast.save or ddpm_fast.train)")
-    parsed = {"format": fmt}
-    for key, value in meta.items():
-        if key == "format":
-            continue
-        try:
-            parsed[key] = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: metadata entry {key!r} is not valid JSON: {err}") from None
-    return tensors, parsed
 
 
 def _unwrap(model):
@@ -94,7 +37,7 @@ def _unwrap(model):
 
 def model_metadata(model, info: Optional[dict] = None) -> Dict[str, str]:
     """The metadata of a model file for ``model`` (a UNet): its configs as JSON strings."""
-    from .unet import UNet
+    from .models import UNet
     model = _unwrap(model)
     if not isinstance(model, UNet):
         raise TypeError(f"expected a ddpm_fast UNet, got {type(model).__name__}")
@@ -138,7 +81,7 @@ def _resolve_path(path) -> str:
 def build_model(path: str, meta: dict, fused: bool = True):
     """A UNet (on the CPU, fp32) from a file's parsed metadata; errors name the file."""
     from .diffusion import DiffusionConfig
-    from .unet import UNet, UNetConfig
+    from .models import UNet, UNetConfig
     try:
         config = UNetConfig.from_dict({**meta["unet_config"], "fused": bool(fused)})
         diffusion = meta.get("diffusion_config")

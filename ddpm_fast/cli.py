@@ -48,7 +48,7 @@ def _run_sample(args):
 
     import ddpm_fast
     from ddpm_fast.images import save_grid_png, save_npz
-    from ddpm_fast.sampler import last_run_info
+    from ddpm_fast.sampling import last_run_info
 
     def fail(message):
         raise SystemExit(f"ddpm-fast sample: error: {message}")
@@ -112,7 +112,7 @@ def _dataclass_values(args, cls):
 
 
 def _add_train(sub):
-    from ddpm_fast.train_config import RECIPES, TrainConfig
+    from ddpm_fast.training.config import RECIPES, TrainConfig
     p = sub.add_parser("train", help="train a DDPM (checkpoints, resume, torchrun DDP)",
                        description="Train a DDPM on a dataset; writes checkpoints, the EMA model, metrics and a "
                        "loss curve into --out. Under `torchrun --nproc_per_node K -m ddpm_fast train ...` it "
@@ -129,7 +129,7 @@ def _add_train(sub):
 def _run_train(args):
     import torch.distributed as dist
     from ddpm_fast import distributed
-    from ddpm_fast.train import Trainer, TrainConfig
+    from ddpm_fast.training import Trainer, TrainConfig
     owns_group = not dist.is_initialized()  # under torchrun the group is made here, unless a caller made it
     try:
         try:
@@ -174,10 +174,10 @@ def _add_eval(sub):
 def _run_eval(args):
     import json
     import ddpm_fast
-    from ddpm_fast.checkpoint import atomic_write
+    from ddpm_fast.files import atomic_write
     from ddpm_fast.data import load_dataset
     from ddpm_fast.distributed import resolve_device
-    from ddpm_fast.metrics import evaluate
+    from ddpm_fast.eval.metrics import evaluate
     try:
         device = resolve_device(args.device)
         model = ddpm_fast.load(args.checkpoint, device=device)
@@ -203,7 +203,7 @@ def _run_eval(args):
 
 
 def _format_eval(s):
-    from ddpm_fast.metrics import random_floor_text
+    from ddpm_fast.eval.metrics import random_floor_text
     rows = [("samples", "", s["fd"], s["kid"], s["kid_std"]),
             ("real held-out (floor)", "", s["floor_fd"], s["floor_kid"], s["floor_kid_std"]),
             ("pure noise", "", s["noise_fd"], s["noise_kid"], s["noise_kid_std"])]
@@ -227,7 +227,7 @@ def _format_eval(s):
 
 # ---- bench ----
 def _add_bench(sub):
-    from .bench import __doc__ as doc, add_arguments  # the standard library only: --help stays fast
+    from .bench.config import __doc__ as doc, add_arguments  # the standard library only: --help stays fast
     p = sub.add_parser("bench", help="sampling speed: ddpm_fast vs plain PyTorch, torch.compile and diffusers",
                        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
@@ -235,7 +235,8 @@ def _add_bench(sub):
 
 
 def _run_bench(args):
-    from .bench import config_from_args, run
+    from .bench.config import config_from_args
+    from .bench.sampling import run
     try:
         config = config_from_args(args).resolved()
     except ValueError as err:
@@ -245,7 +246,9 @@ def _run_bench(args):
 
 
 def build_parser():
+    from ._version import __version__
     parser = argparse.ArgumentParser(prog="ddpm-fast", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"ddpm-fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,bench}")
     for name in ("train", "sample", "eval", "bench"):
         adder = globals().get(f"_add_{name}")

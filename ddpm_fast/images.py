@@ -11,8 +11,7 @@ import os
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write
-
+from .files import atomic_write
 
 
 def _check(samples, what="samples"):

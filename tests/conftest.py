@@ -1,5 +1,6 @@
 """Shared test set-up. TRITON_INTERPRET must be set before any Triton kernel module is imported."""
 import os
+import sys
 
 import pytest
 
@@ -12,6 +13,7 @@ import torch  # noqa: E402
 torch.set_num_threads(min(torch.get_num_threads(), 2))
 
 HAS_CUDA = torch.cuda.is_available()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/oracles.py and other shared helpers
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,7 +7,7 @@ import torch
 
 import ddpm_fast
 from ddpm_fast import checkpoint
-from ddpm_fast.unet import UNet
+from ddpm_fast.models import UNet
 
 
 def _tiny(**overrides):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ddpm_fast.cli import build_parser, main
-from ddpm_fast.train_config import TrainConfig
+from ddpm_fast.training.config import TrainConfig
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -81,7 +81,7 @@ def test_train_then_resume_then_eval(tmp_path, capsys):
     (["--dataset", "nope"], "unknown dataset"),
 ])
 def test_eval_bad_arguments(tmp_path, capsys, argv, message):
-    from ddpm_fast.unet import UNet
+    from ddpm_fast.models import UNet
     import ddpm_fast
     path = ddpm_fast.save(UNet.preset("tiny", ch=8, num_groups=4), tmp_path / "m.safetensors")
     base = {"--checkpoint": str(path), "--dataset": "digits", "--device": "cpu"}

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _ext
+from .common import NCHW, NHWC, prepare_layout, to_layout
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-NCHW, NHWC = 0, 1  # layout codes shared with csrc/group_norm_silu.h
 
 
 def group_norm_silu_ref(x, num_groups, weight=None, bias=None, eps=1e-5):
@@ -61,38 +61,6 @@ def _check(x, num_groups, weight, bias, eps):
             raise TypeError(f"group_norm_silu: {name} must be floating point, got {t.dtype}")
     if not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"group_norm_silu: eps must be a finite number >= 0, got {eps}")
-
-
-def _is_nhwc(x):
-    """True when x (N, C, *S) is laid out densely as (N, *S, C); strides of size-1 dims do not matter."""
-    step = 1
-    for dim in [1, *range(x.dim() - 1, 1, -1), 0]:
-        if x.shape[dim] != 1 and x.stride(dim) != step:
-            return False
-        step *= x.shape[dim]
-    return True
-
-
-def _prepare(x):
-    """(x, layout): x itself when NCHW- or NHWC-dense, else a dense copy (NHWC when channels are innermost)."""
-    if x.is_contiguous():
-        return x, NCHW
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):  # the common case, checked in C++
-        return x, NHWC
-    if x.dim() >= 3 and _is_nhwc(x):
-        return x, NHWC
-    if x.dim() >= 3 and x.stride(1) == 1:
-        perm = (0, *range(2, x.dim()), 1)
-        inv = (0, x.dim() - 1, *range(1, x.dim() - 1))
-        return x.permute(perm).contiguous().permute(inv), NHWC
-    return x.contiguous(), NCHW
-
-
-def _to_layout(t, like, layout):
-    """t with the same dense layout as `like` (used for dy in the backward)."""
-    if layout == NCHW:
-        return t.contiguous()
-    return t if t.stride() == like.stride() else torch.empty_like(like, dtype=t.dtype).copy_(t)
 
 
 def _stats_dtype(x):
@@ -137,7 +105,7 @@ def _scratch_stats_ptrs(n, dt):
 def _fwd_cpp(x, weight, bias, num_groups, eps, keep_stats=True):
     """C++ CPU or CUDA kernel (by x.device). Returns (y, mean, rstd); mean/rstd are None when keep_stats is
     False on the CPU (inference: they go to a reused scratch buffer)."""
-    x, layout = _prepare(x)
+    x, layout = prepare_layout(x)
     N, C, HW, G = _sizes(x, num_groups)
     y = torch.empty_like(x)
     if keep_stats or x.is_cuda:
@@ -162,8 +130,8 @@ def _fwd_cpp(x, weight, bias, num_groups, eps, keep_stats=True):
 
 def _bwd_cpp(dy, x, weight, bias, mean, rstd, num_groups):
     """C++ CPU or CUDA backward. Returns (dx, dweight, dbias); dweight/dbias in the stats dtype."""
-    x, layout = _prepare(x)
-    dy = _to_layout(dy.to(x.dtype), x, layout)
+    x, layout = prepare_layout(x)
+    dy = to_layout(dy.to(x.dtype), x, layout)
     N, C, HW, G = _sizes(x, num_groups)
     sd = mean.dtype
     dx = torch.empty_like(x)
@@ -186,7 +154,7 @@ def _bwd_cpp(dy, x, weight, bias, mean, rstd, num_groups):
 
 def _fwd_ref(x, weight, bias, num_groups, eps):
     """The reference, returning (y, mean, rstd) with the same layouts and dtypes as the kernels."""
-    x, _ = _prepare(x)
+    x, _ = prepare_layout(x)
     y = torch.empty_like(x)
     mean, rstd = _empty_stats(x, num_groups)
     if x.numel() == 0:
@@ -198,7 +166,7 @@ def _fwd_ref(x, weight, bias, num_groups, eps):
 
 def _bwd_ref(dy, x, weight, bias, mean, rstd, num_groups):
     """Backward in plain PyTorch from the saved statistics (checked against autograd of the ref in tests)."""
-    x, layout = _prepare(x)
+    x, layout = prepare_layout(x)
     N, C, HW, G = _sizes(x, num_groups)
     sd = mean.dtype
     x4, dy4 = x.to(sd).reshape(N, G, C // G, HW), dy.to(sd).reshape(N, G, C // G, HW)
@@ -265,7 +233,7 @@ def _group_norm_silu_kernel(x, weight, bias, num_groups, eps):
 @_group_norm_silu_op.register_fake
 def _group_norm_silu_fake(x, weight, bias, num_groups, eps):
     _check(x, num_groups, weight, bias, eps)
-    x, _ = _prepare(x)
+    x, _ = prepare_layout(x)
     return (torch.empty_like(x), *_empty_stats(x, num_groups))
 
 
@@ -284,7 +252,7 @@ def _group_norm_silu_backward_kernel(dy, x, weight, bias, mean, rstd, num_groups
 
 @_group_norm_silu_backward_op.register_fake
 def _group_norm_silu_backward_fake(dy, x, weight, bias, mean, rstd, num_groups):
-    x, _ = _prepare(x)
+    x, _ = prepare_layout(x)
     C = x.shape[1]
     return torch.empty_like(x), mean.new_empty((C,)), mean.new_empty((C,))
 

@@ -1,4 +1,4 @@
-"""The fused reverse step x_t -> x_{t-1} (DDPM ancestral or DDIM), and the seeded noise the sampler starts from.
+"""The fused reverse step x_t -> x_{t-1} (DDPM ancestral or DDIM).
 
 ``p_step_ref`` is the specification (diffusion.ddpm_step / ddim_step). ``p_step`` runs, by device:
   CUDA: one Triton kernel; noise drawn in the kernel (Philox), step and seed readable from device tensors, no
@@ -10,77 +10,22 @@ Noise sources, exactly one of: ``noise=`` (a tensor; deterministic, comparable t
 ``generator=`` (noise = torch.randn(x_t.shape, generator=...), float32, drawn only when the step needs noise:
 diffusers' convention), ``seed=`` (an int64 device tensor of one element, or an int for eager use): element e
 (memory-order index + element_offset) of step k draws Philox4x32-10 with key = seed, counter = (e // 4, k,
-stream, e // 4 >> 32), so CPU and CUDA draw the same numbers up to float rounding (ops/triton/philox.py).
+stream, e // 4 >> 32), so CPU and CUDA draw the same numbers up to float rounding (ops/noise.py).
+``seeded_randn`` (the sampler's initial noise) lives in ops/noise.py and is importable from here too.
 """
 import math
 import weakref
 from typing import Optional
 
-import numpy as np
 import torch
 
 from .. import diffusion
-from ..schedule import ROWS, NoiseSchedule, ScheduleTables
+from ..diffusion.schedule import ROWS
 from . import _ext
-
-STREAM_P_STEP, STREAM_INIT, STREAM_Q_SAMPLE = 0, 1, 2
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MASK64 = (1 << 64) - 1
-
-
-# ---- seeds ------------------------------------------------------------------------------------------------
-
-def seed_tensor(seed, device):
-    """An int64 one-element seed tensor on ``device`` from an int or a tensor (validated)."""
-    if isinstance(seed, torch.Tensor):
-        if seed.dtype != torch.int64 or seed.numel() != 1:
-            raise ValueError(f"seed must be an int64 tensor with one element, got {seed.dtype} {tuple(seed.shape)}")
-        if seed.device != torch.device(device):
-            raise ValueError(f"seed is on {seed.device} but the data is on {device}")
-        return seed
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int or an int64 tensor, got {type(seed).__name__}")
-    value = seed & _MASK64  # the same 64 bits as an int64
-    return torch.tensor([value - 2 ** 64 if value >= 2 ** 63 else value], dtype=torch.int64, device=device)
-
-
-def philox_randn_ref(seed, step, stream, elements):
-    """NumPy specification of the in-kernel (CUDA/Triton) noise: N(0, 1) float64 for global element indices
-    ``elements`` at (seed, step, stream). Philox4x32-10 (Salmon et al. 2011) as triton.language.philox, then
-    Box-Muller as triton.language.pair_uniform_to_normal; see ops/triton/philox.py for the counter layout."""
-    m32 = np.uint64(0xFFFFFFFF)
-    e = np.asarray(elements, dtype=np.uint64)
-    key = int(seed) & _MASK64
-    k0, k1 = np.uint64(key & 0xFFFFFFFF), np.uint64(key >> 32)
-    c0, c1 = e // np.uint64(4) & m32, np.full_like(e, int(step) & 0xFFFFFFFF)
-    c2, c3 = np.full_like(e, stream), e // np.uint64(4) >> np.uint64(32)
-    for _ in range(10):
-        p0, p1 = np.uint64(0xCD9E8D57) * c2, np.uint64(0xD2511F53) * c0
-        c0, c1, c2, c3 = (p0 >> np.uint64(32)) ^ c1 ^ k0, p0 & m32, (p1 >> np.uint64(32)) ^ c3 ^ k1, p1 & m32
-        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & m32, (k1 + np.uint64(0xBB67AE85)) & m32
-    # uint32 -> [0, 1): as int32, negatives folded by bitwise not, times (2^23 - 1) / 2^23 / 2^31
-    u = [np.where(c >= 2 ** 31, 0xFFFFFFFF - c, c).astype(np.float64) * np.float32(4.6566127342e-10)
-         for c in (c0, c1, c2, c3)]
-    lane = (e % np.uint64(4)).astype(np.int64)
-    first, second = np.where(lane < 2, u[0], u[2]), np.where(lane < 2, u[1], u[3])
-    r = np.sqrt(-2.0 * np.log(np.maximum(first, 1e-7)))
-    return np.where(lane % 2 == 0, r * np.cos(2 * np.pi * second), r * np.sin(2 * np.pi * second))
-
-
-def philox_noise(like, seed, step, stream, element_offset):
-    """float32 Philox noise laid out like ``like`` (dense), on the CPU: the C++ kernel, or the NumPy
-    specification when the extension is missing (slow, same numbers)."""
-    buf = torch.empty_like(like, dtype=torch.float32, device="cpu")
-    flat = buf.as_strided((buf.numel(),), (1,))  # memory order, for NCHW and channels_last alike
-    key = int(seed) & _MASK64
-    ext = _ext.load()
-    if ext is not None:
-        ext.philox_randn_cpu(flat.data_ptr(), flat.numel(), key, int(step) & 0xFFFFFFFF, stream, element_offset,
-                             torch.get_num_threads())
-    else:
-        idx = np.arange(element_offset, element_offset + flat.numel(), dtype=np.uint64)
-        flat.copy_(torch.from_numpy(philox_randn_ref(key, step, stream, idx)))
-    return buf.to(like.device)
+from .common import (check_backend, check_float_tensor, is_dense, match_layout, nc_s_strides, resolve_tables,
+                     warn_no_triton)
+from .noise import STREAM_P_STEP, _MASK64, noise_source, philox_noise
+from .noise import seeded_randn  # noqa: F401  (documented as ddpm_fast.ops.p_step.seeded_randn)
 
 
 # ---- specification ----------------------------------------------------------------------------------------
@@ -96,41 +41,6 @@ def p_step_ref(schedule, model_output, x_t, step, *, prediction="eps", variance=
 
 
 # ---- validation -------------------------------------------------------------------------------------------
-
-def resolve_tables(schedule, x):
-    """float32 ScheduleTables on x's device from a NoiseSchedule or ScheduleTables."""
-    if isinstance(schedule, NoiseSchedule):
-        return schedule.tables(x.device)
-    if not isinstance(schedule, ScheduleTables):
-        raise ValueError(f"schedule must be a NoiseSchedule or ScheduleTables, got {type(schedule).__name__}")
-    if schedule.device != x.device or schedule.packed.dtype != torch.float32:
-        raise ValueError(f"schedule tables are {schedule.packed.dtype} on {schedule.device}; the op needs "
-                         f"float32 tables on {x.device} (schedule.tables(device))")
-    return schedule
-
-
-def check_float_tensor(name, t, device, shape=None):
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but x is on {device}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-
-
-def is_dense(x):
-    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
-
-
-def match_layout(t, like):
-    """t with like's strides (like: dense NCHW or channels_last); a copy only when they differ."""
-    if t.stride() == like.stride():
-        return t
-    fmt = torch.contiguous_format if like.is_contiguous() else torch.channels_last
-    return t.contiguous(memory_format=fmt)
-
 
 def _step_arg(step, device, num_steps):
     """(step tensor or None, step index int, step value if known on the host else None)."""
@@ -154,32 +64,15 @@ def _step_arg(step, device, num_steps):
 
 
 def check_options(prediction, variance, sampler, eta, element_offset):
-    diffusion._check_choice("prediction", prediction, diffusion.PREDICTIONS)
-    diffusion._check_choice("variance", variance, diffusion.VARIANCES)
-    diffusion._check_choice("sampler", sampler, diffusion.SAMPLERS)
+    diffusion.check_choice("prediction", prediction, diffusion.PREDICTIONS)
+    diffusion.check_choice("variance", variance, diffusion.VARIANCES)
+    diffusion.check_choice("sampler", sampler, diffusion.SAMPLERS)
     if not (isinstance(eta, (int, float)) and eta >= 0 and eta < float("inf")):
         raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
     if sampler == "ddpm" and eta != 0:
         raise ValueError("eta applies to sampler='ddim' only")
     if isinstance(element_offset, bool) or not isinstance(element_offset, int) or element_offset < 0:
         raise ValueError(f"element_offset must be an int >= 0, got {element_offset!r}")
-
-
-def noise_source(x, noise, generator, seed, needed):
-    """(noise tensor or None, seed tensor or None) after checking exactly one source is given when needed."""
-    given = [name for name, v in (("noise", noise), ("generator", generator), ("seed", seed)) if v is not None]
-    if len(given) > 1:
-        raise ValueError(f"give one noise source, got {' and '.join(given)}")
-    if noise is not None:
-        check_float_tensor("noise", noise, x.device, x.shape)
-        return noise, None
-    if generator is not None:
-        return (torch.randn(x.shape, generator=generator, device=x.device) if needed else None), None
-    if seed is not None:
-        return None, seed_tensor(seed, x.device)
-    if needed:
-        raise ValueError("this step adds noise: pass noise=, generator= or seed=")
-    return None, None
 
 
 # ---- public API -------------------------------------------------------------------------------------------
@@ -239,29 +132,13 @@ def _layouts(x_t, model_output, noise, out):
     return x_t, model_output, noise, out
 
 
-def check_backend(backend):
-    if backend not in (None, "triton", "cpp", "torch"):
-        raise ValueError(f"backend must be None, 'triton', 'cpp' or 'torch', got {backend!r}")
-
-
-def nc_s_strides(t):
-    """Strides (n, c, s) of t viewed as (N, C, S), S = its spatial dims merged; None if they do not merge."""
-    stride = t.stride()
-    if t.is_contiguous():
-        return stride[0], stride[1], 1
-    dims = [(n, st) for n, st in zip(t.shape[2:], stride[2:]) if n != 1]
-    for (_, outer), (n_inner, inner) in zip(dims, dims[1:]):
-        if outer != inner * n_inner:
-            return None
-    return stride[0], stride[1], dims[-1][1] if dims else 1
-
 
 def _auto_backend(args):
     x_t, model_output, _, _, _, noise, *_, out = args
     if x_t.device.type != "cpu":
         if _ext.has_triton():
             return "triton"
-        _warn_no_triton()
+        warn_no_triton()
         return "torch"
     fp32 = all(t is None or t.dtype == torch.float32 for t in (x_t, model_output, noise))
     return "cpp" if fp32 and _ext.has_cpu_kernels() else "torch"
@@ -284,11 +161,6 @@ def _p_step_fake(x_t, model_output, table, step, step_index, noise, seed, elemen
                  clip, ddim, eta, out):
     return None
 
-
-def _warn_no_triton():
-    import warnings
-    warnings.warn("ddpm_fast: triton is not installed; the fused CUDA ops run as separate torch ops with host "
-                  "syncs (not CUDA-graph capturable). `pip install triton`", RuntimeWarning, stacklevel=3)
 
 
 # ---- backends ---------------------------------------------------------------------------------------------
@@ -395,56 +267,3 @@ def _p_step_triton(*args):
 
 
 _P_STEP_BACKENDS = {"cpp": _p_step_cpp, "torch": _p_step_torch, "triton": _p_step_triton}
-
-
-# ---- seeded initial noise ---------------------------------------------------------------------------------
-
-def seeded_randn(shape, seed, *, dtype=torch.float32, device=None, element_offset=0, out=None, backend=None):
-    """N(0, 1) noise that is a pure function of (seed, element): the sampler's x_T, drawn inside a graph.
-
-    The Philox stream STREAM_INIT (step word 0), so it never collides with p_step's noise for the same seed;
-    element = memory-order index + element_offset. CUDA: a Triton kernel reading the seed from device memory;
-    CPU: the C++ kernel (same numbers up to float rounding).
-    :param seed: int64 one-element tensor (its device is used) or an int (then ``device``, default cpu).
-    :param out: optional dense tensor to fill (then ``shape``/``dtype`` are ignored); no allocation.
-    :param backend: as for ``p_step`` ("cpp" and "torch" both mean the host kernel here).
-    """
-    check_backend(backend)
-    if isinstance(seed, torch.Tensor):
-        device = seed.device
-    device = torch.device(device if device is not None else (out.device if out is not None else "cpu"))
-    seed = seed_tensor(seed, device)
-    if isinstance(element_offset, bool) or not isinstance(element_offset, int) or element_offset < 0:
-        raise ValueError(f"element_offset must be an int >= 0, got {element_offset!r}")
-    if out is None:
-        out = torch.empty(shape, dtype=dtype, device=device)
-    check_float_tensor("out", out, device)
-    if not is_dense(out):
-        raise ValueError("out must be dense (contiguous or channels_last)")
-    if backend is None and torch.compiler.is_compiling():
-        torch.ops.ddpm_fast.seeded_randn_(seed, element_offset, STREAM_INIT, out)
-    else:
-        use_triton = backend == "triton" or (backend is None and device.type != "cpu")
-        _seeded_randn(seed, element_offset, STREAM_INIT, out, use_triton)
-    return out
-
-
-def _seeded_randn(seed, element_offset, stream, out, use_triton):
-    if use_triton and _ext.has_triton():
-        from .triton.philox import seeded_randn_triton
-        seeded_randn_triton(seed, element_offset, out, stream)
-    else:
-        if out.device.type != "cpu":
-            _warn_no_triton()
-        out.copy_(philox_noise(out, seed, 0, stream, element_offset))
-
-
-@torch.library.custom_op("ddpm_fast::seeded_randn_", mutates_args=("out",), device_types=("cpu", "cuda"))
-def _seeded_randn_op(seed: torch.Tensor, element_offset: int, stream: int, out: torch.Tensor) -> None:
-    """Fills out with N(0, 1) from (seed, stream, element_offset)."""
-    _seeded_randn(seed, element_offset, stream, out, out.device.type != "cpu")
-
-
-@_seeded_randn_op.register_fake
-def _seeded_randn_fake(seed, element_offset, stream, out):
-    return None

@@ -11,10 +11,10 @@ from typing import Optional
 import torch
 
 from .. import diffusion
+from ..diffusion.schedule import ROW
 from . import _ext
-from .p_step import (STREAM_Q_SAMPLE, _warn_no_triton, check_backend, check_float_tensor, is_dense,
-                     match_layout, noise_source, philox_noise, resolve_tables)
-from ..schedule import ROW
+from .common import check_backend, check_float_tensor, is_dense, match_layout, resolve_tables, warn_no_triton
+from .noise import STREAM_Q_SAMPLE, noise_source, philox_noise
 
 
 def q_sample_ref(schedule, x_start, t, noise):
@@ -72,7 +72,7 @@ def _q_sample(x_start, t, table, noise, seed, element_offset, x_t, eps, use_trit
         from .triton.q_sample import q_sample_triton
         return q_sample_triton(x_start, t, table, noise, seed, element_offset, x_t, eps, STREAM_Q_SAMPLE)
     if x_start.device.type != "cpu":
-        _warn_no_triton()
+        warn_no_triton()
     # CPU: eps from the C++ Philox kernel (the same stream as the GPU), then one torch pass
     if noise is None:
         noise = eps.copy_(philox_noise(x_start, seed, 0, STREAM_Q_SAMPLE, element_offset))

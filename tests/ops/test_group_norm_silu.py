@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ddpm_fast.ops import _ext
 from ddpm_fast.ops import group_norm_silu as gns
+from ddpm_fast.ops.common import prepare_layout
 from ddpm_fast.ops.group_norm_silu import GroupNormSiLU, group_norm_silu, group_norm_silu_ref
 
 HAS_CPP = _ext.has_cpu_kernels()
@@ -373,7 +374,7 @@ def test_triton_kernels(seed, shape, G, layout, dtype, monkeypatch):
     for tile in (tk._MAX_TILE, 64):  # whole group in one tile, and the looped two-pass path
         monkeypatch.setattr(tk, "_MAX_TILE", tile)
         y, mean, rstd = tk._group_norm_silu_fwd(x, w, b, G, 1e-5)
-        assert y.stride() == gns._prepare(x)[0].stride()
+        assert y.stride() == prepare_layout(x)[0].stride()
         assert_rule(y, ref64(x, G, w, b), naive(x, G, w, b), ATOL[dtype])
         dx, dw, db = tk._group_norm_silu_bwd(dy, x, w, b, mean, rstd, G)
         _check_grads(x, w, b, G, dy, dx, dw, db, f"triton tile={tile}")

@@ -7,8 +7,8 @@ import torch
 
 from ddpm_fast import NoiseSchedule
 from ddpm_fast.ops import _ext
-from ddpm_fast.ops.p_step import (STREAM_INIT, STREAM_P_STEP, p_step, p_step_ref, philox_randn_ref,
-                                  seeded_randn)
+from ddpm_fast.ops.noise import STREAM_INIT, STREAM_P_STEP, philox_randn_ref, seeded_randn
+from ddpm_fast.ops.p_step import p_step, p_step_ref
 
 HAS_CUDA = torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(not _ext.has_triton(), reason="needs triton")

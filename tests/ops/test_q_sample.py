@@ -5,7 +5,7 @@ import torch
 
 from ddpm_fast import NoiseSchedule
 from ddpm_fast.ops import _ext
-from ddpm_fast.ops.p_step import STREAM_Q_SAMPLE, philox_randn_ref
+from ddpm_fast.ops.noise import STREAM_Q_SAMPLE, philox_randn_ref
 from ddpm_fast.ops.q_sample import q_sample, q_sample_ref
 
 needs_triton = pytest.mark.skipif(not _ext.has_triton(), reason="needs triton")

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..common import NCHW, prepare_layout, to_layout
+
 _MAX_TILE = 8192  # elements per program tile: the whole group stays in registers when it fits
 _MAX_BLOCK_D = 1024  # channels per group the kernels accept (a tile holds at least one position of each)
 
@@ -158,15 +160,13 @@ def _tiles(D, HW):
 
 def _strides(layout, C, HW):
     """Element strides (n, c, hw) of an NCHW- or NHWC-dense (N, C, *) tensor (spatial dims flattened)."""
-    from ..group_norm_silu import NCHW
     return (C * HW, HW, 1) if layout == NCHW else (C * HW, 1, C)
 
 
 def _group_norm_silu_fwd(x, weight, bias, num_groups, eps):
-    """Forward launcher. x: (N, C, *) NCHW- or NHWC-dense (see ops/group_norm_silu._prepare), fp32/fp16/bf16;
+    """Forward launcher. x: (N, C, *) NCHW- or NHWC-dense (see ops/common.prepare_layout), fp32/fp16/bf16;
     weight, bias: (C,) or None. Returns y (like x), mean and rstd ((N, G) fp32)."""
-    from ..group_norm_silu import _prepare
-    x, layout = _prepare(x)
+    x, layout = prepare_layout(x)
     N, C, HW, G = x.shape[0], x.shape[1], math.prod(x.shape[2:]), num_groups
     y = torch.empty_like(x)
     mean = torch.zeros((N, G), dtype=torch.float32, device=x.device)
@@ -186,9 +186,8 @@ def _group_norm_silu_fwd(x, weight, bias, num_groups, eps):
 
 def _group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, num_groups):
     """Backward launcher. Returns dx (like x), dweight and dbias ((C,) fp32)."""
-    from ..group_norm_silu import _prepare, _to_layout
-    x, layout = _prepare(x)
-    dy = _to_layout(dy.to(x.dtype), x, layout)
+    x, layout = prepare_layout(x)
+    dy = to_layout(dy.to(x.dtype), x, layout)
     N, C, HW, G = x.shape[0], x.shape[1], math.prod(x.shape[2:]), num_groups
     dx = torch.empty_like(x)
     dwp = torch.zeros((N, C), dtype=torch.float32, device=x.device)

@@ -12,8 +12,8 @@ import math
 import triton
 import triton.language as tl
 
-from ...schedule import ROW
-from ..p_step import nc_s_strides
+from ...diffusion.schedule import ROW
+from ..common import nc_s_strides
 from .philox import launch_geometry, randn_block
 
 PRED_CODES = {"eps": 0, "x0": 1, "v": 2}

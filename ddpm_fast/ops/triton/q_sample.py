@@ -3,7 +3,7 @@ drawn in the kernel (Philox, stream Q_SAMPLE) and written out as the loss target
 import triton
 import triton.language as tl
 
-from ...schedule import ROW
+from ...diffusion.schedule import ROW
 from .philox import launch_geometry, randn_block
 
 _SAB = tl.constexpr(ROW["sqrt_alphas_cumprod"])

@@ -1,0 +1,321 @@
+"""The measuring half of `ddpm-fast bench` (configuration and command line: bench/config.py).
+
+For each case (preset, dtype, batch, steps) every variant samples ``batch`` images with ``steps`` steps from
+the SAME weights; variants are timed interleaved (bench_common.time_interleaved). Rows report the median call
+and its spread, ms per step, images/s, speedups against the eager baseline and the best torch.compile variant,
+the U-Net's achieved TFLOP/s against the measured matmul rate, peak memory (GPU), compile or capture time.
+The JSON is rewritten after every case, so a run cut short by a timeout still leaves what it measured.
+"""
+import gc
+import os
+import sys
+import time
+
+import torch
+
+from . import common as bc
+from .baseline import PlainDiffusion, plain_sample
+from .config import COMPILE_VARIANTS, VARIANTS, BenchConfig
+
+DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Models:
+    """The same random weights as a plain (fused=False) and a fused ddpm_fast UNet, plus the compiled and
+    diffusers versions of the plain one, built on first use. All in eval mode, in ``dtype`` on ``device``."""
+
+    def __init__(self, preset, dtype_name, device, seed):
+        from ..models import UNet
+        self.preset, self.dtype_name = preset, dtype_name
+        dtype = DTYPE[dtype_name]
+        torch.manual_seed(seed)
+        self.plain = UNet.preset(preset, fused=False).eval().to(device=device, dtype=dtype)
+        self.fused = UNet.preset(preset, fused=True).eval()
+        self.fused.load_state_dict(self.plain.state_dict())
+        self.fused.to(device=device, dtype=dtype)
+        self.device, self.dtype = torch.device(device), dtype
+        self._compiled, self._pipeline, self._scheduler = {}, None, None
+
+    def compiled(self, mode):
+        """torch.compile of the plain U-Net; static shapes (each batch size compiles its own graph, the fastest
+        code torch.compile makes for it; the compile time shows in that case's first call)."""
+        if mode not in self._compiled:
+            self._compiled[mode] = torch.compile(self.plain, mode=mode, dynamic=False)
+        return self._compiled[mode]
+
+    def scheduler(self):
+        from diffusers import DDPMScheduler
+
+        from ..models.diffusers import diffusers_scheduler_config
+        if self._scheduler is None:
+            self._scheduler = DDPMScheduler.from_config(diffusers_scheduler_config(self.plain.diffusion))
+        return self._scheduler
+
+    def pipeline(self):
+        from diffusers import DDPMPipeline
+        if self._pipeline is None:
+            from diffusers import DDPMScheduler
+            scheduler = DDPMScheduler.from_config(self.scheduler().config)
+            self._pipeline = DDPMPipeline(unet=self.plain.to_diffusers().eval(), scheduler=scheduler)
+            self._pipeline.set_progress_bar_config(disable=True)
+        return self._pipeline
+
+
+class FastSample:
+    """ddpm_fast.sample as a variant; keeps the capture records of the call that captured and the graph modes."""
+
+    def __init__(self, model, n, steps, seed, **kw):
+        self.model, self.n, self.steps, self.seed, self.kw = model, n, steps, seed, kw
+        self.captures, self.modes = [], None
+
+    def __call__(self):
+        from ..sampling import last_run_info, sample
+        out = sample(self.model, self.n, self.steps, seed=self.seed, batch_size=self.n, progress=False, **self.kw)
+        info = last_run_info()
+        self.captures = info["captures"] or self.captures
+        self.modes = sorted(set(info["modes"]))
+        return out
+
+
+def make_variant(name, models: Models, n, steps, seed):
+    """A zero-argument callable doing one full sampling call, or a string saying why it cannot run here."""
+    if name in ("eager", "compile", "compile-ro"):
+        model = models.plain if name == "eager" else models.compiled(
+            None if name == "compile" else "reduce-overhead")
+        tables = PlainDiffusion.for_model(models.plain, steps, models.device)  # computed once, as a user would
+        shape = models.plain.diffusion.image_shape
+        return lambda: plain_sample(model, n, steps, diffusion=tables, shape=shape)
+    if name in ("eager+diffusers-step", "diffusers"):
+        try:
+            import diffusers  # noqa: F401
+        except ImportError:
+            return "diffusers is not installed"
+        if name == "diffusers":
+            pipe = models.pipeline()
+            return lambda: pipe(batch_size=n, num_inference_steps=steps, output_type="pt").images
+        scheduler = models.scheduler()
+        return lambda: plain_sample(models.plain, n, steps, scheduler=scheduler)
+    kw = {"ddpm_fast": {}, "ddpm_fast-whole": {"cuda_graph": True, "graph": "whole"},
+          "ddpm_fast-step": {"cuda_graph": True, "graph": "step"}, "ddpm_fast-eager": {"cuda_graph": False}}[name]
+    return FastSample(models.fused, n, steps, seed, **kw)
+
+
+def _flops_per_call(gflops_per_image, n, steps):
+    return gflops_per_image * 1e9 * n * steps
+
+
+def case_rows(case, timed, fns, skipped, gflops, matmul):
+    """One row per variant of a case (see the module doc for the columns)."""
+    preset, dtype, n, steps = case
+    ok = {k: t.stats() for k, t in timed.items() if t.error is None and t.times_s}
+    eager = ok.get("eager", {}).get("median")
+    compiled = [ok[k]["median"] for k in COMPILE_VARIANTS if k in ok]
+    best_compile = min(compiled) if compiled else None
+    rows = []
+    for name, t in timed.items():
+        row = {"preset": preset, "dtype": dtype, "batch": n, "steps": steps, "variant": name,
+               "first_call_s": t.first_call_s, "error": t.error}
+        if name in ok:
+            s = ok[name]
+            med = s["median"]
+            row.update({f"{k}_ms": v * 1e3 for k, v in s.items()})
+            row.update(ms_per_step=med * 1e3 / steps, ms_per_step_min=s["min"] * 1e3 / steps,
+                       ms_per_step_max=s["max"] * 1e3 / steps, images_per_s=n / med, repeats=len(t.times_s),
+                       speedup_vs_eager=eager / med if eager else None,
+                       speedup_vs_best_compile=best_compile / med if best_compile else None,
+                       tflops=_flops_per_call(gflops, n, steps) / med / 1e12)
+            row["pct_of_matmul"] = 100 * row["tflops"] / matmul["tflops"] if matmul else None
+            if name in COMPILE_VARIANTS and t.first_call_s is not None:
+                row["compile_s"] = max(t.first_call_s - med, 0.0)
+        if t.peak_bytes is not None:
+            row.update(peak_mib=t.peak_bytes / 2 ** 20, resident_mib=t.resident_bytes / 2 ** 20)
+        fn = fns.get(name)
+        if isinstance(fn, FastSample):
+            row["graph_modes"] = fn.modes
+            if fn.captures:
+                row["capture_s"] = sum(c["capture_s"] for c in fn.captures)
+                row["graph_mib"] = sum(c["graph_bytes"] for c in fn.captures) / 2 ** 20
+        rows.append(row)
+    rows += [{"preset": preset, "dtype": dtype, "batch": n, "steps": steps, "variant": k, "skipped": why}
+             for k, why in skipped.items()]
+    return rows
+
+
+def profile_variant(fn, device, row_limit=14) -> str:
+    """torch.profiler's table of one call, sorted by the time spent in each op itself."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=row_limit, max_name_column_width=48)
+
+
+def run_case(config: BenchConfig, models: Models, case, gflops, matmul, results):
+    preset, dtype, n, steps = case
+    log(f"case {preset} {dtype} batch {n} steps {steps}")
+    fns, skipped = {}, {}
+    for name in config.variants_for(preset, n):
+        try:
+            made = make_variant(name, models, n, steps, config.seed)
+        except Exception as err:  # noqa: BLE001 -- e.g. a conversion that fails: record, go on
+            made = None
+            results["failures"].append({"case": list(case), "variant": name, "error": f"{type(err).__name__}: {err}"})
+        if isinstance(made, str):
+            skipped[name] = made
+        elif made is not None:
+            fns[name] = made
+    with torch.inference_mode():
+        timed = bc.time_interleaved(fns, models.device, config.repeats, config.warmup, log=log)
+    for name, t in timed.items():
+        if t.error:
+            results["failures"].append({"case": list(case), "variant": name, "error": t.error})
+    for name in config.profile:
+        if name in fns and timed[name].error is None:
+            with torch.inference_mode():
+                table = profile_variant(fns[name], models.device)
+            results["profiles"].append({"case": list(case), "variant": name, "table": table})
+            print(f"\n### profile: {name}, {preset} {dtype} batch {n} steps {steps}\n```\n{table}\n```", flush=True)
+    return case_rows(case, timed, fns, skipped, gflops, matmul)
+
+
+def _fmt_x(value, row):
+    return f"{value:.2f}x"
+
+
+COLUMNS = [("preset", "preset", ""), ("dtype", "dtype", ""), ("batch", "batch", "d"), ("steps", "steps", "d"),
+           ("variant", "variant", ""), ("ms/step", "ms_per_step", ".2f"),
+           ("min-max ms/step", "ms_per_step_min", lambda v, r: f"{v:.2f}-{r['ms_per_step_max']:.2f}"),
+           ("img/s", "images_per_s", ".3g"), ("vs eager", "speedup_vs_eager", _fmt_x),
+           ("vs best compile", "speedup_vs_best_compile", _fmt_x), ("TFLOP/s", "tflops", ".3g"),
+           ("% matmul", "pct_of_matmul", ".3g"), ("peak MiB", "peak_mib", ".0f"),
+           ("first call s", "first_call_s", ".2f"), ("compile s", "compile_s", ".1f"),
+           ("capture s", "capture_s", ".2f"), ("graph MiB", "graph_mib", ".0f")]
+
+
+def markdown(rows):
+    timed = [r for r in rows if "ms_per_step" in r]
+    table = bc.markdown_table(timed, COLUMNS)
+    notes = [f"- {r['variant']} ({r['preset']} {r['dtype']} b{r['batch']} s{r['steps']}): "
+             f"{'skipped: ' + r['skipped'] if r.get('skipped') else 'FAILED: ' + str(r.get('error'))}"
+             for r in rows if "ms_per_step" not in r]
+    return table + ("\n" + "\n".join(notes) if notes else "")
+
+
+# ---- targets -----------------------------------------------------------------------------------------------
+
+def _fast_row(rows, device):
+    """The ddpm_fast row a plain ``ddpm_fast.sample`` call would have run (graph="auto")."""
+    if device == "cpu":
+        return next((r for r in rows if r["variant"] == "ddpm_fast" and "ms_per_step" in r), None)
+    from ..sampling.graphs import WHOLE_GRAPH_MAX
+    r0 = rows[0]
+    want = "ddpm_fast-whole" if r0["steps"] * r0["batch"] <= WHOLE_GRAPH_MAX else "ddpm_fast-step"
+    return next((r for r in rows if r["variant"] == want and "ms_per_step" in r), None)
+
+
+def targets(rows, device):
+    """The performance targets (docs/benchmarks.md) the measured cases cover: what each asks, what was
+    measured, met or missed."""
+    by_case = {}
+    for r in rows:
+        by_case.setdefault((r["preset"], r["dtype"], r["batch"], r["steps"]), []).append(r)
+    out = []
+
+    def check(goal, case, value, ok, unit="x"):
+        out.append({"target": goal, "case": "{} {} batch {} steps {}".format(*case),
+                    "measured": None if value is None else round(value, 3), "unit": unit,
+                    "status": "unmeasured" if value is None else "met" if ok(value) else "MISSED"})
+
+    for case, case_rows_ in by_case.items():
+        preset, dtype, n, steps = case
+        fast = _fast_row(case_rows_, device)
+        if fast is None:
+            continue
+        vs_eager, vs_compile = fast.get("speedup_vs_eager"), fast.get("speedup_vs_best_compile")
+        if device == "cpu" and preset == "tiny" and n in (1, 16):
+            check(">= 1.3x vs eager (CPU, tiny)", case, vs_eager, lambda v: v >= 1.3)
+        if device == "cuda" and preset == "ddpm_cifar10" and steps == 100:
+            if n in (1, 128):
+                goal = 5.0 if n == 1 else 1.3
+                check(f">= {goal}x vs eager (GPU, CIFAR, 100 steps)", case, vs_eager, lambda v, g=goal: v >= g)
+            check("ahead of the best torch.compile variant", case, vs_compile, lambda v: v > 1.0)
+            if n == 512 and dtype == "bf16":
+                check(">= 50% of the measured bf16 matmul rate", case, fast.get("pct_of_matmul"),
+                      lambda v: v >= 50, unit="%")
+    return out
+
+
+def targets_markdown(items):
+    if not items:
+        return "(no target is covered by these cases)"
+    return bc.markdown_table(items, [("target", "target", ""), ("case", "case", ""),
+                                     ("measured", "measured", lambda v, r: f"{v}{r['unit']}"),
+                                     ("status", "status", "")])
+
+
+# ---- the run ----------------------------------------------------------------------------------------------
+
+def run(config: BenchConfig) -> int:
+    """Measures every case, prints the tables, writes the JSON; returns 1 when any variant failed, else 0."""
+    config = config.resolved()
+    device = bc.bench_device(config.device, config.threads, "bench")
+    path = bc.result_path(config.out_dir, "", device, config.quick)
+    results = {"meta": bc.environment(device), "config": {k: v for k, v in vars(config).items()},
+               "variants": VARIANTS, "gflops_per_image": {}, "rows": [], "failures": [], "profiles": [],
+               "targets": [], "complete": False}
+    results["matmul"] = bc.matmul_tflops(device, size=512 if config.quick else None)
+    log(f"bench: {results['meta']['device']}, {torch.get_num_threads()} threads, matmul "
+        f"{results['matmul']['tflops']:.3f} TFLOP/s ({results['matmul']['dtype']}); writing {path}")
+    models, start = None, time.perf_counter()
+    for case in config.all_cases():
+        preset, dtype = case[:2]
+        if config.time_budget is not None and time.perf_counter() - start > config.time_budget:
+            log(f"case {case}: skipped, the time budget of {config.time_budget:.0f} s is spent")
+            results["rows"].append(dict(zip(("preset", "dtype", "batch", "steps"), case), variant="*",
+                                        skipped=f"time budget ({config.time_budget:.0f} s) spent"))
+            continue
+        if models is None or (models.preset, models.dtype_name) != (preset, dtype):
+            models = _models(models, preset, dtype, device, config.seed)
+            results["gflops_per_image"][preset] = bc.unet_gflops(models.plain.config)
+        t0 = time.perf_counter()
+        results["rows"] += run_case(config, models, case, results["gflops_per_image"][preset],
+                                    results["matmul"], results)
+        log(f"  case done in {time.perf_counter() - t0:.0f} s")
+        results["targets"] = targets(results["rows"], device.type)
+        bc.write_json_atomic(path, results)
+    results["complete"] = True
+    results["meta"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    bc.write_json_atomic(path, results)
+    _print_report(results, path)
+    return 1 if results["failures"] else 0
+
+
+def _models(previous, preset, dtype, device, seed):
+    """Models of the next (preset, dtype), after freeing the previous ones (graphs, compiled code, memory)."""
+    del previous
+    from ..sampling import clear_graph_cache
+    clear_graph_cache()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return Models(preset, dtype, device, seed)
+
+
+def _print_report(results, path):
+    meta, mm = results["meta"], results["matmul"]
+    print(f"\n## Sampling: {meta['device']} ({meta['device_type']}), {meta['date']}, torch {meta['torch']}, "
+          f"triton {meta['triton']}, CUDA {meta['cuda']}, {meta['threads']} threads, commit {meta['git_commit']}, "
+          f"load average {meta['load_average_start']} -> {meta.get('load_average_end')}")
+    print(f"matmul {mm['size']}^3 {mm['dtype']}: {mm['tflops']:.3f} TFLOP/s; U-Net GFLOP per image-forward: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in results["gflops_per_image"].items()))
+    print(markdown(results["rows"]))
+    print("\nTargets:\n" + targets_markdown(results["targets"]))
+    print(f"\nJSON: {path}", flush=True)

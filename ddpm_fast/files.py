@@ -1,0 +1,67 @@
+"""Files written safely: ``atomic_write`` (temp file + fsync + rename, so a crash never leaves a half-written file
+under the final name) and the safetensors reader/writer every ddpm_fast file format uses. The bottom floor."""
+import json
+import os
+import tempfile
+from typing import Callable, Dict, Tuple
+
+import torch
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")  # the package's bundled files
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Calls ``write(tmp)`` for a temp file in path's directory, fsyncs it, then renames it onto ``path``.
+
+    A crash or exception at any point leaves ``path`` as it was (the old file, or none) and removes the temp.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix="_" + os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # the bytes reach the disk before the rename makes them the checkpoint
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_safetensors(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
+    """Atomically writes CPU-contiguous copies of ``tensors`` with string ``metadata``."""
+    from safetensors.torch import save_file
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
+
+
+def read_safetensors(path: str, expect_format: Tuple[str, ...]) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """(tensors on the CPU, metadata with its JSON values parsed) of a ddpm_fast file of one of the formats."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = dict(f.metadata() or {})
+        tensors = load_file(path)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+    fmt = meta.get("format")
+    if fmt not in expect_format:
+        raise ValueError(f"{path} has format {fmt!r}, expected one of {list(expect_format)} (a file written by "
+                         f"ddpm_fast.save or ddpm_fast.train)")
+    parsed = {"format": fmt}
+    for key, value in meta.items():
+        if key == "format":
+            continue
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: metadata entry {key!r} is not valid JSON: {err}") from None
+    return tensors, parsed

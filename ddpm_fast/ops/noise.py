@@ -1,0 +1,138 @@
+"""Seeded Gaussian noise as a pure function of (seed, step, stream, element): the numbers every fused op draws.
+
+Philox4x32-10 with key = the seed and counter = (element // 4, step, stream, element // 4 >> 32), then Box-Muller,
+exactly as the Triton kernels draw it (ops/triton/philox.py); ``philox_randn_ref`` is the NumPy specification,
+the C++ kernel (csrc/p_step_cpu.cpp) draws the same stream on the CPU. Streams keep the uses apart: p_step's
+per-step noise, the sampler's initial x_T (``seeded_randn``) and q_sample's training noise.
+"""
+import numpy as np
+import torch
+
+from . import _ext
+from .common import check_backend, check_float_tensor, is_dense, warn_no_triton
+
+STREAM_P_STEP, STREAM_INIT, STREAM_Q_SAMPLE = 0, 1, 2
+_MASK64 = (1 << 64) - 1
+
+
+def seed_tensor(seed, device):
+    """An int64 one-element seed tensor on ``device`` from an int or a tensor (validated)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"seed must be an int64 tensor with one element, got {seed.dtype} {tuple(seed.shape)}")
+        if seed.device != torch.device(device):
+            raise ValueError(f"seed is on {seed.device} but the data is on {device}")
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int or an int64 tensor, got {type(seed).__name__}")
+    value = seed & _MASK64  # the same 64 bits as an int64
+    return torch.tensor([value - 2 ** 64 if value >= 2 ** 63 else value], dtype=torch.int64, device=device)
+
+
+def philox_randn_ref(seed, step, stream, elements):
+    """NumPy specification of the in-kernel (CUDA/Triton) noise: N(0, 1) float64 for global element indices
+    ``elements`` at (seed, step, stream). Philox4x32-10 (Salmon et al. 2011) as triton.language.philox, then
+    Box-Muller as triton.language.pair_uniform_to_normal; see ops/triton/philox.py for the counter layout."""
+    m32 = np.uint64(0xFFFFFFFF)
+    e = np.asarray(elements, dtype=np.uint64)
+    key = int(seed) & _MASK64
+    k0, k1 = np.uint64(key & 0xFFFFFFFF), np.uint64(key >> 32)
+    c0, c1 = e // np.uint64(4) & m32, np.full_like(e, int(step) & 0xFFFFFFFF)
+    c2, c3 = np.full_like(e, stream), e // np.uint64(4) >> np.uint64(32)
+    for _ in range(10):
+        p0, p1 = np.uint64(0xCD9E8D57) * c2, np.uint64(0xD2511F53) * c0
+        c0, c1, c2, c3 = (p0 >> np.uint64(32)) ^ c1 ^ k0, p0 & m32, (p1 >> np.uint64(32)) ^ c3 ^ k1, p1 & m32
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & m32, (k1 + np.uint64(0xBB67AE85)) & m32
+    # uint32 -> [0, 1): as int32, negatives folded by bitwise not, times (2^23 - 1) / 2^23 / 2^31
+    u = [np.where(c >= 2 ** 31, 0xFFFFFFFF - c, c).astype(np.float64) * np.float32(4.6566127342e-10)
+         for c in (c0, c1, c2, c3)]
+    lane = (e % np.uint64(4)).astype(np.int64)
+    first, second = np.where(lane < 2, u[0], u[2]), np.where(lane < 2, u[1], u[3])
+    r = np.sqrt(-2.0 * np.log(np.maximum(first, 1e-7)))
+    return np.where(lane % 2 == 0, r * np.cos(2 * np.pi * second), r * np.sin(2 * np.pi * second))
+
+
+def philox_noise(like, seed, step, stream, element_offset):
+    """float32 Philox noise laid out like ``like`` (dense), on the CPU: the C++ kernel, or the NumPy
+    specification when the extension is missing (slow, same numbers)."""
+    buf = torch.empty_like(like, dtype=torch.float32, device="cpu")
+    flat = buf.as_strided((buf.numel(),), (1,))  # memory order, for NCHW and channels_last alike
+    key = int(seed) & _MASK64
+    ext = _ext.load()
+    if ext is not None:
+        ext.philox_randn_cpu(flat.data_ptr(), flat.numel(), key, int(step) & 0xFFFFFFFF, stream, element_offset,
+                             torch.get_num_threads())
+    else:
+        idx = np.arange(element_offset, element_offset + flat.numel(), dtype=np.uint64)
+        flat.copy_(torch.from_numpy(philox_randn_ref(key, step, stream, idx)))
+    return buf.to(like.device)
+
+
+def noise_source(x, noise, generator, seed, needed):
+    """(noise tensor or None, seed tensor or None) after checking exactly one source is given when needed."""
+    given = [name for name, v in (("noise", noise), ("generator", generator), ("seed", seed)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one noise source, got {' and '.join(given)}")
+    if noise is not None:
+        check_float_tensor("noise", noise, x.device, x.shape)
+        return noise, None
+    if generator is not None:
+        return (torch.randn(x.shape, generator=generator, device=x.device) if needed else None), None
+    if seed is not None:
+        return None, seed_tensor(seed, x.device)
+    if needed:
+        raise ValueError("this step adds noise: pass noise=, generator= or seed=")
+    return None, None
+
+
+
+def seeded_randn(shape, seed, *, dtype=torch.float32, device=None, element_offset=0, out=None, backend=None):
+    """N(0, 1) noise that is a pure function of (seed, element): the sampler's x_T, drawn inside a graph.
+
+    The Philox stream STREAM_INIT (step word 0), so it never collides with p_step's noise for the same seed;
+    element = memory-order index + element_offset. CUDA: a Triton kernel reading the seed from device memory;
+    CPU: the C++ kernel (same numbers up to float rounding).
+    :param seed: int64 one-element tensor (its device is used) or an int (then ``device``, default cpu).
+    :param out: optional dense tensor to fill (then ``shape``/``dtype`` are ignored); no allocation.
+    :param backend: as for ``p_step`` ("cpp" and "torch" both mean the host kernel here).
+    """
+    check_backend(backend)
+    if isinstance(seed, torch.Tensor):
+        device = seed.device
+    device = torch.device(device if device is not None else (out.device if out is not None else "cpu"))
+    seed = seed_tensor(seed, device)
+    if isinstance(element_offset, bool) or not isinstance(element_offset, int) or element_offset < 0:
+        raise ValueError(f"element_offset must be an int >= 0, got {element_offset!r}")
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=device)
+    check_float_tensor("out", out, device)
+    if not is_dense(out):
+        raise ValueError("out must be dense (contiguous or channels_last)")
+    if backend is None and torch.compiler.is_compiling():
+        torch.ops.ddpm_fast.seeded_randn_(seed, element_offset, STREAM_INIT, out)
+    else:
+        use_triton = backend == "triton" or (backend is None and device.type != "cpu")
+        _seeded_randn(seed, element_offset, STREAM_INIT, out, use_triton)
+    return out
+
+
+def _seeded_randn(seed, element_offset, stream, out, use_triton):
+    if use_triton and _ext.has_triton():
+        from .triton.philox import seeded_randn_triton
+        seeded_randn_triton(seed, element_offset, out, stream)
+    else:
+        if out.device.type != "cpu":
+            warn_no_triton()
+        out.copy_(philox_noise(out, seed, 0, stream, element_offset))
+
+
+@torch.library.custom_op("ddpm_fast::seeded_randn_", mutates_args=("out",), device_types=("cpu", "cuda"))
+def _seeded_randn_op(seed: torch.Tensor, element_offset: int, stream: int, out: torch.Tensor) -> None:
+    """Fills out with N(0, 1) from (seed, stream, element_offset)."""
+    _seeded_randn(seed, element_offset, stream, out, out.device.type != "cpu")
+
+
+@_seeded_randn_op.register_fake
+def _seeded_randn_fake(seed, element_offset, stream, out):
+    return None
+

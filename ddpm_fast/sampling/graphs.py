@@ -1,0 +1,253 @@
+"""CUDA graphs for ddpm_fast.sample: the whole reverse loop in one graph, or one step's graph replayed.
+
+"whole": x_T (Philox from the static seed tensor) and every step (model + p_step, each node baking its own step
+    index and coefficients) captured once; a call writes its seed into the static tensor and replays: one launch
+    for the entire chain.
+"step": one step (timesteps gathered by a static step-index tensor, model, p_step reading the step index from
+    device memory) captured once and replayed ``steps`` times after writing the index; x_T is drawn eagerly.
+The graph bakes the chunk's element offset (a kernel argument), so each chunk offset is its own graph: a single
+chunk (the latency case) reuses one whole-loop graph across calls; several chunks get cheap one-step graphs.
+
+Cache: up to MAX_PLANS (model, SamplePlan) entries, least recently used evicted; each holds the static buffers,
+one memory pool shared by its graphs (they never run concurrently and their outputs are the static buffers), and
+up to MAX_GRAPHS_PER_PLAN graphs keyed by (kind, offset). An entry is dropped when its model is garbage collected
+and recaptured when the model's parameters or buffers moved (different data pointers, e.g. after .to()).
+In-place weight updates (training, load_state_dict) are seen by cached graphs: they read the same memory.
+"""
+import contextlib
+import itertools
+import logging
+import time
+import warnings
+import weakref
+from collections import OrderedDict
+
+import torch
+
+from ..ops.p_step import p_step
+from .loop import Statics, autocast_for, check_model_output, init_x, model_step, refresh_time_proj, run_loop
+
+log = logging.getLogger("ddpm_fast")
+
+WHOLE_GRAPH_MAX = 2 ** 16   # "auto" captures the whole loop only while steps * batch <= this (see below)
+# Why steps * batch: the whole-loop graph removes per-launch CPU overhead, which matters when the GPU work per
+# step is small (small batch); its capture costs time roughly proportional to steps (~hundreds of nodes per
+# step). At large steps * batch the GPU is busy anyway and a one-step graph gets nearly all of the speed-up
+# with a capture that is `steps` times cheaper. 2**16 covers 1000 steps at batch 64 and 100 steps at batch 655.
+MAX_PLANS = 4
+MAX_GRAPHS_PER_PLAN = 4
+WARMUP_ITERS = 3            # eager iterations on a side stream before capture (Triton JIT, cuDNN/cuBLAS init)
+
+_CACHE = OrderedDict()      # (id(model), SamplePlan) -> _Entry
+_DEAD = set()               # ids of collected models whose entries are still to be dropped
+
+
+class _Entry:
+    def __init__(self, model, plan, schedule):
+        self.model_ref = weakref.ref(model)
+        self.fingerprint = _fingerprint(model)
+        self.statics = Statics(plan, schedule)
+        self.pool = BACKEND.pool()
+        self.graphs = OrderedDict()   # (kind, offset) -> torch.cuda.CUDAGraph
+
+
+def _fingerprint(model):
+    """Data pointers of the model's parameters and buffers: a captured graph reads exactly these addresses."""
+    if not isinstance(model, torch.nn.Module):
+        return ()
+    return tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def clear_graph_cache():
+    """Drops every cached graph and its buffers (their memory returns to PyTorch's caching allocator)."""
+    _CACHE.clear()
+
+
+def _drop_model(model_id):
+    """Finalizer of a model with cached graphs. It may run inside a garbage collection triggered anywhere, even
+    while this module iterates _CACHE: so it only records the id, then purges if the cache is not in use."""
+    _DEAD.add(model_id)
+    _purge()
+
+
+def _purge():
+    try:
+        dead = [k for k, e in list(_CACHE.items()) if k[0] in _DEAD and e.model_ref() is None]
+    except (RuntimeError, KeyError):  # _CACHE changed under us: the next _entry() call purges
+        return
+    for key in dead:
+        _CACHE.pop(key, None)
+    _DEAD.difference_update({k[0] for k in dead})
+
+
+def _entry(model, plan, schedule):
+    _purge()
+    key = (id(model), plan)
+    entry = _CACHE.get(key)
+    if entry is not None and (entry.model_ref() is not model or entry.fingerprint != _fingerprint(model)):
+        log.debug("ddpm_fast.sample: the model's tensors moved since capture; recapturing")
+        del _CACHE[key]
+        entry = None
+    if entry is None:
+        entry = _CACHE[key] = _Entry(model, plan, schedule)
+        weakref.finalize(model, _drop_model, id(model))
+        while len(_CACHE) > MAX_PLANS:
+            _CACHE.popitem(last=False)
+    _CACHE.move_to_end(key)
+    return entry
+
+
+def _kinds(job, plan, n_chunks):
+    """The graph kinds to try, in order."""
+    if job.graph == "whole":
+        return ["whole", "step"]
+    if job.graph == "step":
+        return ["step"]
+    whole_ok = n_chunks == 1 and job.schedule.num_steps * plan.batch <= WHOLE_GRAPH_MAX
+    return ["whole", "step"] if whole_ok else ["step"]
+
+
+def run_chunk_graph(job, model, plan, offset, n_chunks, bar, info):
+    """Runs one chunk of ``model`` (job.model or its channels_last twin) from a cached or new graph -> (mode, x),
+    or (None, None) to run it eagerly."""
+    try:
+        weakref.ref(model)
+    except TypeError:
+        return _refuse(job, "the model cannot be weak-referenced, so its graphs cannot be cached")
+    entry = _entry(model, plan, job.schedule)
+    errors = []
+    for kind in _kinds(job, plan, n_chunks):
+        graph = entry.graphs.get((kind, offset))
+        if graph is not None:
+            entry.graphs.move_to_end((kind, offset))
+            info["cache_hits"] += 1
+        else:
+            graph, err = _capture(model, entry, plan, kind, offset, info)
+            if graph is None:
+                errors.append(f"{kind}: {err}")
+                continue
+        _replay(graph, model, entry.statics, plan, kind, offset, job.seed, bar)
+        return f"graph-{kind}", entry.statics.x
+    return _refuse(job, "; ".join(errors))
+
+
+def _refuse(job, why):
+    if job.cuda_graph is True:
+        raise RuntimeError(f"cuda_graph=True but no CUDA graph could be captured: {why}")
+    warnings.warn(f"ddpm_fast.sample: CUDA graph capture failed, sampling eagerly (slower): {why}",
+                  RuntimeWarning, stacklevel=5)
+    return None, None
+
+
+def _replay(graph, model, st, plan, kind, offset, seed, bar):
+    st.set_seed(seed)
+    if kind == "whole":
+        graph.replay()
+        bar.update(st.t.shape[0])
+        return
+    init_x(st, offset)
+    refresh_time_proj(model, st, plan)
+    for i in reversed(range(st.t.shape[0])):
+        st.step.fill_(i)  # a device-side fill on the current stream: no sync
+        graph.replay()
+        bar.update(1)
+
+
+def _step_body(model, st, plan, offset):
+    torch.index_select(st.t, 0, st.step, out=st.t_step.view(1, -1))
+    model_step(model, st, plan, st.step, st.t_step, offset, {"seed": st.seed})
+
+
+def _warm_up(model, st, plan, kind, offset):
+    """Compiles the Triton kernels and initialises cuDNN/cuBLAS on a side stream, with the exact kernels the
+    capture will record (step baked vs read from memory); also checks the model's output shape before capture."""
+    with BACKEND.side_stream(st.x.device):
+        init_x(st, offset)
+        refresh_time_proj(model, st, plan)
+        last = st.t.shape[0] - 1
+        for it in range(WARMUP_ITERS):
+            if kind == "whole":
+                model_step(model, st, plan, last if it % 2 == 0 else 0, st.t[last], offset, {"seed": st.seed})
+            else:
+                st.step.fill_(last if it % 2 == 0 else 0)
+                _step_body(model, st, plan, offset)
+        if kind == "whole":
+            _warm_up_baked_steps(model, st, plan, offset)
+
+
+def _warm_up_baked_steps(model, st, plan, offset):
+    """Triton specialises integer arguments (== 1, divisible by 16): a graph that bakes every step index into its
+    p_step nodes needs each variant compiled BEFORE capture. Running p_step once per step index on a scratch copy
+    costs ~steps tiny launches and covers whatever rule the installed Triton applies."""
+    scratch = st.x.clone()
+    inp = scratch if st.x_in is None else st.x_in.copy_(scratch)
+    with autocast_for(plan):
+        out = check_model_output(model(inp, st.t[0]), plan)
+    for i in range(st.t.shape[0]):
+        p_step(st.tables, out, scratch, i, prediction=plan.prediction, variance=plan.variance, clip=plan.clip,
+               sampler=plan.sampler, eta=plan.eta, element_offset=offset, seed=st.seed, out=scratch)
+
+
+def _capture(model, entry, plan, kind, offset, info):
+    """(graph, None) or (None, error text). Records capture time and the device memory it took."""
+    st = entry.statics
+    _warm_up(model, st, plan, kind, offset)  # errors here (a wrong model output) are the caller's, not capture's
+    dev = st.x.device
+    BACKEND.synchronize(dev)
+    (free0, pool0), t0 = BACKEND.memory(dev), time.perf_counter()
+    body = (lambda: run_loop(model, st, plan, offset)) if kind == "whole" else \
+        (lambda: _step_body(model, st, plan, offset))
+    try:
+        graph = BACKEND.capture(body, entry.pool, kind)
+    except Exception as err:  # noqa: BLE001 -- any capture failure falls back to the next kind
+        log.debug("ddpm_fast.sample: %s-loop capture failed: %r", kind, err)
+        BACKEND.synchronize(dev)
+        return None, f"{type(err).__name__}: {err}"
+    seconds = time.perf_counter() - t0
+    free1, pool1 = BACKEND.memory(dev)
+    record = {"mode": kind, "offset": offset, "capture_s": seconds, "graph_bytes": free0 - free1,
+              "pool_bytes": pool1 - pool0}
+    info["captures"].append(record)
+    log.debug("ddpm_fast.sample: captured a %s graph (batch %d, %d steps, offset %d) in %.3f s, %.1f MiB",
+              kind, plan.batch, st.t.shape[0], offset, seconds, record["graph_bytes"] / 2 ** 20)
+    entry.graphs[(kind, offset)] = graph
+    while len(entry.graphs) > MAX_GRAPHS_PER_PLAN:
+        entry.graphs.popitem(last=False)
+    return graph, None
+
+
+class CudaGraphBackend:
+    """Every CUDA call this module makes, in one place. The CPU test suite swaps in a stand-in whose "graph"
+    replays by re-running the captured body, to exercise caching, fallbacks and replay semantics without a GPU."""
+
+    def available(self, device):
+        return device.type == "cuda"
+
+    def pool(self):
+        return torch.cuda.graph_pool_handle()
+
+    @contextlib.contextmanager
+    def side_stream(self, device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream(device).wait_stream(side)
+
+    def synchronize(self, device):
+        torch.cuda.synchronize(device)
+
+    def memory(self, device):
+        """(free device bytes as the driver sees them, bytes reserved by PyTorch's allocator)."""
+        return torch.cuda.mem_get_info(device)[0], torch.cuda.memory_reserved(device)
+
+    def capture(self, body, pool, kind):
+        """A torch.cuda.CUDAGraph of body() in the shared memory pool; raises if capture fails."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            body()
+        torch.cuda.synchronize()
+        return graph
+
+
+BACKEND = CudaGraphBackend()

@@ -1,0 +1,153 @@
+"""The sampling loop of one chunk, shared by eager runs and CUDA-graph captures: the static buffers a plan's loop
+reads and writes (``Statics``), the model call with its dtype/memory-format handling, and the chain
+x_T -> x_0 as fused steps (``run_loop``). Nothing here decides between graph and eager (sample.py, graphs.py).
+"""
+import contextlib
+import copy
+import itertools
+import weakref
+
+import torch
+from torch import nn
+
+from ..models import UNet
+from ..ops.noise import seeded_randn
+from ..ops.p_step import p_step
+from .args import as_unet
+
+_MASK64 = (1 << 64) - 1
+
+_TWINS = weakref.WeakKeyDictionary()  # UNet -> (layout, versions, channels_last twin)
+
+
+def channels_last_twin(unet):
+    """A channels_last copy of a UNet for inference (conv weights in the input's format: no per-call re-layout).
+    In-place changes of the original's tensors (training steps, load_state_dict) are copied into the twin's same
+    storage, so graphs captured on it stay valid; new storage or dtypes (.to(), .half()) rebuild it."""
+    tensors = list(itertools.chain(unet.parameters(), unet.buffers()))
+    layout = tuple((t.data_ptr(), t.dtype, t.device) for t in tensors)
+    versions = tuple(t._version for t in tensors)
+    hit = _TWINS.get(unet)
+    if hit is not None and hit[:2] == (layout, versions):
+        return hit[2]
+    with torch.inference_mode(False), torch.no_grad():
+        if hit is None or hit[0] != layout:
+            twin = copy.deepcopy(unet).eval().to(memory_format=torch.channels_last).requires_grad_(False)
+        else:
+            twin = hit[2]
+            for mine, theirs in zip(itertools.chain(twin.parameters(), twin.buffers()), tensors):
+                mine.copy_(theirs)
+    _TWINS[unet] = (layout, versions, twin)
+    return twin
+
+
+def model_to_run(job):
+    """The module the loop calls: a ddpm_fast UNet's channels_last twin when the plan says so, else the model."""
+    unet = as_unet(job.model)
+    if job.plan.channels_last and unet is not None and isinstance(job.model, nn.Module):
+        return channels_last_twin(unet)
+    return job.model
+
+
+class Statics:
+    """The buffers one plan's loop reads and writes, allocated once: a captured graph holds their addresses.
+
+    x: (B, C, H, W) float32 NCHW, the chain (updated in place). x_in: the model's input when it needs another
+    dtype or memory format, else None. seed: (1,) int64. t: (steps, B) int64 original timesteps per step index.
+    step, t_step: the step index (1,) and its timesteps (B,) for the one-step graph.
+    time_proj, proj_step: see refresh_time_proj (ddpm_fast UNets only).
+    """
+
+    def __init__(self, plan, schedule):
+        dev, B = plan.device, plan.batch
+        self.tables = schedule.tables(dev)  # before any capture: the first call copies to the device
+        self.x = torch.empty((B, *plan.shape), device=dev)
+        in_dtype = torch.float32 if plan.autocast else plan.dtype
+        fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
+        self.x_in = None if in_dtype == torch.float32 and not plan.channels_last else \
+            torch.empty_like(self.x, dtype=in_dtype, memory_format=fmt)
+        self.seed = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.t = self.tables.timesteps[:, None].expand(-1, B).contiguous()
+        self.step = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.t_step = torch.empty(B, dtype=torch.int64, device=dev)
+        self.time_proj = None  # (steps, P): a UNet's time projections of every step (refresh_time_proj)
+        self.proj_step = None  # (1, P): the one-step graph's row, gathered by the step index
+
+    def set_seed(self, seed):
+        value = seed & _MASK64  # the int64 with the seed's low 64 bits, as p_step.seed_tensor
+        self.seed.fill_(value - 2 ** 64 if value >= 2 ** 63 else value)
+
+
+def autocast_for(plan):
+    if not plan.autocast:
+        return contextlib.nullcontext()
+    return torch.autocast(plan.device.type, dtype=plan.dtype, cache_enabled=False)  # no cache across captures
+
+
+def check_model_output(out, plan):
+    """The C-channel (or 2C for learned_range) output p_step reads; metadata checks only (no sync)."""
+    B, (C, H, W) = plan.batch, plan.shape
+    learned = plan.variance == "learned_range"
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"the model must return a tensor (B, C, H, W), got {type(out).__name__}")
+    got = tuple(out.shape)
+    if learned and got == (B, C, H, W):
+        raise ValueError(f"variance='learned_range' needs a model that returns 2C = {2 * C} channels "
+                         f"(prediction and variance); it returned {got} for input {(B, C, H, W)}")
+    if got not in ((B, C, H, W), (B, 2 * C, H, W)):
+        raise ValueError(f"the model returned shape {got} for input {(B, C, H, W)}; expected "
+                         f"{(B, 2 * C if learned else C, H, W)}")
+    if out.dtype not in (torch.float32, torch.float16, torch.bfloat16) or out.device != plan.device:
+        raise ValueError(f"the model returned {out.dtype} on {out.device}; expected a float32/16 or bfloat16 "
+                         f"tensor on {plan.device}")
+    return out[:, :C] if not learned and got[1] == 2 * C else out
+
+
+def refresh_time_proj(model, st, plan):
+    """For a ddpm_fast UNet: everything it computes from t alone (its ResBlocks' time projections), for every
+    step in ONE batched pass, into st.time_proj (steps, P). All samples of a reverse step share t, so each
+    forward then reads a (1, P) row instead of running ~30 small matmuls. Recomputed at the start of every
+    chain (inside the whole-loop graph too), so updated weights are always used."""
+    if not isinstance(model, UNet):
+        return
+    with autocast_for(plan):
+        proj = model.time_projections(st.tables.timesteps)
+    if st.time_proj is None or st.time_proj.dtype != proj.dtype:
+        st.time_proj, st.proj_step = proj, torch.empty_like(proj[:1])
+    else:
+        st.time_proj.copy_(proj)
+
+
+def model_step(model, st, plan, step, t, offset, noise):
+    """x <- p_step(model(x, t), x, step) in place. step: int (baked into a graph) or st.step (read on device);
+    noise: {"seed": st.seed} or {"generator": g}."""
+    inp = st.x if st.x_in is None else st.x_in.copy_(st.x)
+    with autocast_for(plan):
+        if st.time_proj is None:
+            out = model(inp, t)
+        elif isinstance(step, int):
+            out = model(inp, t, time_proj=st.time_proj[step:step + 1])
+        else:
+            out = model(inp, t, time_proj=torch.index_select(st.time_proj, 0, step, out=st.proj_step))
+    out = check_model_output(out, plan)
+    p_step(st.tables, out, st.x, step, prediction=plan.prediction, variance=plan.variance, clip=plan.clip,
+           sampler=plan.sampler, eta=plan.eta, element_offset=offset, out=st.x, **noise)
+
+
+def init_x(st, offset, generator=None):
+    """x_T: Philox from the seed tensor (graph-capturable), or torch.randn from a generator (diffusers' way)."""
+    if generator is None:
+        seeded_randn(None, st.seed, out=st.x, element_offset=offset)
+    else:
+        st.x.copy_(torch.randn(st.x.shape, generator=generator, device=generator.device))
+
+
+def run_loop(model, st, plan, offset, generator=None, bar=None):
+    """The whole chain of one chunk, eagerly (also the body the whole-loop graph captures, with bar=None)."""
+    init_x(st, offset, generator)
+    refresh_time_proj(model, st, plan)
+    noise = {"seed": st.seed} if generator is None else {"generator": generator}
+    for i in reversed(range(st.t.shape[0])):
+        model_step(model, st, plan, i, st.t[i], offset, noise)
+        if bar is not None:
+            bar.update(1)

@@ -1,0 +1,146 @@
+"""ddpm_fast.sample: images from a DDPM with the fused reverse step, in chunks, as CUDA graphs on a GPU.
+
+One chunk of B samples whose first element is element ``offset`` of the whole (n, C, H, W) batch:
+    x = seeded_randn(seed, element_offset=offset)               x_T (Philox stream STREAM_INIT)
+    for i = steps-1 .. 0:                                        step indices of the (respaced) schedule
+        m = model(x, t[i])                                       t[i]: (B,) ORIGINAL training timesteps
+        p_step(tables, m, x, i, seed=seed, element_offset=offset, out=x)     in place, noise Philox(seed, i, e)
+Tables, the (steps, B) timestep batches and the seed live on the device before the loop starts: no host sync, no
+Python branch on a tensor value, nothing allocated by the loop itself. On CUDA the loop is captured as a CUDA
+graph (graphs.py); on the CPU it runs eagerly with the fused C++ step.
+
+Reproducibility: the noise of element e (sample index * C*H*W + its index in NCHW order) at step i is a pure
+function of (seed, i, e). The chain x is always float32 in NCHW memory order, whatever memory format or dtype the
+model runs in, so the seed alone fixes the noise: chunked == unchunked, graph == eager, and CPU and CUDA draw
+the same numbers (images then agree up to the model's float rounding, which a long chain amplifies).
+"""
+import contextlib
+import json
+import logging
+import time
+
+import torch
+from torch import nn
+
+from . import graphs
+from .args import resolve
+from .loop import Statics, model_to_run, run_loop
+
+log = logging.getLogger("ddpm_fast")
+
+_LAST_INFO = {}
+
+
+# ---- the public API ---------------------------------------------------------------------------------------
+
+def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, variance=None, sampler="ddpm",
+           eta=0.0, clip=None, seed=None, device=None, dtype=None, batch_size=None, cuda_graph="auto",
+           progress=True, spacing="linspace", graph="auto", memory_format="auto", generator=None):
+    """Draws ``n`` images from a diffusion model: returns (n, C, H, W) float32 on ``device``, in [-1, 1] when
+    ``clip`` (the final x_0 is clipped); with clip=False the raw final x_0.
+
+    :param model: ``model(x_t, t) -> output``, t an int64 (B,) tensor of ORIGINAL training timesteps; output
+        (B, C, H, W), or (B, 2C, H, W) with a learned variance (the second half is ignored by fixed variances).
+        A ddpm_fast UNet (or a loaded checkpoint) supplies shape, schedule, prediction, variance and clip from
+        ``model.diffusion``; any other module needs ``shape`` and ``schedule``, and prediction / variance / clip
+        default to "eps" / "fixed_small" / True. The model runs in eval mode (restored afterwards).
+    :param steps: None = the schedule's T; fewer respace it (``schedule.respace(steps, spacing)``).
+    :param schedule: the TRAINING ``NoiseSchedule`` (a respaced one is used as is when steps is None).
+    :param sampler: "ddpm" (ancestral) or "ddim" (with ``eta`` >= 0; eta = 1 has DDPM's posterior variance).
+    :param seed: int: the same seed gives the same images on a device, for any batch_size and with or without
+        graphs; None draws one from torch's global RNG (so ``torch.manual_seed`` makes the call reproducible).
+    :param device, dtype: default to the model's. dtype is the MODEL's compute dtype: its own dtype runs as is,
+        float16/bfloat16 with float32 weights runs under torch.autocast; the chain stays float32 throughout.
+    :param batch_size: samples per chunk (default min(n, 256)); chunk k starts at element k*batch_size*C*H*W.
+    :param cuda_graph: "auto" (graphs on CUDA when no generator is given), True (must capture), False.
+    :param graph: "auto" | "whole" (the whole loop in one graph) | "step" (one step's graph replayed).
+        "auto" captures the whole loop for a single chunk with steps * batch <= graphs.WHOLE_GRAPH_MAX,
+        one step otherwise, and falls back to the next kind (then eager) when a capture fails.
+    :param memory_format: the model input's: "auto" (see ``choose_channels_last``), "contiguous", "channels_last".
+    :param generator: a torch.Generator on ``device`` instead of ``seed``: diffusers' noise convention (x_T and
+        each step's noise drawn with torch.randn), for parity with DDPMPipeline; eager only, and chunks continue
+        one stream (so chunked != unchunked).
+    :param progress: a tqdm bar over steps of all chunks; False silences it.
+    """
+    t_start = time.perf_counter()
+    job = resolve(model, n, steps, shape=shape, schedule=schedule, prediction=prediction, variance=variance,
+                  sampler=sampler, eta=eta, clip=clip, seed=seed, device=device, dtype=dtype,
+                  batch_size=batch_size, cuda_graph=cuda_graph, progress=progress, spacing=spacing, graph=graph,
+                  memory_format=memory_format, generator=generator)
+    info = {"device": str(job.plan.device), "n": job.n, "batch_size": job.plan.batch, "chunks": len(job.chunks),
+            "steps": job.schedule.num_steps, "sampler": job.plan.sampler, "seed": job.seed,
+            "dtype": str(job.plan.dtype), "autocast": job.plan.autocast, "channels_last": job.plan.channels_last,
+            "modes": [], "captures": [], "cache_hits": 0}
+    C, H, W = job.plan.shape
+    result = torch.empty((job.n, C, H, W), device=job.plan.device)  # a normal tensor, not an inference tensor
+    with _eval_mode(job.model), torch.inference_mode():
+        _run(job, result, info)
+    if job.plan.device.type == "cuda":
+        torch.cuda.synchronize(job.plan.device)
+    info["wall_s"] = time.perf_counter() - t_start
+    _LAST_INFO.clear()
+    _LAST_INFO.update(info)
+    return result
+
+
+def last_run_info():
+    """What the last ``sample`` call did (a copy): device, n, batch_size, chunks, steps, seed, dtype, autocast,
+    channels_last, modes (per chunk: "eager" | "graph-whole" | "graph-step"), captures (per capture: mode,
+    offset, capture_s, graph_bytes = device memory the capture took, pool_bytes = its memory-pool growth),
+    cache_hits (chunks that replayed a cached graph), wall_s (the call, synchronized)."""
+    return json.loads(json.dumps(_LAST_INFO, default=str))
+
+
+
+def _run(job, result, info):
+    """Every chunk (graph or eager) into result[start:start+b]; one finiteness check (one sync) at the end."""
+    from tqdm.auto import tqdm
+    plan, steps = job.plan, job.schedule.num_steps
+    C, H, W = plan.shape
+    use_graphs = job.generator is None and job.cuda_graph is not False and graphs.BACKEND.available(plan.device)
+    model = model_to_run(job)
+    finite, statics = [], {}
+    with tqdm(total=len(job.chunks) * steps, disable=not job.progress, desc="ddpm_fast.sample", unit="step",
+              dynamic_ncols=True) as bar:
+        for k, (start, b) in enumerate(job.chunks):
+            chunk_plan, offset = plan.with_batch(b), start * C * H * W
+            mode, x = None, None
+            if use_graphs:
+                mode, x = graphs.run_chunk_graph(job, model, chunk_plan, offset, len(job.chunks), bar, info)
+            if mode is None:
+                st = statics.get(b) or statics.setdefault(b, Statics(chunk_plan, job.schedule))
+                st.set_seed(job.seed or 0)
+                run_loop(model, st, chunk_plan, offset, job.generator, bar)
+                mode, x = "eager", st.x
+            log.debug("ddpm_fast.sample: chunk %d/%d (samples %d..%d) ran %s", k + 1, len(job.chunks), start,
+                      start + b - 1, mode)
+            info["modes"].append(mode)
+            finite.append(torch.isfinite(x).all())  # before the clamp, which would hide an inf
+            out = result[start:start + b].copy_(x)
+            if plan.clip:
+                out.clamp_(-1.0, 1.0)  # x0 was clipped; this only removes the last coefficient's rounding
+    _check_finite(torch.stack(finite).cpu(), job)
+
+
+def _check_finite(flags, job):
+    bad = [k for k, ok in enumerate(flags.tolist()) if not ok]
+    if bad:
+        k = bad[0]
+        start, b = job.chunks[k]
+        raise FloatingPointError(
+            f"sampling produced non-finite values (NaN or inf) in chunk {k + 1} of {len(job.chunks)} (samples "
+            f"{start}..{start + b - 1}){f' and {len(bad) - 1} later chunk(s)' if len(bad) > 1 else ''}: check "
+            f"the model's outputs, its dtype ({job.plan.dtype}) and the schedule")
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Dropout off while sampling; the caller's train/eval mode is restored afterwards."""
+    was_training = isinstance(model, nn.Module) and model.training
+    if was_training:
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train(True)

@@ -1,0 +1,467 @@
+"""ddpm_fast.sample: defaults from the model, timesteps, seeds, chunks, checks, progress, diffusers parity, and
+(on a GPU) CUDA graphs. The distribution itself is tested by the Gaussian oracle (test_sampler_oracle.py)."""
+import contextlib
+import gc
+import logging
+import types
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import ddpm_fast
+from ddpm_fast import NoiseSchedule, UNet
+from ddpm_fast.sampling import graphs as sampler_graph
+from ddpm_fast.sampling import last_run_info
+
+from oracles import GaussianOracle
+
+HAS_CUDA = torch.cuda.is_available()
+SCHED = NoiseSchedule.linear(50)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+
+class Recorder(nn.Module):
+    """A foreign model: records every (x, t) it is called with; output tanh(w x) (+ optional variance half)."""
+
+    def __init__(self, channels=2, out_factor=1, fill=None):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, channels).view(1, -1, 1, 1))
+        self.out_factor, self.fill, self.calls = out_factor, fill, []
+
+    def forward(self, x, t):
+        self.calls.append((x.shape, x.dtype, x.stride(), t.clone()))
+        out = torch.tanh(x * self.w).repeat(1, self.out_factor, 1, 1)
+        return out if self.fill is None else self.fill(out, len(self.calls))
+
+
+def tiny_unet(**overrides):
+    torch.manual_seed(0)
+    return UNet.preset("tiny", ch_mult=(1, 2), **overrides)
+
+
+# ---- what the model sees and what comes back --------------------------------------------------------------
+
+def test_model_gets_original_timesteps_in_descending_order(seed):
+    model = Recorder()
+    x = ddpm_fast.sample(model, 5, 7, shape=(2, 4, 6), schedule=SCHED, seed=seed, progress=False)
+    want = SCHED.respace(7).timesteps.flip(0)
+    got = torch.stack([t for *_, t in model.calls])
+    assert torch.equal(got, want[:, None].expand(-1, 5))
+    assert all(shape == (5, 2, 4, 6) and dtype == torch.float32 for shape, dtype, *_ in model.calls)
+    assert x.shape == (5, 2, 4, 6) and x.dtype == torch.float32 and x.abs().max() <= 1
+
+
+def test_unet_defaults_come_from_its_diffusion_config(seed):
+    model = tiny_unet()
+    cfg = model.diffusion
+    assert cfg.variance == "fixed_large" and cfg.clip
+    got = ddpm_fast.sample(model, 3, 6, seed=seed, progress=False)
+    explicit = ddpm_fast.sample(model, 3, 6, shape=cfg.image_shape, schedule=cfg.make_schedule(),
+                                prediction="eps", variance="fixed_large", clip=True, seed=seed, progress=False)
+    other = ddpm_fast.sample(model, 3, 6, variance="fixed_small", seed=seed, progress=False)
+    assert torch.equal(got, explicit) and not torch.equal(got, other)
+    assert got.shape == (3, *cfg.image_shape) and got.abs().max() <= 1
+    info = last_run_info()
+    assert info["steps"] == 6 and info["modes"] == ["eager"] and info["seed"] == seed
+
+
+def test_learned_range_unet_and_fixed_variance_of_a_2c_model(seed):
+    model = tiny_unet(out_channels=2)
+    assert model.diffusion.variance == "learned_range"
+    x = ddpm_fast.sample(model, 2, 4, seed=seed, progress=False)
+    assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
+    # a fixed variance ignores the variance half of a 2C output
+    two_c = ddpm_fast.sample(Recorder(out_factor=2), 3, 5, shape=(2, 4, 4), schedule=SCHED, seed=seed,
+                             progress=False)
+    one_c = ddpm_fast.sample(Recorder(), 3, 5, shape=(2, 4, 4), schedule=SCHED, seed=seed, progress=False)
+    assert torch.equal(two_c, one_c)
+
+
+def test_clip_false_returns_the_raw_chain(seed):
+    big = Recorder(fill=lambda out, k: out * 0 + 3.0)  # predicts eps = 3 everywhere: x0 leaves [-1, 1]
+    kw = dict(shape=(2, 4, 4), schedule=SCHED, prediction="x0", seed=seed, progress=False)
+    assert ddpm_fast.sample(big, 2, 5, clip=False, **kw).abs().min() > 2.5
+    assert ddpm_fast.sample(big, 2, 5, clip=True, **kw).abs().max() <= 1.0
+
+
+# ---- seeds, chunks, memory formats, dtypes ----------------------------------------------------------------
+
+def test_unet_seed_determinism_chunks_and_memory_format(seed):
+    model = tiny_unet()
+    kw = dict(seed=seed, progress=False)
+    a = ddpm_fast.sample(model, 5, 8, **kw)
+    assert torch.equal(a, ddpm_fast.sample(model, 5, 8, **kw))
+    # chunks draw the same noise; only the convolutions' batch-dependent rounding may differ
+    torch.testing.assert_close(ddpm_fast.sample(model, 5, 8, batch_size=2, **kw), a, rtol=0, atol=1e-4)
+    assert last_run_info()["chunks"] == 3
+    # the chain stays NCHW whatever format the model runs in: the same noise, so the same images
+    cl = ddpm_fast.sample(model, 5, 8, memory_format="channels_last", **kw)
+    torch.testing.assert_close(cl, a, rtol=0, atol=1e-4)
+    assert last_run_info()["channels_last"]
+    assert (ddpm_fast.sample(model, 5, 8, seed=seed + 1, progress=False) - a).abs().mean() > 0.05
+
+
+def test_seed_none_follows_torch_manual_seed():
+    model = Recorder()
+    kw = dict(shape=(2, 4, 4), schedule=SCHED, progress=False)
+    torch.manual_seed(123)
+    a = ddpm_fast.sample(model, 3, 5, **kw)
+    used = last_run_info()["seed"]
+    torch.manual_seed(123)
+    assert torch.equal(ddpm_fast.sample(model, 3, 5, **kw), a)
+    assert torch.equal(ddpm_fast.sample(model, 3, 5, seed=used, **kw), a)
+
+
+def test_train_mode_is_restored_and_dropout_is_off_while_sampling(seed):
+    model = tiny_unet(dropout=0.5).train()
+    a = ddpm_fast.sample(model, 2, 4, seed=seed, progress=False)
+    assert model.training
+    assert torch.equal(a, ddpm_fast.sample(model, 2, 4, seed=seed, progress=False))
+
+
+@pytest.mark.parametrize("how", ["autocast", "model"])
+def test_bfloat16_model_compute_keeps_a_float32_chain(seed, how):
+    model = tiny_unet()
+    ref = ddpm_fast.sample(model, 2, 4, seed=seed, progress=False)
+    if how == "model":
+        x = ddpm_fast.sample(model.to(torch.bfloat16), 2, 4, seed=seed, progress=False)
+    else:
+        x = ddpm_fast.sample(model, 2, 4, dtype=torch.bfloat16, seed=seed, progress=False)
+    info = last_run_info()
+    assert x.dtype == torch.float32 and info["dtype"] == "torch.bfloat16" and info["autocast"] == (how == "autocast")
+    assert (x - ref).abs().max() < 0.2  # same noise; bf16 model rounding only
+
+
+# ---- checks before any work -------------------------------------------------------------------------------
+
+BAD = [
+    (dict(n=0), "n must satisfy 1 <= n"),
+    (dict(n=2.5), "n must be an int"),
+    (dict(steps=0), "steps must satisfy 1 <= steps <= 50"),
+    (dict(steps=51), "steps must satisfy 1 <= steps <= 50"),
+    (dict(shape=None), r"shape=\(C, H, W\) is required"),
+    (dict(shape=(2, 4)), r"shape must be \(C, H, W\)"),
+    (dict(schedule=None), "schedule= .* is required"),
+    (dict(schedule="linear"), "schedule must be a ddpm_fast.NoiseSchedule"),
+    (dict(spacing="uniform"), "spacing must be one of"),
+    (dict(prediction="noise"), "prediction must be one of"),
+    (dict(variance="learned"), "variance must be one of"),
+    (dict(sampler="euler"), "sampler must be one of"),
+    (dict(eta=0.5), "eta applies to sampler='ddim' only"),
+    (dict(sampler="ddim", eta=-1.0), "eta must be a finite float >= 0"),
+    (dict(clip="yes"), "clip must be True or False"),
+    (dict(seed="abc"), "seed must be an int or None"),
+    (dict(seed=1, generator=torch.Generator()), "give seed= or generator=, not both"),
+    (dict(dtype=torch.float64), "dtype must be torch.float32"),
+    (dict(device="meta"), "device must be a CPU or CUDA device"),
+    (dict(device="tpu"), "device must be a torch.device"),
+    (dict(batch_size=0), "batch_size must satisfy 1 <= batch_size"),
+    (dict(cuda_graph="yes"), "cuda_graph must be 'auto', True or False"),
+    (dict(cuda_graph=True), "cuda_graph=True needs a CUDA device"),
+    (dict(graph="loop"), "graph must be 'auto', 'whole' or 'step'"),
+    (dict(memory_format="nhwc"), "memory_format must be"),
+    (dict(progress=None), "progress must be True or False"),
+]
+
+
+@pytest.mark.parametrize("override,match", BAD, ids=[m for _, m in BAD])
+def test_bad_arguments_fail_before_the_model_runs(override, match):
+    model = Recorder()
+    kw = dict(n=2, steps=5, shape=(2, 4, 4), schedule=SCHED, seed=1, progress=False)
+    kw.update(override)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ddpm_fast.sample(model, **kw)
+    assert model.calls == []
+
+
+def test_bad_arguments_specific_to_models():
+    unet = tiny_unet()
+    with pytest.raises(ValueError, match="needs a model that returns 2C = 2 channels"):
+        ddpm_fast.sample(unet, 2, 3, variance="learned_range", progress=False)
+    with pytest.raises(ValueError, match="does not fit the UNet"):
+        ddpm_fast.sample(unet, 2, 3, shape=(3, 8, 8), progress=False)
+    with pytest.raises(ValueError, match="convert the model"):
+        ddpm_fast.sample(tiny_unet().to(torch.bfloat16), 2, 3, dtype=torch.float32, progress=False)
+    with pytest.raises(TypeError, match="callable"):
+        ddpm_fast.sample("model", 2, 3, shape=(1, 4, 4), schedule=SCHED)
+    if not HAS_CUDA:
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            ddpm_fast.sample(unet, 2, 3, device="cuda", progress=False)
+    unknown = tiny_unet()
+    unknown.diffusion = None
+    with pytest.raises(ValueError, match="schedule= .* is required for a UNet without .diffusion"):
+        ddpm_fast.sample(unknown, 2, 3, progress=False)
+
+
+def test_model_output_checks_name_the_shapes_and_the_chunk():
+    kw = dict(shape=(2, 4, 4), schedule=SCHED, seed=1, progress=False)
+    wrong = Recorder(fill=lambda out, k: out[:, :, :2])
+    with pytest.raises(ValueError, match=r"returned shape \(3, 2, 2, 4\) for input \(3, 2, 4, 4\); expected "
+                                         r"\(3, 2, 4, 4\)"):
+        ddpm_fast.sample(wrong, 3, 5, **kw)
+    assert len(wrong.calls) == 1  # checked on the first call
+    with pytest.raises(ValueError, match=r"learned_range' needs a model that returns 2C = 4 channels .* it "
+                                         r"returned \(3, 2, 4, 4\)"):
+        ddpm_fast.sample(Recorder(), 3, 5, variance="learned_range", **kw)
+    # NaN appearing in the second chunk only (calls 6..10 of 5-step chunks)
+    nan_later = Recorder(fill=lambda out, k: out * float("nan") if 6 <= k <= 10 else out)
+    with pytest.raises(FloatingPointError, match=r"chunk 2 of 3 \(samples 2..3\)"):
+        ddpm_fast.sample(nan_later, 5, 5, batch_size=2, **kw)
+    inf = Recorder(fill=lambda out, k: out * float("inf"))
+    with pytest.raises(FloatingPointError, match="chunk 1 of 1"):
+        ddpm_fast.sample(inf, 2, 5, prediction="x0", clip=False, **kw)
+
+
+def test_progress_bar_can_be_silenced(capfd):
+    kw = dict(shape=(2, 4, 4), schedule=SCHED, seed=1)
+    ddpm_fast.sample(Recorder(), 2, 5, progress=False, **kw)
+    assert capfd.readouterr().err == ""
+    ddpm_fast.sample(Recorder(), 4, 5, batch_size=2, progress=True, **kw)
+    err = capfd.readouterr().err
+    assert "ddpm_fast.sample" in err and "10/10" in err
+
+
+def test_debug_log_says_what_ran(caplog):
+    with caplog.at_level(logging.DEBUG, logger="ddpm_fast"):
+        ddpm_fast.sample(Recorder(), 2, 3, shape=(2, 4, 4), schedule=SCHED, seed=1, progress=False)
+    assert "chunk 1/1 (samples 0..1) ran eager" in caplog.text
+
+
+# ---- diffusers parity -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variance", ["fixed_large", "fixed_small"])
+def test_generator_path_reproduces_diffusers_ddpm_pipeline(seed, variance):
+    """With generator= the noise is diffusers' (torch.randn per step): DDPMPipeline on the same U-Net (exported
+    with to_diffusers) and a DDPMScheduler with leading spacing gives the same images."""
+    diffusers = pytest.importorskip("diffusers")
+    model = tiny_unet()
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type=variance,
+                                        clip_sample=True, timestep_spacing="leading")
+    pipe = diffusers.DDPMPipeline(unet=model.to_diffusers().eval(), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(batch_size=3, generator=torch.Generator().manual_seed(seed), num_inference_steps=10,
+                  output_type="pt").images  # (N, C, H, W) in [0, 1]
+    ours = ddpm_fast.sample(model, 3, 10, spacing="leading", variance=variance, progress=False,
+                            generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(ours * 0.5 + 0.5, theirs, rtol=0, atol=1e-4)  # measured ~1e-6
+
+
+# ---- the graph machinery's control flow, on the CPU with a stand-in for CUDA graphs --------------------------
+
+class EagerReplayGraphs(sampler_graph.CudaGraphBackend):
+    """CUDA graphs' contract on the CPU: capture records body (here: keeps it), replay re-runs it. Proves caching,
+    replay order (seed written before replay, x_T inside the whole graph, step index in a tensor), fallbacks."""
+
+    def __init__(self, fail=()):
+        self.fail, self.captured = set(fail), []
+
+    def available(self, device):
+        return True
+
+    def pool(self):
+        return None
+
+    @contextlib.contextmanager
+    def side_stream(self, device):
+        yield
+
+    def synchronize(self, device):
+        pass
+
+    def memory(self, device):
+        return 0, 0
+
+    def capture(self, body, pool, kind):
+        self.captured.append(kind)
+        if kind in self.fail:
+            raise RuntimeError(f"simulated {kind} capture failure")
+        return types.SimpleNamespace(replay=body)
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    def install(**kw):
+        backend = EagerReplayGraphs(**kw)
+        monkeypatch.setattr(sampler_graph, "BACKEND", backend)
+        sampler_graph.clear_graph_cache()
+        return backend
+    yield install
+    sampler_graph.clear_graph_cache()
+
+
+@pytest.mark.parametrize("graph", ["whole", "step"])
+def test_graph_replays_equal_eager_and_come_from_the_cache(seed, fake_graphs, graph):
+    backend = fake_graphs()
+    model, base, shape = _oracle("cpu", T=30)
+    kw = dict(shape=shape, schedule=base, clip=False, progress=False, graph=graph)
+    for sampler, eta in (("ddpm", 0.0), ("ddim", 0.5)):
+        eager = ddpm_fast.sample(model, 6, seed=seed, cuda_graph=False, sampler=sampler, eta=eta, **kw)
+        assert last_run_info()["modes"] == ["eager"]
+        first = ddpm_fast.sample(model, 6, seed=seed, sampler=sampler, eta=eta, **kw)
+        info = last_run_info()
+        assert info["modes"] == [f"graph-{graph}"] and len(info["captures"]) == 1 and info["cache_hits"] == 0
+        other = ddpm_fast.sample(model, 6, seed=seed + 1, sampler=sampler, eta=eta, **kw)
+        assert last_run_info()["cache_hits"] == 1 and last_run_info()["captures"] == []
+        assert torch.equal(first, eager) and (other - first).abs().mean() > 0.05
+        assert torch.equal(ddpm_fast.sample(model, 6, seed=seed, sampler=sampler, eta=eta, **kw), eager)
+    assert backend.captured == [graph, graph]  # one capture per sampler setting: they are different plans
+
+
+def test_graph_policy_chunks_and_fallbacks(seed, fake_graphs):
+    model, base, shape = _oracle("cpu", T=20)
+    kw = dict(shape=shape, schedule=base, clip=False, progress=False, seed=seed)
+    backend = fake_graphs()
+    whole = ddpm_fast.sample(model, 7, **kw)
+    assert last_run_info()["modes"] == ["graph-whole"]  # one chunk, steps * batch small: the whole loop
+    chunked = ddpm_fast.sample(model, 7, batch_size=3, **kw)  # chunks: one-step graphs, one per offset
+    assert last_run_info()["modes"] == ["graph-step"] * 3 and torch.equal(chunked, whole)
+    assert backend.captured == ["whole", "step", "step", "step"]
+    forced = ddpm_fast.sample(model, 7, batch_size=3, graph="whole", **kw)  # asked for: one per chunk offset
+    assert last_run_info()["modes"] == ["graph-whole"] * 3 and torch.equal(forced, whole)
+    backend = fake_graphs(fail={"whole"})
+    with caplog_debug() as logs:
+        x = ddpm_fast.sample(model, 7, **kw)
+    assert last_run_info()["modes"] == ["graph-step"] and torch.equal(x, whole)
+    assert "whole-loop capture failed" in logs.text and "ran graph-step" in logs.text
+    fake_graphs(fail={"whole", "step"})
+    with pytest.warns(RuntimeWarning, match="capture failed, sampling eagerly.*simulated step capture failure"):
+        x = ddpm_fast.sample(model, 7, **kw)
+    assert last_run_info()["modes"] == ["eager"] and torch.equal(x, whole)
+
+
+def test_graph_cache_is_bounded_follows_the_model_and_sees_moved_weights(seed, fake_graphs):
+    backend = fake_graphs()
+    unet = tiny_unet()
+    kw = dict(seed=seed, progress=False, memory_format="contiguous")  # the model itself, no twin
+    a = ddpm_fast.sample(unet, 2, 4, **kw)
+    ddpm_fast.sample(unet, 2, 4, **kw)
+    assert backend.captured == ["whole"]
+    unet.float()  # no-op: same storage, the graph stays
+    unet.to(torch.float64).to(torch.float32)  # new storage: a cached graph would read freed memory
+    assert torch.equal(ddpm_fast.sample(unet, 2, 4, **kw), a)
+    assert backend.captured == ["whole", "whole"]
+    for steps in range(2, 3 + sampler_graph.MAX_PLANS):
+        ddpm_fast.sample(unet, 2, steps, **kw)
+    assert len(sampler_graph._CACHE) == sampler_graph.MAX_PLANS
+    for entry in sampler_graph._CACHE.values():
+        entry.graphs.clear()  # the stand-in's "graphs" hold their bodies, and so the model; CUDA graphs do not
+    del unet
+    gc.collect()
+    assert len(sampler_graph._CACHE) == 0  # entries die with their model
+
+
+def test_channels_last_twin_follows_in_place_weight_updates(seed, fake_graphs):
+    backend = fake_graphs()
+    unet = tiny_unet()
+    kw = dict(seed=seed, progress=False)
+    a = ddpm_fast.sample(unet, 2, 4, memory_format="channels_last", **kw)
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(1.5)  # a training step: in place
+    b = ddpm_fast.sample(unet, 2, 4, memory_format="channels_last", **kw)
+    assert backend.captured == ["whole"]  # refreshed into the twin's storage: the graph stays valid
+    torch.testing.assert_close(b, ddpm_fast.sample(unet, 2, 4, memory_format="contiguous", **kw), rtol=0,
+                               atol=1e-4)
+    assert (a - b).abs().max() > 1e-3
+    unet.to(torch.bfloat16)  # new dtype: a new twin
+    assert ddpm_fast.sample(unet, 2, 4, memory_format="channels_last", **kw).dtype == torch.float32
+
+
+@contextlib.contextmanager
+def caplog_debug():
+    handler = logging.Handler(logging.DEBUG)
+    records = []
+    handler.emit = records.append
+    logger = logging.getLogger("ddpm_fast")
+    old = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    result = types.SimpleNamespace(text="")
+    try:
+        yield result
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+        result.text = "\n".join(r.getMessage() for r in records)
+
+
+# ---- CUDA graphs (GPU only) -------------------------------------------------------------------------------
+
+def _oracle(device="cuda", shape=(3, 5, 7), T=100):
+    base = NoiseSchedule.linear(T)
+    g = torch.Generator().manual_seed(0)
+    return GaussianOracle(base, torch.rand(shape, generator=g) - 0.5, torch.rand(shape, generator=g) * 0.3 + 0.3
+                          ).to(device), base, shape
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graph", ["whole", "step"])
+def test_cuda_graph_equals_eager_and_replays_from_the_cache(seed, graph):
+    from ddpm_fast.sampling import clear_graph_cache
+    clear_graph_cache()
+    model, base, shape = _oracle()
+    kw = dict(shape=shape, schedule=base, steps=40, clip=False, progress=False)
+    for sampler, eta in (("ddpm", 0.0), ("ddim", 0.5)):
+        eager = ddpm_fast.sample(model, 9, seed=seed, cuda_graph=False, sampler=sampler, eta=eta, **kw)
+        assert last_run_info()["modes"] == ["eager"]
+        g1 = ddpm_fast.sample(model, 9, seed=seed, graph=graph, sampler=sampler, eta=eta, **kw)
+        info = last_run_info()
+        assert info["modes"] == [f"graph-{graph}"] and len(info["captures"]) == 1 and info["cache_hits"] == 0
+        assert info["captures"][0]["capture_s"] > 0
+        g2 = ddpm_fast.sample(model, 9, seed=seed + 1, graph=graph, sampler=sampler, eta=eta, **kw)
+        assert last_run_info()["cache_hits"] == 1 and last_run_info()["captures"] == []
+        g3 = ddpm_fast.sample(model, 9, seed=seed, graph=graph, sampler=sampler, eta=eta, **kw)
+        assert torch.equal(g1, eager) and torch.equal(g3, eager) and (g2 - g1).abs().mean() > 0.05
+
+
+@pytest.mark.gpu
+def test_cuda_unet_graph_equals_eager_bf16_autocast_and_channels_last(seed):
+    model = tiny_unet().cuda()
+    for kw in (dict(), dict(dtype=torch.bfloat16), dict(memory_format="channels_last")):
+        eager = ddpm_fast.sample(model, 4, 20, seed=seed, cuda_graph=False, progress=False, **kw)
+        graphed = ddpm_fast.sample(model, 4, 20, seed=seed, progress=False, **kw)
+        assert last_run_info()["modes"] == ["graph-whole"], kw
+        assert torch.equal(eager, graphed), kw
+
+
+@pytest.mark.gpu
+def test_cuda_chunked_equals_unchunked_and_matches_the_cpu(seed):
+    model, base, shape = _oracle()
+    kw = dict(shape=shape, schedule=base, clip=False, seed=seed, progress=False)
+    whole = ddpm_fast.sample(model, 21, **kw)
+    chunked = ddpm_fast.sample(model, 21, batch_size=8, **kw)
+    assert last_run_info()["modes"] == ["graph-step"] * 3
+    assert torch.equal(whole, chunked)
+    cpu = ddpm_fast.sample(model.cpu(), 21, **kw)
+    torch.testing.assert_close(whole.cpu(), cpu, rtol=0, atol=1e-4)  # same Philox noise, float rounding only
+
+
+@pytest.mark.gpu
+def test_cuda_graph_recaptures_after_the_model_moves_and_falls_back_when_capture_fails(seed):
+    model = tiny_unet().cuda()
+    ddpm_fast.sample(model, 2, 5, seed=seed, progress=False)
+    model.cpu().cuda()  # new parameter storage: the cached graph would read freed memory
+    ddpm_fast.sample(model, 2, 5, seed=seed, progress=False)
+    assert len(last_run_info()["captures"]) == 1
+
+    class Syncs(Recorder):
+        def forward(self, x, t):
+            if float(x.abs().max()) > 1e9:  # a host sync: not capturable
+                raise AssertionError
+            return super().forward(x, t)
+
+    bad = Syncs().cuda()
+    kw = dict(shape=(2, 4, 4), schedule=SCHED, seed=seed, progress=False)
+    with pytest.warns(RuntimeWarning, match="capture failed, sampling eagerly"):
+        x = ddpm_fast.sample(bad, 2, 5, **kw)
+    assert last_run_info()["modes"] == ["eager"]
+    torch.testing.assert_close(x, ddpm_fast.sample(bad, 2, 5, cuda_graph=False, **kw), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="cuda_graph=True but no CUDA graph could be captured"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ddpm_fast.sample(bad, 2, 5, cuda_graph=True, **kw)
+    good = ddpm_fast.sample(model, 2, 5, seed=seed, progress=False)  # CUDA still usable after failed captures
+    assert torch.isfinite(good).all()
