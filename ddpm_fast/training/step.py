@@ -5,9 +5,9 @@ Every random draw of step ``s`` on rank ``r`` is a pure function of (seed, r, s)
 DistributedSampler's permutation of epoch s // steps_per_epoch, flips and timesteps come from a generator
 seeded with mix(seed, r, s), the q_sample noise from the Philox key mix(seed, r) + s, dropout from the global
 RNG reseeded with mix(seed, r, s) before the step, and (class-conditional runs) which labels become the null
-label from a generator of its own, seeded with mix(seed, r, s), so unconditional runs draw what they always did. So a resumed run draws exactly what the straight run drew
-(no generator state to carry), batches can be made by DataLoader workers, and a CUDA graph replays the same
-draws as eager steps.
+label from a generator of its own seeded with mix(seed, r, s), so unconditional runs draw what they always
+did. So a resumed run draws exactly what the straight run drew (no generator state to carry), batches can be
+made by DataLoader workers, and a CUDA graph replays the same draws as eager steps.
 """
 import contextlib
 from typing import Dict, List, Optional

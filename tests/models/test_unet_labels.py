@@ -62,6 +62,11 @@ def test_precomputed_projections_split_at_the_embedding(seed):
         shared = model.projections(model.time_embeddings(t0[:1]) + model.class_embeddings(y))
         torch.testing.assert_close(model(x, None, time_proj=shared), model(x, t0, y), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model.time_projections(t), model.time_projections(t, 5), rtol=0, atol=0)
+        # all ResBlocks' projections as one matmul: the same numbers up to rounding
+        emb = model.time_embeddings(t) + model.class_embeddings(y)
+        weight, bias = model.projection_weights()
+        assert weight.shape == (proj.shape[1], model.config.temb_dim) and bias.shape == (proj.shape[1],)
+        torch.testing.assert_close(model.projections(emb, (weight, bias)), proj, rtol=1e-5, atol=1e-6)
 
 
 def test_gradients_reach_the_used_class_rows(seed):
