@@ -333,12 +333,13 @@ class UNet(nn.Module):
         the sum, so they depend on (t, y) jointly; the split is at emb: ``time_embeddings`` of every step and
         ``class_embeddings`` of the chain's labels once per chain ((steps, E) and (B, E), E = temb_dim), then per
         step ``projections(emb_t[i] + emb_y, weights)`` with ``weights = projection_weights()`` taken once per
-        chain: one add, one SiLU and ONE (B, E) x (E, P) matmul. Measured (benchmarks/
-        bench_class_conditioning.py, CPU): that is 0.1-0.3% of the U-Net forward it feeds, against 1-2% with the
-        blocks' separate matmuls and 2-3% for time_projections in every step. A table of every (step, label)
-        (steps * (K + 1) rows) makes the per-step part a gather, but costs steps * (K + 1) * P floats (210 MiB
-        for K = 10 with the CIFAR-10 U-Net's P = 4992 at 1000 steps, 20 GB for K = 1000) and 0.4-1.5 forwards
-        per chain to build: it saves less than it costs to hold, so the split is the design.
+        chain: one add, one SiLU and ONE (B, E) x (E, P) matmul, for any number of classes. A table of every
+        (step, label) pair would make the per-step part a gather, but holds steps * (K + 1) * P values (210 MiB
+        for K = 10 with the CIFAR-10 U-Net's P = 4992 at 1000 steps; 20 GB at K = 1000) and takes 0.4-1.5 U-Net
+        forwards per chain to build; the split spends 0.10-0.26% of a forward per step, 1-2.6 forwards over a
+        1000-step chain (measured on the CPU by benchmarks/bench_class_conditioning.py; the blocks' separate
+        matmuls take 0.2-1.4% per step, time_projections in every step 0.2-2.3%). Either costs ~0.1-0.3% of
+        the chain; the split needs no memory that grows with K or steps, so it is the design.
         """
         if not torch.is_tensor(t) or t.dim() != 1:
             raise ValueError(f"UNet.time_projections: t must be an (N,) tensor, got "
