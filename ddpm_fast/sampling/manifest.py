@@ -96,17 +96,17 @@ def build(job, model):
     return {"format": FORMAT, "digest": digest, **fixed, "created": created}
 
 
-def differences(old, new):
-    """Human-readable differences between two manifests' settings and models ([] when the digests agree)."""
+def differences(old, new, was="in the directory", now="now"):
+    """Human-readable differences between two manifests' settings and models ([] when the digests agree);
+    ``was`` / ``now`` name where each value comes from."""
     if old.get("digest") == new["digest"]:
         return []
-    before, now = old.get("settings", {}), new["settings"]
-    keys = list(now) + sorted(set(before) - set(now))  # n, seed, steps first: the settings users change
-    changed = [k for k in keys if before.get(k, "(absent)") != now.get(k, "(absent)")]
+    a, b = old.get("settings", {}), new["settings"]
+    keys = list(b) + sorted(set(a) - set(b))  # n, seed, steps first: the settings users change
+    changed = [k for k in keys if a.get(k, "(absent)") != b.get(k, "(absent)")]
     if "steps" in changed and "schedule_key" in changed:
         changed.remove("schedule_key")  # other steps are another respaced schedule: say it once
-    diffs = [f"{k}: {_short(before.get(k, '(absent)'))} in the directory, {_short(now.get(k, '(absent)'))} now"
-             for k in changed]
+    diffs = [f"{k}: {_short(a.get(k, '(absent)'))} {was}, {_short(b.get(k, '(absent)'))} {now}" for k in changed]
     old_model = old.get("model", {})
     if old_model.get("config") != new["model"]["config"]:
         diffs.append("the model's config differs (another architecture or training config)")

@@ -219,7 +219,7 @@ def _resolve_run(model, n, out_dir, overwrite, sample_args, info):
     record = manifest.build(job, model)
     others = distributed.gather_objects(record, info)
     for rank, other in enumerate(others):
-        diffs = manifest.differences(others[0], other)
+        diffs = manifest.differences(others[0], other, "on rank 0", f"on rank {rank}")
         if diffs:
             raise ValueError(f"rank {rank} would draw other images than rank 0 ({'; '.join(diffs)}): every rank "
                              f"must load the same model with the same settings")
