@@ -1,10 +1,12 @@
 """ddpm_fast.sample_to_dir in one process: the images are sample()'s, bitwise; a rerun resumes and never uses a
 missing, truncated, corrupt or foreign chunk file; other settings are refused before any work; bad input fails
 first; the files are in the layouts FID tools read. (Several processes under torchrun: test_shard_torchrun.py.)"""
+import contextlib
 import glob
 import json
 import os
 import shutil
+import types
 import zipfile
 
 import numpy as np
@@ -15,7 +17,8 @@ from PIL import Image
 import ddpm_fast
 from ddpm_fast import UNet, sample_to_dir
 from ddpm_fast.images import to_uint8
-from ddpm_fast.sampling import chunkfiles
+from ddpm_fast.sampling import chunkfiles, last_run_info
+from ddpm_fast.sampling import graphs as sampler_graph
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -270,3 +273,49 @@ def test_chunk_reader_names_every_problem(tmp_path):
     for where, digest, k, shape, match in cases:
         with pytest.raises(chunkfiles.BadChunk, match=match):
             chunkfiles.read_chunk(where, digest, k, shape)
+
+
+# ---- CUDA graphs: every chunk is the same plan, so the runs share cached graphs ---------------------------------
+
+class ReplayBody(sampler_graph.CudaGraphBackend):
+    """The CUDA-graph contract on the CPU (as tests/sampling/test_sample.py's stand-in): capture keeps the body,
+    replay runs it again."""
+
+    def __init__(self):
+        self.captured = []
+
+    def available(self, device):
+        return True
+
+    def pool(self):
+        return None
+
+    @contextlib.contextmanager
+    def side_stream(self, device):
+        yield
+
+    def synchronize(self, device):
+        pass
+
+    def memory(self, device):
+        return 0, 0
+
+    def capture(self, body, pool, kind):
+        self.captured.append(kind)
+        return types.SimpleNamespace(replay=body)
+
+
+def test_chunks_share_one_graph_plan(tmp_path, seed, monkeypatch):
+    model = tiny_unet()
+    want = expected(model, 7, seed, memory_format="contiguous")  # eager: no graph backend yet
+    monkeypatch.setattr(sampler_graph, "BACKEND", ReplayBody())
+    sampler_graph.clear_graph_cache()
+    try:
+        run = sample_to_dir(model, 7, tmp_path, steps=3, seed=seed, batch_size=3, memory_format="contiguous",
+                            progress=False)
+        assert np.array_equal(arr0(run.path), want)
+        assert last_run_info()["modes"] == ["graph-whole"]  # the last chunk ran from a graph
+        # chunks of 3, 3 and 1 images: one cached plan for the full chunks, one for the last
+        assert sorted(plan.batch for _, plan in sampler_graph._CACHE) == [1, 3]
+    finally:
+        sampler_graph.clear_graph_cache()
