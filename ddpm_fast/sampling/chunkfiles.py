@@ -102,6 +102,11 @@ def scan(directory, digest, shapes):
     return done, removed
 
 
+def is_temp_png(name):
+    """A temp file atomic_write leaves in png_dir when a run is killed while writing PNGs."""
+    return name.startswith(".tmp_") and name.endswith(".png")
+
+
 def remove_run_files(directory):
     """Removes what a run wrote into DIR (chunk files, temp files, samples.npz): --overwrite starts over."""
     folder = os.path.join(directory, SUBDIR)
@@ -118,6 +123,9 @@ def assemble(directory, digest, chunks, shape, png_dir=None):
     chunks: [(start, b)] of the run; shape: (C, H, W). Returns the .npz path."""
     n, (C, H, W) = sum(b for _, b in chunks), shape
     folder = os.path.join(directory, SUBDIR)
+    if png_dir is not None:  # temp files of a run killed while writing PNGs: some FID tools would read them
+        for name in filter(is_temp_png, os.listdir(png_dir)):
+            os.remove(os.path.join(png_dir, name))
 
     def parts():
         for k, (start, b) in enumerate(chunks):

@@ -121,7 +121,9 @@ def _check_call(model, n, out_dir, png_dir, overwrite, progress, sample_args):
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be True or False, got {value!r}")
     seed = sample_args.get("seed")
-    resolve(model, n, **{**sample_args, "seed": 0 if seed is None else seed, "progress": False})
+    job = resolve(model, n, **{**sample_args, "seed": 0 if seed is None else seed, "progress": False})
+    if png_dir is not None and job.plan.shape[0] not in (1, 3, 4):
+        raise ValueError(f"png_dir: a PNG holds 1, 3 or 4 channels, the images have {job.plan.shape[0]}")
     out_dir = _dir_path("out_dir", out_dir)
     png_dir = None if png_dir is None else _dir_path("png_dir", png_dir)
     if png_dir is not None and os.path.isdir(png_dir):
@@ -157,7 +159,7 @@ def _make_writable_dir(name, path):
 def _check_png_dir(png_dir, n):
     """Folder-based FID tools read every image in a folder: refuse one holding images this run does not write."""
     others = sorted(f for f in os.listdir(png_dir) if f.lower().endswith(_IMAGE_EXTENSIONS) and not (
-        f[:-4].isdigit() and int(f[:-4]) < n and f == png_name(int(f[:-4]), n)))
+        f[:-4].isdigit() and int(f[:-4]) < n and f == png_name(int(f[:-4]), n)) and not chunkfiles.is_temp_png(f))
     if others:
         raise ValueError(f"png_dir {png_dir} holds {len(others)} image(s) this run does not write (e.g. "
                          f"{others[0]}): FID tools would count them; give an empty or new directory")

@@ -180,9 +180,15 @@ def test_bad_input_fails_before_any_work(tmp_path):
     busy.mkdir()
     (busy / "cat.jpg").write_bytes(b"")
     (busy / "000001.png").write_bytes(b"")  # a name this run writes: fine
+    (busy / ".tmp_ab_000002.png").write_bytes(b"")  # a killed run's temp file: removed when the PNGs are written
     with pytest.raises(ValueError, match="holds 1 image.* this run does not write .*cat.jpg.* empty or new"):
         sample_to_dir(model, 3, fresh, png_dir=busy, steps=2, progress=False)
     assert not fresh.exists()
+    with pytest.raises(ValueError, match="png_dir: a PNG holds 1, 3 or 4 channels, the images have 2"):
+        sample_to_dir(tiny_unet(channels=2), 3, fresh, png_dir=tmp_path / "png2", steps=2, progress=False)
+    (busy / "cat.jpg").unlink()
+    sample_to_dir(model, 3, fresh, png_dir=busy, steps=2, progress=False)
+    assert sorted(os.listdir(busy)) == ["000000.png", "000001.png", "000002.png"]
 
 
 def test_an_unwritable_out_dir_is_refused(tmp_path):
