@@ -38,7 +38,8 @@ GROUP_TIMEOUT = datetime.timedelta(hours=6)  # the final barrier waits for the s
 FAULT_ENV = "DDPM_FAST_TEST_FAULT"
 _NOT_SAMPLE_ARGS = {"start": "sample_to_dir draws images 0..n-1 itself and sets each chunk's start",
                     "generator": "generator= noise has no element offsets; chunks need seed= (or seed=None)",
-                    "progress": "progress= is sample_to_dir's own argument (one bar for the whole run)"}
+                    "progress": "progress= is sample_to_dir's own argument (one bar for the whole run)",
+                    "x_T": "every chunk's starting noise comes from the seed (and its images' indices)"}
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".npy")
 
 
@@ -83,7 +84,7 @@ def sample_to_dir(model, n, out_dir, *, png_dir=None, overwrite=False, progress=
         hold other images. C must be 1, 3 or 4.
     :param progress: one bar (rank 0) over the images of all ranks.
     :param sample_args: ``sample``'s keyword arguments (steps, sampler, eta, seed, batch_size, dtype, ...), not
-        start / generator / progress.
+        start / generator / x_T / progress.
     """
     t0 = time.perf_counter()
     out_dir, png_dir = _check_call(model, n, out_dir, png_dir, overwrite, progress, sample_args)

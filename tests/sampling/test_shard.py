@@ -167,6 +167,7 @@ def test_bad_input_fails_before_any_work(tmp_path):
              (dict(png_dir=a_file), "png_dir .*a_file is a file"),
              (dict(start=2), "start= is not a sample_to_dir argument"),
              (dict(generator=torch.Generator(), seed=None), "generator= is not a sample_to_dir argument"),
+             (dict(x_T=torch.randn(3, 1, 8, 8)), "x_T= is not a sample_to_dir argument"),
              (dict(progress="yes"), "progress must be True or False"),
              (dict(overwrite=1), "overwrite must be True or False"), (dict(out_dir=""), "must be a directory")]
     for override, match in cases:
