@@ -12,7 +12,7 @@
     capture, Triton compilation), then --chunks chunks timed; the best batch size is named. Also runs on the CPU
     (--quick: the tiny preset, tiny settings), which is the GPU suite's dry run.
 
-    python benchmarks/bench_sample_to_dir.py --threads 1 --out-dir /tmp/bench        # CPU: 1 vs 2 processes
+    python benchmarks/bench_sample_to_dir.py --out-dir /tmp/bench                     # CPU: 1 vs 2 processes
     python benchmarks/bench_sample_to_dir.py --device cuda --out-dir benchmarks/results
     python benchmarks/bench_sample_to_dir.py --mode batches --device cpu --quick       # the dry run
 
@@ -33,6 +33,7 @@ import torch
 from ddpm_fast.bench import common as bc
 
 VARIANTS = {"1 process x 1 thread": (1, 1), "2 processes x 1 thread": (2, 1), "1 process x 2 threads": (1, 2)}
+SHORT = {f"{p}x{t}": name for name, (p, t) in VARIANTS.items()}  # --variants 1x1,2x1,1x2
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -62,7 +63,7 @@ def run_command(nproc, threads, args, out_dir):
 
 
 def processes_mode(args):
-    names = list(VARIANTS)[:2] if args.quick else list(VARIANTS)
+    names = [SHORT[v] for v in args.variants]
     results = {name: {"wall_s": [], "rate": [], "digests": set()} for name in names}
     with tempfile.TemporaryDirectory(prefix="ddpm_fast_bench_shard_") as tmp:
         for r in range(args.repeats):
@@ -147,6 +148,8 @@ def parse_args(argv):
     ap.add_argument("--mode", choices=("processes", "batches"), help="default: processes on cpu, batches on cuda")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--checkpoint", help="processes mode: the model (default: the bundled one)")
+    ap.add_argument("--variants", default="1x1,2x1,1x2", help="processes mode: PROCESSESxTHREADS, 1x1 first "
+                    "(default 1x1,2x1,1x2; --quick: 1x1,2x1)")
     ap.add_argument("--n", type=int, default=256, help="processes mode: images per run (default 256)")
     ap.add_argument("--batch", type=int, default=16, help="processes mode: images per chunk (default 16)")
     ap.add_argument("--steps", type=int, default=100, help="sampling steps (default 100)")
@@ -162,7 +165,11 @@ def parse_args(argv):
     args.mode = args.mode or ("processes" if args.device == "cpu" else "batches")
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.variants = args.variants.split(",")
+    if set(args.variants) - set(SHORT) or args.variants[0] != "1x1":
+        ap.error(f"--variants: a comma-separated subset of {','.join(SHORT)}, starting with 1x1")
     if args.quick:
+        args.variants = [v for v in args.variants if v != "1x2"]
         args.n, args.batch, args.steps, args.repeats, args.chunks = 8, 2, 2, 1, 2
         args.preset, args.batch_sizes = ("tiny", [2, 4]) if args.device == "cpu" else (args.preset, [128])
     if min([args.n, args.batch, args.steps, args.repeats, args.chunks] + args.batch_sizes) < 1:
