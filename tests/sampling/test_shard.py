@@ -312,17 +312,25 @@ class ReplayBody(sampler_graph.CudaGraphBackend):
         return types.SimpleNamespace(replay=body)
 
 
-def test_chunks_share_one_graph_plan(tmp_path, seed, monkeypatch):
+def test_chunks_share_one_captured_graph(tmp_path, seed, monkeypatch):
+    """Every chunk is a sample() call with the same batch size and settings: chunks of one size replay ONE
+    captured graph (their element offsets live in device memory), so a 50,000-image run captures once per
+    chunk size, not once per chunk."""
     model = tiny_unet()
-    want = expected(model, 7, seed, memory_format="contiguous")  # eager: no graph backend yet
-    monkeypatch.setattr(sampler_graph, "BACKEND", ReplayBody())
+    want = expected(model, 10, seed, memory_format="contiguous")  # eager: no graph backend yet
+    backend = ReplayBody()
+    monkeypatch.setattr(sampler_graph, "BACKEND", backend)
     sampler_graph.clear_graph_cache()
     try:
-        run = sample_to_dir(model, 7, tmp_path, steps=3, seed=seed, batch_size=3, memory_format="contiguous",
+        run = sample_to_dir(model, 10, tmp_path, steps=3, seed=seed, batch_size=3, memory_format="contiguous",
                             progress=False)
         assert np.array_equal(arr0(run.path), want)
-        assert last_run_info()["modes"] == ["graph-whole"]  # the last chunk ran from a graph
-        # chunks of 3, 3 and 1 images: one cached plan for the full chunks, one for the last
+        assert last_run_info()["modes"] == ["graph-whole"] and last_run_info()["cache_hits"] == 0
+        # chunks of 3, 3, 3 and 1 images: one graph for the three full chunks, one for the last
+        assert backend.captured == ["whole", "whole"]
         assert sorted(plan.batch for _, plan in sampler_graph._CACHE) == [1, 3]
+        again = sample_to_dir(model, 13, tmp_path / "more", steps=3, seed=seed, batch_size=3,
+                              memory_format="contiguous", progress=False)
+        assert again.drawn == 13 and backend.captured == ["whole", "whole"]  # all from the cache
     finally:
         sampler_graph.clear_graph_cache()
