@@ -118,8 +118,10 @@ def load(path=None, device="cpu", fused: bool = True):
     path: a model file written by ``save``, a training checkpoint (its EMA weights), a run directory, or None
         for the bundled default model (ddpm_fast/assets/default_digits.safetensors: the tiny preset trained on
         scikit-learn's 8x8 digits). fused: use the fused GroupNorm+SiLU op (same weights either way).
+    device: "cpu", "cuda", "cuda:N" or a torch.device; CUDA without CUDA is a ValueError (checked first).
     """
-    device = torch.device(device)
+    from .distributed import check_device
+    device = check_device(device)
     path = _resolve_path(path)
     tensors, meta = read_safetensors(path, (MODEL_FORMAT, TRAIN_FORMAT))
     if meta["format"] == TRAIN_FORMAT:
