@@ -1,4 +1,5 @@
-"""The `ddpm-fast` command line (also `python -m ddpm_fast`): train | sample | eval | bench | train-features.
+"""The `ddpm-fast` command line (also `python -m ddpm_fast`): train | sample | reference | eval | bench |
+train-features.
 
 One module per command (cli/train.py, ...), each with ``add(subparsers)`` declaring its flags and ``run(args)``
 doing the work; heavy imports happen inside ``run`` so `ddpm-fast --help` stays fast. Exit codes and the form of
@@ -11,7 +12,8 @@ import sys
 
 from .common import run_command
 
-COMMANDS = {"train": "train", "sample": "sample", "eval": "eval", "bench": "bench", "train-features": "features"}
+COMMANDS = {"train": "train", "sample": "sample", "reference": "reference", "eval": "eval", "bench": "bench",
+            "train-features": "features"}
 
 
 class _Version(argparse.Action):

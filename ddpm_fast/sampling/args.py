@@ -61,6 +61,7 @@ class SampleJob:
     cuda_graph: object     # "auto" | True | False
     graph: str             # "auto" | "whole" | "step"
     progress: bool
+    start: int = 0         # the call's first image is image ``start`` of a longer run (element offset start*C*H*W)
     threads: Optional[int] = None  # CPU threads while sampling (None: torch's setting)
 
     @property
@@ -73,7 +74,8 @@ class SampleJob:
 
 def resolve(model, n, steps=None, *, shape=None, schedule=None, prediction=None, variance=None, sampler=None,
             eta=None, clip=None, seed=None, device=None, dtype=None, batch_size=None, cuda_graph="auto",
-            progress=True, spacing=None, graph="auto", memory_format="auto", generator=None, threads="auto"):
+            progress=True, spacing=None, graph="auto", memory_format="auto", generator=None, start=0,
+            threads="auto"):
     """Validates a ``sample`` call and resolves its defaults (arguments as ``sample``) -> SampleJob.
     Wrong types raise TypeError, wrong values ValueError, both before any work."""
     pipe = from_pipeline(model) if is_pipeline(model) else None
@@ -102,11 +104,12 @@ def resolve(model, n, steps=None, *, shape=None, schedule=None, prediction=None,
     _check_graph_args(cuda_graph, graph, dev, generator)
     channels_last = _resolve_memory_format(memory_format, unet, dev, compute_dtype)
     seed = _resolve_seed(seed, generator, dev)
+    start = _check_start(start, n, shape, generator)
     plan = SamplePlan(dev, batch, shape, schedule.key, prediction, variance, clip, sampler, eta, compute_dtype,
                       autocast, channels_last)
     threads = resolve_threads(threads, model_work(model, shape[1:], batch), dev)
     return SampleJob(model, n, schedule, plan, seed, generator, cuda_graph, graph, _check_bool("progress", progress),
-                     threads)
+                     start, threads)
 
 
 def _check_int(name, value, low, high=None):
@@ -117,6 +120,19 @@ def _check_int(name, value, low, high=None):
         raise ValueError(f"{name} must satisfy {low} <= {name}" + (f" <= {high}" if high is not None else "")
                          + f", got {value}")
     return value
+
+
+def _check_start(start, n, shape, generator):
+    """start >= 0, with the run's last element index inside the noise counter's int64 element range."""
+    start = _check_int("start", start, 0)
+    if generator is not None and start:
+        raise ValueError("start= places the call in a longer seed= run; generator= draws torch.randn noise, which "
+                         "has no element offsets (use seed=)")
+    per_image = shape[0] * shape[1] * shape[2]
+    if (start + n) * per_image > 2 ** 63 - 1:
+        raise ValueError(f"start + n = {start + n} images of {per_image} elements exceed the noise's element "
+                         f"index range (2^63 - 1 elements)")
+    return start
 
 
 def _check_bool(name, value):
