@@ -73,8 +73,8 @@ class CMakeBuild(build_ext):
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
         subprocess.run([cmake, "--build", ".", "--config", cfg, "-j", jobs], cwd=build_temp, check=True)
         summary = build_temp / "ddpm_fast_build.txt"
-        for line in summary.read_text().splitlines() if summary.is_file() else []:
-            _say(f"built {line}")
+        if summary.is_file():
+            _say("built ddpm_fast._C: " + "; ".join(summary.read_text().splitlines()))
 
 
 setup(ext_modules=[CMakeExtension("ddpm_fast._C")], cmdclass={"build_ext": CMakeBuild})
