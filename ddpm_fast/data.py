@@ -124,6 +124,7 @@ def load_dataset(spec: str, split: str = "train", data_dir: Optional[str] = None
     if image_size is not None and (type(image_size) is not int or image_size < 1):
         raise ValueError(f"image_size must be a positive int or None; got {image_size!r}")
     check_holdout(holdout)
+    held_out = None
     if spec == "digits":
         if data_dir is not None:
             raise ValueError("'digits' is bundled with scikit-learn and takes no data_dir")
@@ -132,16 +133,20 @@ def load_dataset(spec: str, split: str = "train", data_dir: Optional[str] = None
         images, labels, classes = _load_fashion_mnist(split, data_dir or FASHION_MNIST_DIR)
     elif spec.startswith("folder:"):
         images, labels, classes = _load_folder(_resolve(spec[7:], data_dir, spec), image_size)
+        held_out = int(holdout_mask(len(images), holdout).sum())
         images, labels = _heldout_split(images, labels, split, spec, holdout)
     elif spec.startswith("npz:"):
         images, labels = _load_npz(_resolve(spec[4:], data_dir, spec))
+        held_out = int(holdout_mask(len(images), holdout).sum())
         images, labels = _heldout_split(images, labels, split, spec, holdout)
         classes = None
     else:
         raise ValueError(f"unknown dataset {spec!r}; expected one of {BUILTIN}, 'folder:DIR' or 'npz:FILE'")
     if image_size is not None and tuple(images.shape[2:]) != (image_size, image_size):
         images = resize_center_crop(images, image_size)
-    return ImageDataset(images, labels, flip=flip, name=spec, split=split, classes=classes)
+    dataset = ImageDataset(images, labels, flip=flip, name=spec, split=split, classes=classes)
+    dataset.held_out = None if spec in BUILTIN else held_out  # folder / npz: how many images holdout set aside
+    return dataset
 
 
 def reference_batch(spec: str, split: str = "train", n: Optional[int] = None, data_dir: Optional[str] = None,
@@ -326,7 +331,8 @@ def _load_folder(root, image_size):
     if image_size is None and len(set(sizes)) > 1:
         (w0, h0), i = sizes[0], next(i for i, s in enumerate(sizes) if s != sizes[0])
         raise ValueError(f"images under {root} differ in size ({paths[0]}: {w0}x{h0}, {paths[i]}: "
-                         f"{sizes[i][0]}x{sizes[i][1]}); pass image_size to resize and center-crop them")
+                         f"{sizes[i][0]}x{sizes[i][1]}); pass image_size (ddpm-fast train --image-size S) to resize (shorter "
+                         f"side) and center-crop them to S x S")
     w, h = (image_size, image_size) if image_size is not None else sizes[0]
     out = torch.empty(len(paths), 3 if rgb else 1, h, w, dtype=torch.uint8)
     for i, p in enumerate(paths):

@@ -66,9 +66,9 @@ def _prepare(args):
     device = resolve_device(args.device)
     model = ddpm_fast.load(args.checkpoint, device=device)
     c, size = model.config.in_channels, model.config.image_size
-    net = _feature_net(args, (c, size, size), device)
     holdout = _holdout(args)
     held_out = len(load_dataset(args.dataset, "test", data_dir=args.data_dir, image_size=size, holdout=holdout))
+    net = _feature_net(args, (c, size, size), device)
     n = held_out if args.n is None else args.n
     if not 2 <= n <= held_out:
         raise ValueError(f"--n must be in [2, {held_out}] ({args.dataset}'s held-out images, which the "

@@ -54,8 +54,8 @@ class Trainer:
                                     image_size=cfg.image_size, holdout=cfg.holdout)
         self.dist = distributed.setup(cfg.device)
         self.device = self.dist.device
-        self._check_batch()
         self._check_image_size()
+        self._check_batch()
         self.net = self._build_model()
         c, h, w = self.dataset.shape
         self.threads = resolve_threads("auto" if cfg.threads is None else cfg.threads,
@@ -96,17 +96,20 @@ class Trainer:
             raise ValueError(f"--batch-size {b} is the global batch; it must divide evenly over the {world} "
                              f"processes")
         if len(self.dataset) // world < b // world:  # DistributedSampler(drop_last) gives each rank n // world
+            held_out = getattr(self.dataset, "held_out", None)
+            held = f", or hold out fewer than {held_out} with --holdout (0 trains on every image)" if held_out \
+                else ""
             raise ValueError(f"dataset {self.config.dataset!r} has {len(self.dataset)} training images, fewer than "
-                             f"one batch of {b}; lower --batch-size")
+                             f"one batch of {b}; lower --batch-size{held}")
+
+    def _check_image_size(self):
+        """Square images whose size the preset's U-Net can halve len(ch_mult) - 1 times (a multiple of 2**that)."""
+        from ..models.config import PRESETS
         c, h, w = self.dataset.shape
         if h != w:
             raise ValueError(f"{self.config.dataset} images are {h}x{w}; the U-Net presets need square images: "
                              f"pass --image-size S (resize, shorter side, and center-crop to S x S)")
-
-    def _check_image_size(self):
-        """The preset's U-Net halves the image len(ch_mult) - 1 times: the size must be a multiple of 2**that."""
-        from ..models.config import PRESETS
-        size, preset = self.dataset.shape[1], self.config.preset
+        size, preset = h, self.config.preset
         factor = 2 ** (len(PRESETS[preset]["ch_mult"]) - 1)
         if size % factor:
             lower, upper = size // factor * factor, (size // factor + 1) * factor
@@ -120,8 +123,8 @@ class Trainer:
         """What the run trains on and with: dataset, model, device, threads, dtype (lines for the log)."""
         cfg, ds = self.config, self.dataset
         c, h, w = ds.shape
-        held = "" if cfg.dataset in ("digits", "fashion-mnist") else \
-            f", {cfg.holdout:g} held out for eval (--holdout)"
+        held_out = getattr(ds, "held_out", None)
+        held = "" if held_out is None else f", {held_out} held out for eval (--holdout {cfg.holdout:g})"
         params = sum(p.numel() for p in self.net.parameters())
         amp = {"none": "float32", "bf16": "bfloat16 autocast", "fp16": "float16 autocast"}[cfg.amp]
         return [f"dataset {cfg.dataset}: {len(ds)} training images, {c}x{h}x{w}{held}",
