@@ -11,7 +11,7 @@ ddpm_fast.threads (parameters x pixels x batch), recorded beside it. The 1-minut
 before and after every timed call: on a shared machine it decides the answer as much as the model does.
 
     python benchmarks/bench_threads.py                      # writes benchmarks/results/threads-<cpu>-<date>.json
-    python benchmarks/bench_threads.py --quick              # dry run (2 rounds, few steps)
+    python benchmarks/bench_threads.py --quick              # dry run (1 round, 2 steps)
 """
 import argparse
 import json
@@ -92,7 +92,8 @@ def measure(case, counts, rounds, root, log):
             log(f"{case} round {r + 1}/{rounds} threads {k}: in-process {out['set_num_threads'][k][-1][0]:.2f} s, "
                 f"subprocess {out['OMP_NUM_THREADS'][k][-1][0]:.2f} s (load {l0:.1f})")
     torch.set_num_threads(before)
-    return {"n": n, "steps": steps, "work": model_work(model, CASES[case][1:3], n), "timings": out}
+    size = CASES[case][1]
+    return {"n": n, "steps": steps, "work": model_work(model, (size, size), n), "timings": out}
 
 
 def summarize(results):
@@ -118,14 +119,14 @@ def main(argv=None):
     if args.quick:
         for c in CASES:
             CASES[c] = CASES[c][:4] + (2,)
-        args.rounds = 2
+        args.rounds = 1
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     results = {"meta": bc.environment("cpu"), "rounds": args.rounds, "cases": {}}
     for case in cases:
         results["cases"][case] = measure(case, (1, 2), args.rounds, root, log)
     results["meta"]["load_average_end"] = list(os.getloadavg())
     print(summarize(results))
-    name = f"threads-{bc.cpu_model().split()[0].lower()}-{time.strftime('%Y-%m-%d')}{'-quick' if args.quick else ''}"
+    name = f"threads-cpu-{time.strftime('%Y-%m-%d')}{'-quick' if args.quick else ''}"
     path = os.path.join(args.out_dir, name + ".json")
     bc.atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(results, indent=1) + "\n"))
     log(f"wrote {path}")
