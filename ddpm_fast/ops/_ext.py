@@ -39,7 +39,8 @@ def _installed_copy(package: Path):
     """Where pip installed ddpm_fast, when that is not ``package`` itself (None when not installed)."""
     try:
         from importlib.metadata import PackageNotFoundError, distribution
-        where = Path(distribution("ddpm_fast").locate_file("ddpm_fast")).resolve()
+        name = __name__.split(".")[0]  # the distribution and its top-level package share the name
+        where = Path(distribution(name).locate_file(name)).resolve()
     except (PackageNotFoundError, OSError, TypeError):
         return None
     return where if where.is_dir() and where != package else None
