@@ -135,3 +135,14 @@ def test_bundled_default_model_loads_and_samples():
     x = ddpm_fast.sample(ddpm_fast.load(), 4, steps=10, seed=0, progress=False)
     assert x.shape == (4, 1, 8, 8) and x.dtype == torch.float32
     assert torch.isfinite(x).all() and x.min() >= -1 and x.max() <= 1 and x.std() > 0.1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_load_on_cuda_without_cuda_is_the_same_clean_error_as_sample():
+    with pytest.raises(ValueError, match="device='cuda' but CUDA is not available") as from_load:
+        ddpm_fast.load(device="cuda")
+    with pytest.raises(ValueError) as from_sample:
+        ddpm_fast.sample(ddpm_fast.load(), 1, 2, device="cuda", progress=False)
+    assert str(from_load.value) == str(from_sample.value)
+    with pytest.raises(TypeError, match="device must be a torch.device or a string"):
+        ddpm_fast.load(device=1.5)

@@ -60,9 +60,9 @@ def threads_arg(text):
 
 def add_threads(parser, default="auto"):
     parser.add_argument("--threads", type=threads_arg, default=default, metavar="N|auto",
-                        help="torch CPU threads: N, or auto (default) = 1 thread for a small model and batch, "
-                        "where a second thread only waits for the first (measured: docs/sampling.md, "
-                        "\"Threads\"), else torch's default")
+                        help="torch CPU threads: N, or auto = 1 thread for a small model and batch, where a second "
+                        "thread only waits for the first (measured: docs/sampling.md, \"Threads\"), else torch's "
+                        f"default (default: {default})")
 
 
 def flag_name(field: str) -> str:

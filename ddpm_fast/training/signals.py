@@ -64,6 +64,9 @@ class GracefulStop:
         if self._pending is not None:
             self._pending.wait()  # leave no collective in flight
             self._pending = None
+        if self._group is not None:
+            dist.destroy_process_group(self._group)
+            self._group = None
         return False
 
     def _restore(self):
