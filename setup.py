@@ -5,6 +5,8 @@ Environment switches (all optional):
   DDPM_FAST_CUDA_ARCHS="80;90"    CUDA architectures to compile for
   DDPM_FAST_REQUIRE_EXT=1         fail the install if the extension cannot be built (CI sets this)
   CMAKE_ARGS="..."                passed through to CMake
+The build says what it builds (CPU kernels; CUDA kernels for which archs, or why none) before and after the
+CMake run. pip shows a build's output only with `pip install -v .`; `ddpm-fast --version` tells afterwards.
 """
 import os
 import shutil
@@ -21,6 +23,10 @@ class CMakeExtension(Extension):
     def __init__(self, name, sourcedir=""):
         super().__init__(name, sources=[])
         self.sourcedir = os.fspath(Path(sourcedir).resolve())
+
+
+def _say(message):
+    print(f"ddpm_fast: {message}", file=sys.stderr, flush=True)
 
 
 class CMakeBuild(build_ext):
@@ -57,9 +63,18 @@ class CMakeBuild(build_ext):
             args += ["-G", "Ninja"]
         build_temp = Path(self.build_temp) / ext.name
         build_temp.mkdir(parents=True, exist_ok=True)
+        cuda = os.environ.get("DDPM_FAST_CUDA", "AUTO").upper()
+        archs = os.environ.get("DDPM_FAST_CUDA_ARCHS", "80;90")
+        _say("building the extension ddpm_fast._C with CMake: C++ CPU kernels, and " + (
+            "no CUDA kernels (DDPM_FAST_CUDA=OFF)" if cuda == "OFF" else
+            f"CUDA kernels for archs {archs} {'(required' if cuda == 'ON' else '(when nvcc is found'}; they "
+            f"take most of the build time: skip them with DDPM_FAST_CUDA=OFF)"))
         subprocess.run([cmake, ext.sourcedir, *args], cwd=build_temp, check=True)
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
         subprocess.run([cmake, "--build", ".", "--config", cfg, "-j", jobs], cwd=build_temp, check=True)
+        summary = build_temp / "ddpm_fast_build.txt"
+        if summary.is_file():
+            _say("built ddpm_fast._C: " + "; ".join(summary.read_text().splitlines()))
 
 
 setup(ext_modules=[CMakeExtension("ddpm_fast._C")], cmdclass={"build_ext": CMakeBuild})

@@ -90,9 +90,11 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "ddpm_fast compiled kernels (CPU always; CUDA when built with nvcc)";
 #ifdef DDPM_FAST_WITH_CUDA
   m.attr("with_cuda") = true;
+  m.attr("cuda_archs") = DDPM_FAST_CUDA_ARCHS_STR;  // what CMake compiled the kernels for, e.g. "80;90"
   m.def("cuda_runtime_version", &ddpm_fast_cuda_runtime_version);
 #else
   m.attr("with_cuda") = false;
+  m.attr("cuda_archs") = "";
 #endif
 #ifdef DDPM_FAST_OPENMP
   m.attr("with_openmp") = true;

@@ -2,7 +2,7 @@
 
 Public API (imported lazily, so ``import ddpm_fast`` stays cheap):
     sample, sample_to_dir, train, UNet, UNetConfig, NoiseSchedule, DiffusionConfig, TrainConfig, load, save,
-    GroupNormSiLU, group_norm_silu
+    save_grid, GroupNormSiLU, group_norm_silu
 The subpackages (docs/architecture.md): diffusion/ (schedules, reference math), ops/ (fused kernels), models/
 (the U-Net), sampling/, training/, eval/ (metrics), bench/; plus data, checkpoint, images, files, distributed.
 """
@@ -22,6 +22,7 @@ _API = {
     "DiffusionConfig": "ddpm_fast.diffusion",
     "load": "ddpm_fast.checkpoint",
     "save": "ddpm_fast.checkpoint",
+    "save_grid": "ddpm_fast.images",
     "GroupNormSiLU": "ddpm_fast.ops.group_norm_silu",
     "group_norm_silu": "ddpm_fast.ops.group_norm_silu",
 }

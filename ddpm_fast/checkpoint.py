@@ -132,8 +132,10 @@ def load(path=None, device="cpu", fused: bool = True):
         scikit-learn's 8x8 digits), or the name of a bundled model when no such path exists: "digits" (the
         default) or "digits-cond" (the same recipe, class-conditional: labels 0-9 and the null label 10).
         fused: use the fused GroupNorm+SiLU op (same weights either way).
+    device: "cpu", "cuda", "cuda:N" or a torch.device; CUDA without CUDA is a ValueError (checked first).
     """
-    device = torch.device(device)
+    from .distributed import check_device
+    device = check_device(device)
     path = _resolve_path(path)
     tensors, meta = read_safetensors(path, (MODEL_FORMAT, TRAIN_FORMAT))
     if meta["format"] == TRAIN_FORMAT:

@@ -15,7 +15,9 @@ Specs (``load_dataset(spec, ...)``):
                     image is resized (shorter side) and center-cropped; without it all images must share one
                     size. Labels: the first sub-directory under DIR when every image sits in one.
     npz:FILE        an .npz (or .npy) array; see ``_images_from_array`` for the accepted layouts and dtypes.
-For folder/npz (no official split) every 10th image (index % 10 == 9) is held out as "test".
+For folder/npz (no official split) a fraction ``holdout`` (default 0.1) of the images, evenly spread, is held out
+as "test": image i is held out when floor((i + 1) * holdout) > floor(i * holdout), so 0.1 holds out every 10th
+image (index % 10 == 9), floor(n * holdout) images in all, and 0 none.
 ``split="all"`` returns every image of any dataset.
 """
 import functools
@@ -107,12 +109,13 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def load_dataset(spec: str, split: str = "train", data_dir: Optional[str] = None,
-                 image_size: Optional[int] = None, flip: bool = False) -> ImageDataset:
+                 image_size: Optional[int] = None, flip: bool = False, holdout: float = 0.1) -> ImageDataset:
     """Loads a dataset by spec: "digits", "fashion-mnist", "folder:DIR" or "npz:FILE" (see the module doc).
 
     split: "train" | "test" (held out) | "all".   data_dir: where fashion-mnist's IDX files are; for folder/npz
     a base for a relative path.   image_size: resize (shorter side, bicubic, antialiased) + center-crop to
     image_size x image_size.   flip: random horizontal flips in ``__getitem__`` / ``batch`` (training only).
+    holdout: the fraction of a folder / npz dataset held out as "test" (see the module doc; in [0, 1)).
     """
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"dataset spec must be a non-empty string; got {spec!r}")
@@ -120,6 +123,8 @@ def load_dataset(spec: str, split: str = "train", data_dir: Optional[str] = None
         raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
     if image_size is not None and (type(image_size) is not int or image_size < 1):
         raise ValueError(f"image_size must be a positive int or None; got {image_size!r}")
+    check_holdout(holdout)
+    held_out = None
     if spec == "digits":
         if data_dir is not None:
             raise ValueError("'digits' is bundled with scikit-learn and takes no data_dir")
@@ -128,24 +133,28 @@ def load_dataset(spec: str, split: str = "train", data_dir: Optional[str] = None
         images, labels, classes = _load_fashion_mnist(split, data_dir or FASHION_MNIST_DIR)
     elif spec.startswith("folder:"):
         images, labels, classes = _load_folder(_resolve(spec[7:], data_dir, spec), image_size)
-        images, labels = _heldout_split(images, labels, split, spec)
+        held_out = int(holdout_mask(len(images), holdout).sum())
+        images, labels = _heldout_split(images, labels, split, spec, holdout)
     elif spec.startswith("npz:"):
         images, labels = _load_npz(_resolve(spec[4:], data_dir, spec))
-        images, labels = _heldout_split(images, labels, split, spec)
+        held_out = int(holdout_mask(len(images), holdout).sum())
+        images, labels = _heldout_split(images, labels, split, spec, holdout)
         classes = None
     else:
         raise ValueError(f"unknown dataset {spec!r}; expected one of {BUILTIN}, 'folder:DIR' or 'npz:FILE'")
     if image_size is not None and tuple(images.shape[2:]) != (image_size, image_size):
         images = resize_center_crop(images, image_size)
-    return ImageDataset(images, labels, flip=flip, name=spec, split=split, classes=classes)
+    dataset = ImageDataset(images, labels, flip=flip, name=spec, split=split, classes=classes)
+    dataset.held_out = None if spec in BUILTIN else held_out  # folder / npz: how many images holdout set aside
+    return dataset
 
 
 def reference_batch(spec: str, split: str = "train", n: Optional[int] = None, data_dir: Optional[str] = None,
-                    image_size: Optional[int] = None) -> np.ndarray:
+                    image_size: Optional[int] = None, holdout: float = 0.1) -> np.ndarray:
     """A dataset's real images as the uint8 (N, H, W, C) array FID tools compare samples with (the "reference
     batch" of guided-diffusion's evaluator): the first ``n`` images of the split in the dataset's order (all by
     default), unflipped, pixel for pixel as stored. Arguments as ``load_dataset``."""
-    images = load_dataset(spec, split, data_dir=data_dir, image_size=image_size).images
+    images = load_dataset(spec, split, data_dir=data_dir, image_size=image_size, holdout=holdout).images
     if n is not None:
         if type(n) is not int or not 1 <= n <= len(images):
             raise ValueError(f"n must be an int in [1, {len(images)}] ({spec} {split} holds {len(images)} "
@@ -184,11 +193,29 @@ def _select_split(images, labels, test_mask, split):
     return images[keep], None if labels is None else labels[keep]
 
 
-def _heldout_split(images, labels, split, spec):
-    """folder/npz: every 10th image (index % 10 == 9) is the held-out "test" split."""
-    test_mask = torch.arange(len(images)) % 10 == 9
+def check_holdout(holdout) -> float:
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
+        raise ValueError(f"holdout must be a fraction in [0, 1); got {holdout!r}")
+    return float(holdout)
+
+
+def holdout_mask(n: int, holdout: float) -> torch.Tensor:
+    """(n,) bool: image i is held out when floor((i + 1) h) > floor(i h), h = holdout as an exact decimal (so
+    0.1 marks every 10th image and floor(n h) images in all, without float rounding)."""
+    from fractions import Fraction
+    h = Fraction(repr(float(holdout)))
+    i = torch.arange(n, dtype=torch.int64)
+    return (i + 1) * h.numerator // h.denominator > i * h.numerator // h.denominator
+
+
+def _heldout_split(images, labels, split, spec, holdout=0.1):
+    """folder/npz: the images of ``holdout_mask`` are the held-out "test" split, the others "train"."""
+    test_mask = holdout_mask(len(images), holdout)
     if split == "test" and not test_mask.any():
-        raise ValueError(f"{spec} has {len(images)} images; its held-out split (every 10th image) is empty")
+        raise ValueError(f"{spec} has {len(images)} images; its held-out split (holdout {holdout:g}) is empty: "
+                         f"a held-out split needs holdout >= {1 / len(images):.3g}")
+    if split == "train" and test_mask.all():
+        raise ValueError(f"{spec} has {len(images)} images; holdout {holdout:g} leaves none to train on")
     return _select_split(images, labels, test_mask, split)
 
 
@@ -304,7 +331,8 @@ def _load_folder(root, image_size):
     if image_size is None and len(set(sizes)) > 1:
         (w0, h0), i = sizes[0], next(i for i, s in enumerate(sizes) if s != sizes[0])
         raise ValueError(f"images under {root} differ in size ({paths[0]}: {w0}x{h0}, {paths[i]}: "
-                         f"{sizes[i][0]}x{sizes[i][1]}); pass image_size to resize and center-crop them")
+                         f"{sizes[i][0]}x{sizes[i][1]}); pass image_size (ddpm-fast train --image-size S) to resize (shorter "
+                         f"side) and center-crop them to S x S")
     w, h = (image_size, image_size) if image_size is not None else sizes[0]
     out = torch.empty(len(paths), 3 if rgb else 1, h, w, dtype=torch.uint8)
     for i, p in enumerate(paths):

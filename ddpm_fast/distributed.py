@@ -51,6 +51,27 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
+def check_device(device, name: str = "device") -> torch.device:
+    """A CPU or CUDA torch.device (cuda without an index: the current device) from a str / torch.device;
+    TypeError for another type, ValueError for another device type, CUDA without CUDA, or a missing index.
+    The one check behind ddpm_fast.sample's and ddpm_fast.load's ``device=``."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"{name} must be a torch.device or a string like 'cpu' or 'cuda', got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must be a torch.device or a string like 'cpu' or 'cuda', got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}={str(dev)!r} but CUDA is not available")
+        dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}={str(dev)!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"{name} must be a CPU or CUDA device, got {str(dev)!r}")
+    return dev
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None:

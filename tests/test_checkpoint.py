@@ -164,3 +164,14 @@ def test_bundled_models_by_name(tmp_path, monkeypatch, capsys):
         ddpm_fast.load("digits-cond")
     with pytest.raises(FileNotFoundError, match="digits-cnd: no such file"):
         ddpm_fast.load("digits-cnd")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_load_on_cuda_without_cuda_is_the_same_clean_error_as_sample():
+    with pytest.raises(ValueError, match="device='cuda' but CUDA is not available") as from_load:
+        ddpm_fast.load(device="cuda")
+    with pytest.raises(ValueError) as from_sample:
+        ddpm_fast.sample(ddpm_fast.load(), 1, 2, device="cuda", progress=False)
+    assert str(from_load.value) == str(from_sample.value)
+    with pytest.raises(TypeError, match="device must be a torch.device or a string"):
+        ddpm_fast.load(device=1.5)

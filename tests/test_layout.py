@@ -104,7 +104,7 @@ def test_cycle_finder_can_fail(tmp_path):
 
 
 FLOORS = [  # who may import whom: a module may import only from its own floor or below
-    ("bottom", ("ddpm_fast._version", "ddpm_fast._aliases", "ddpm_fast.files", "ddpm_fast.data",
+    ("bottom", ("ddpm_fast._version", "ddpm_fast._aliases", "ddpm_fast.files", "ddpm_fast.data", "ddpm_fast.threads",
                 "ddpm_fast.distributed", "ddpm_fast.images", "ddpm_fast.diffusion")),
     ("ops", ("ddpm_fast.ops",)),
     ("models", ("ddpm_fast.models",)),

@@ -1,16 +1,29 @@
-"""DiffusionConfig: how a model was trained (schedule, prediction, variance, clip, loss), and the option names
-(predictions, variances, samplers, schedules) that every sampler and op accepts."""
+"""DiffusionConfig: how a model was trained (schedule, prediction, variance, clip, loss), the option names
+(predictions, variances, samplers, schedules) that every sampler and op accepts, and the translation from and to
+diffusers' scheduler configs (``DiffusionConfig.from_diffusers``, ``diffusers_scheduler_config``)."""
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
-from .schedule import NoiseSchedule
+from .schedule import DIFFUSERS_SCHEDULES, NoiseSchedule, diffusers_config
 
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 SAMPLERS = ("ddpm", "ddim")
 SCHEDULES = ("linear", "cosine", "sigmoid", "scaled_linear", "custom")
 LOSSES = ("simple",)
+
+# diffusers' scheduler config fields (DDPMScheduler's defaults) and their ddpm_fast names.
+DDPM_SCHEDULER_DEFAULTS = {
+    "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+    "trained_betas": None, "variance_type": "fixed_small", "clip_sample": True, "prediction_type": "epsilon",
+    "thresholding": False, "clip_sample_range": 1.0, "rescale_betas_zero_snr": False,
+}
+DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+# The *_log variants are the same variances, computed through a log in diffusers. None: the solvers' schedulers
+# (DPM-Solver++, UniPC) have no variance of their own; a model trained with them uses the fixed_small posterior.
+DIFFUSERS_VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
+                       "fixed_large_log": "fixed_large", "learned_range": "learned_range", None: "fixed_small"}
 
 
 @dataclass
@@ -73,12 +86,72 @@ class DiffusionConfig:
         return d
 
     @classmethod
+    def from_diffusers(cls, scheduler, image_shape=(3, 32, 32)) -> "DiffusionConfig":
+        """DiffusionConfig of a diffusers scheduler (DDPMScheduler, DDIMScheduler, the solvers' schedulers
+        DPMSolverMultistepScheduler / UniPCMultistepScheduler / ...), its ``.config``, or a config dict (a parsed
+        scheduler_config.json). Taken: the schedule (beta_schedule, beta_start, beta_end, num_train_timesteps,
+        trained_betas), prediction_type, variance_type (None -> fixed_small), clip_sample (schedulers without one --
+        the solvers' -- do not clip). Settings that only steer inference (timestep_spacing, steps_offset, solver_order,
+        ...) go to ``extra["diffusers"]`` with the class name. Refused, with the field named: thresholding,
+        rescale_betas_zero_snr, clip_sample_range != 1. image_shape: (C, H, W) of the model's images."""
+        return diffusion_config_from_diffusers(scheduler, image_shape)
+
+    @classmethod
     def from_dict(cls, d: dict) -> "DiffusionConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown DiffusionConfig keys {unknown}; known: {sorted(known)}")
         return cls(**d)
+
+
+def _pick(c, field, table):
+    if c[field] not in table:
+        raise ValueError(f"unsupported diffusers scheduler config: {field}={c[field]!r} (ddpm_fast supports "
+                         f"{sorted(table, key=str)})")
+    return table[c[field]]
+
+
+def diffusion_config_from_diffusers(scheduler, image_shape=(3, 32, 32)) -> DiffusionConfig:
+    """``DiffusionConfig.from_diffusers`` (see there)."""
+    given, class_name = diffusers_config(scheduler)
+    clips = "clip_sample" in given or class_name in (None, "DDPMScheduler", "DDIMScheduler")
+    c = {**DDPM_SCHEDULER_DEFAULTS, **given}
+    for field, ok in (("thresholding", False), ("rescale_betas_zero_snr", False), ("clip_sample_range", 1.0)):
+        if c[field] != ok:
+            raise ValueError(f"unsupported diffusers scheduler config: {field}={c[field]!r} (ddpm_fast supports "
+                             f"{ok!r})")
+    betas = c["trained_betas"]
+    schedule = "custom" if betas is not None else _pick(c, "beta_schedule", DIFFUSERS_SCHEDULES)
+    extra = {k: v for k, v in given.items() if k not in DDPM_SCHEDULER_DEFAULTS}
+    if class_name:
+        extra["diffusers_class"] = class_name
+    try:
+        return DiffusionConfig(
+            schedule=schedule, T=len(betas) if betas is not None else int(c["num_train_timesteps"]),
+            beta_start=float(c["beta_start"]), beta_end=float(c["beta_end"]),
+            betas=None if betas is None else tuple(float(b) for b in betas),
+            prediction=_pick(c, "prediction_type", DIFFUSERS_PREDICTIONS),
+            variance=_pick(c, "variance_type", DIFFUSERS_VARIANCES), clip=bool(c["clip_sample"]) and clips,
+            image_shape=tuple(image_shape), extra={"diffusers": extra} if extra else {})
+    except ValueError as err:
+        raise ValueError(f"diffusers scheduler config is not a valid DiffusionConfig: {err}") from None
+
+
+def diffusers_scheduler_config(diffusion: DiffusionConfig) -> dict:
+    """A DDPMScheduler config for ``diffusion`` (``DDPMScheduler.from_config(...)``)."""
+    inverse = {v: k for k, v in DIFFUSERS_SCHEDULES.items()}
+    if diffusion.schedule not in inverse and diffusion.schedule != "custom":
+        raise ValueError(f"DiffusionConfig.schedule={diffusion.schedule!r} has no diffusers equivalent")
+    if diffusion.schedule == "cosine" and (diffusion.cosine_s, diffusion.max_beta) != (0.008, 0.999):
+        raise ValueError("diffusers' squaredcos_cap_v2 fixes cosine_s=0.008 and max_beta=0.999; got "
+                         f"cosine_s={diffusion.cosine_s}, max_beta={diffusion.max_beta}")
+    return dict(
+        num_train_timesteps=diffusion.T, beta_start=diffusion.beta_start, beta_end=diffusion.beta_end,
+        beta_schedule=inverse.get(diffusion.schedule, "linear"),
+        trained_betas=None if diffusion.betas is None else list(diffusion.betas),
+        variance_type=diffusion.variance, clip_sample=diffusion.clip,
+        prediction_type={v: k for k, v in DIFFUSERS_PREDICTIONS.items()}[diffusion.prediction])
 
 
 def check_choice(name, value, choices):

@@ -71,7 +71,7 @@ def _linspace_timesteps(T, steps):
     return np.linspace(0, T - 1, steps).round().astype(np.int64)
 
 
-def spaced_timesteps(T, steps, spacing="linspace"):
+def spaced_timesteps(T, steps, spacing="linspace", offset=0):
     """The original timesteps kept when sampling with ``steps`` of the ``T`` training steps, ascending.
 
     Same rule as diffusers' ``set_timesteps`` with ``timestep_spacing=spacing`` and ``steps_offset=0``:
@@ -79,6 +79,8 @@ def spaced_timesteps(T, steps, spacing="linspace"):
       trailing: round(T - k * T/steps) - 1 for k < steps. (diffusers writes this as
       round(arange(T, 0, -T/steps)) - 1, which floating point sometimes stretches to steps+1 values ending in
       timestep -1, e.g. T=1000, steps=13; we keep the first ``steps``: the same values whenever diffusers' are valid.)
+    offset: added to the "leading" timesteps (diffusers' ``steps_offset``, which diffusers applies to "leading"
+      only; other spacings require 0).
     """
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
         raise ValueError(f"steps must be an int, got {steps!r}")
@@ -87,12 +89,40 @@ def spaced_timesteps(T, steps, spacing="linspace"):
     if spacing == "linspace":
         ts = _linspace_timesteps(T, steps)
     elif spacing == "leading":
-        ts = np.arange(steps, dtype=np.int64) * (T // steps)
+        ts = np.arange(steps, dtype=np.int64) * (T // steps) + _check_offset(offset, T, steps)
     elif spacing == "trailing":
         ts = np.round(T - np.arange(steps) * (T / steps)).astype(np.int64)[::-1] - 1
     else:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    if offset and spacing != "leading":
+        raise ValueError(f"offset={offset} applies to spacing='leading' only (as diffusers' steps_offset)")
     return np.ascontiguousarray(ts)
+
+
+def _check_offset(offset, T, steps):
+    if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
+        raise ValueError(f"offset must be an int >= 0, got {offset!r}")
+    if (steps - 1) * (T // steps) + offset >= T:
+        raise ValueError(f"offset={offset} moves the last 'leading' timestep of {steps} steps past T - 1 = {T - 1}")
+    return int(offset)
+
+
+# diffusers' beta_schedule names -> NoiseSchedule constructors (the same betas, computed in float64)
+DIFFUSERS_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine", "scaled_linear": "scaled_linear",
+                       "sigmoid": "sigmoid"}
+
+
+def diffusers_config(scheduler):
+    """({field: value}, class name or None) of a diffusers scheduler, its ``.config``, or a config dict (e.g. a
+    parsed scheduler_config.json); keys starting with "_" dropped. No diffusers import needed."""
+    cfg = getattr(scheduler, "config", scheduler)
+    try:
+        given = dict(cfg)
+    except (TypeError, ValueError):
+        raise TypeError(f"expected a diffusers scheduler or its config (a mapping), got "
+                        f"{type(scheduler).__name__}") from None
+    name = given.get("_class_name") or (type(scheduler).__name__ if hasattr(scheduler, "config") else None)
+    return {k: v for k, v in given.items() if not k.startswith("_")}, name
 
 
 def _cosine_alpha_bar(t, s):
@@ -173,26 +203,50 @@ class NoiseSchedule:
                    _spec={"kind": "sigmoid", "T": T, "beta_start": beta_start, "beta_end": beta_end,
                           "start": start, "end": end})
 
+    @classmethod
+    def from_diffusers(cls, scheduler):
+        """The training schedule (betas over num_train_timesteps) of a diffusers scheduler (DDPMScheduler,
+        DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler, ...), its config or a config dict:
+        beta_schedule linear / squaredcos_cap_v2 / scaled_linear / sigmoid with beta_start / beta_end, or
+        trained_betas. rescale_betas_zero_snr is refused (its last beta is 1, which a DDPM chain cannot use)."""
+        c, _ = diffusers_config(scheduler)
+        if c.get("rescale_betas_zero_snr"):
+            raise ValueError("unsupported diffusers scheduler config: rescale_betas_zero_snr=True (ddpm_fast "
+                             "supports False)")
+        if c.get("trained_betas") is not None:
+            return cls(betas=c["trained_betas"])
+        name = c.get("beta_schedule", "linear")
+        if name not in DIFFUSERS_SCHEDULES:
+            raise ValueError(f"unsupported diffusers scheduler config: beta_schedule={name!r} (ddpm_fast supports "
+                             f"{sorted(DIFFUSERS_SCHEDULES)} and trained_betas)")
+        T = int(c.get("num_train_timesteps", 1000))
+        if DIFFUSERS_SCHEDULES[name] == "cosine":
+            return cls.cosine(T)
+        return getattr(cls, DIFFUSERS_SCHEDULES[name])(T, beta_start=float(c.get("beta_start", 1e-4)),
+                                                       beta_end=float(c.get("beta_end", 0.02)))
+
     @staticmethod
     def _check_T(T):
         if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
             raise ValueError(f"T (the number of training steps) must be an int >= 1, got {T!r}")
 
     # ---- respacing ----------------------------------------------------------------------------------------
-    def respace(self, steps, spacing="linspace"):
-        """The chain over ``steps`` of the T training timesteps (rule: ``spaced_timesteps``).
+    def respace(self, steps, spacing="linspace", offset=0):
+        """The chain over ``steps`` of the T training timesteps (rule: ``spaced_timesteps``; ``offset``: diffusers'
+        steps_offset, "leading" spacing only).
 
         improved-diffusion's construction: keep abar at the kept timesteps and recompute
         beta_i = 1 - abar[t_i] / abar[t_{i-1}] (abar[t_{-1}] = 1), so the respaced chain is itself a DDPM.
         Always starts from the full training schedule, also when called on a respaced one.
         """
         base = self._base
-        ts = spaced_timesteps(base.T, steps, spacing)
+        ts = spaced_timesteps(base.T, steps, spacing, offset)
         if steps == base.T:
             return base  # every timestep kept: the training chain itself
         abar = base._alphas_cumprod[ts]
         betas = 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
-        spec = dict(base._spec, respace={"steps": int(steps), "spacing": spacing})
+        spec = dict(base._spec, respace={"steps": int(steps), "spacing": spacing, **({"offset": int(offset)}
+                                                                                     if offset else {})})
         return NoiseSchedule(betas, _timesteps=ts, _base=base, _spec=spec)
 
     # ---- properties ---------------------------------------------------------------------------------------
@@ -302,7 +356,7 @@ class NoiseSchedule:
             raise ValueError(f"unknown schedule kind {kind!r}: expected custom, linear, scaled_linear, "
                              "cosine or sigmoid")
         if respace is not None:
-            sched = sched.respace(respace["steps"], respace.get("spacing", "linspace"))
+            sched = sched.respace(respace["steps"], respace.get("spacing", "linspace"), respace.get("offset", 0))
         return sched
 
 

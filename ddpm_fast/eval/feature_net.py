@@ -43,6 +43,8 @@ class FeatureTrainConfig:
     """How a feature net is trained (recorded in its JSON). Adam with a cosine learning-rate decay."""
     dataset: str = "digits"
     data_dir: Optional[str] = None
+    image_size: Optional[int] = None  # folder / npz datasets: resize + center-crop (as TrainConfig.image_size)
+    holdout: float = 0.1              # folder / npz datasets: the held-out fraction the test accuracy uses
     epochs: int = 30
     batch_size: int = 64
     lr: float = 2e-3
@@ -163,10 +165,14 @@ def train_feature_net(cfg: FeatureTrainConfig, log=print) -> Tuple[FeatureNet, d
     """Trains the classifier on ``cfg.dataset``'s train split on the CPU; returns it and a record of the run
     (config, seconds, train/test accuracy) for the JSON written beside the weights."""
     from ..data import load_dataset, to_float
-    train = load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir)
-    test = load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir)
+    kw = dict(data_dir=cfg.data_dir, image_size=cfg.image_size, holdout=cfg.holdout)
+    train = load_dataset(cfg.dataset, "train", **kw)
+    test = load_dataset(cfg.dataset, "test", **kw)
     if train.labels is None:
-        raise ValueError(f"{cfg.dataset} has no labels; a feature net is a classifier and needs them")
+        raise ValueError(f"{cfg.dataset} has no labels; a feature net is a classifier and needs them (a folder "
+                         f"dataset: one sub-folder per class, DIR/CLASS/IMAGE.png)")
+    if train.num_classes < 2:
+        raise ValueError(f"{cfg.dataset} has {train.num_classes} class; a feature net needs at least 2")
     net_cfg = cfg.net or PRESETS.get(cfg.dataset) or FeatureNetConfig(
         in_channels=train.shape[0], image_size=train.shape[1], num_classes=train.num_classes)
     if (net_cfg.in_channels, net_cfg.image_size, net_cfg.image_size) != train.shape:

@@ -196,7 +196,7 @@ def _resolve_feature_net(feature_net, dataset, samples):
 def evaluate(samples: torch.Tensor, dataset: str, n: Optional[int] = None, data_dir: Optional[str] = None,
              seed: int = 0, feature_net: Union[str, "torch.nn.Module", None] = None,
              reference_size: int = 10000, kid_subsets: int = 100, kid_subset_size: int = 1000,
-             floor_draws: int = 101) -> dict:
+             floor_draws: int = 101, holdout: float = 0.1) -> dict:
     """Scores generated images against a dataset's train split in a feature net's space.
 
     samples: (N, C, H, W) float in [-1, 1], the dataset's image shape (e.g. (N, 1, 8, 8) for digits), any
@@ -206,6 +206,7 @@ def evaluate(samples: torch.Tensor, dataset: str, n: Optional[int] = None, data_
     The reference is a random subset of ``reference_size`` train images; ``seed`` fixes it, the held-out
     subset, the noise images and KID's subsets.
     floor_draws: random real subsets behind random_floor_fd (``random_floor``; 0: skip).
+    holdout: the held-out fraction of a folder / npz dataset (as in training; ``ddpm_fast.data.load_dataset``).
     Returns a dict: fd, kid, kid_std (the samples), floor_fd, floor_kid, floor_kid_std (held-out real images),
     random_floor_fd (median FD of floor_draws random n-subsets of the reference) with random_floor_fd_min /
     _max / random_floor_draws, noise_fd, noise_kid, noise_kid_std (N(0, 1) clipped to [-1, 1]), n,
@@ -216,7 +217,7 @@ def evaluate(samples: torch.Tensor, dataset: str, n: Optional[int] = None, data_
     net, device = _resolve_feature_net(feature_net, dataset, samples)
     shape = (net.cfg.in_channels, net.cfg.image_size, net.cfg.image_size)
     x = check_samples(samples, shape).to(device)
-    held_out = load_dataset(dataset, "test", data_dir=data_dir, image_size=net.cfg.image_size)
+    held_out = load_dataset(dataset, "test", data_dir=data_dir, image_size=net.cfg.image_size, holdout=holdout)
     if held_out.shape != shape:
         raise ValueError(f"{dataset} images are {held_out.shape} but the feature net takes {shape}")
     n = min(len(x), len(held_out)) if n is None else n
@@ -226,7 +227,7 @@ def evaluate(samples: torch.Tensor, dataset: str, n: Optional[int] = None, data_
         raise ValueError(f"n={n} exceeds {dataset}'s {len(held_out)} held-out images; the real-vs-real floor "
                          f"needs as many, so pass n <= {len(held_out)}")
     gen = torch.Generator().manual_seed(seed)
-    train = load_dataset(dataset, "train", data_dir=data_dir, image_size=net.cfg.image_size)
+    train = load_dataset(dataset, "train", data_dir=data_dir, image_size=net.cfg.image_size, holdout=holdout)
     ref_idx = torch.randperm(len(train), generator=gen)[:reference_size]
     ref = extract_features(net, train.batch(ref_idx, device=device))
     real = held_out.batch(torch.randperm(len(held_out), generator=gen)[:n], device=device)

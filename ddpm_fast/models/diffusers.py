@@ -1,4 +1,6 @@
-"""Conversion between ddpm_fast's UNet and diffusers' UNet2DModel (DDPM family) plus its scheduler config.
+"""Conversion between ddpm_fast's UNet and diffusers' UNet2DModel (DDPM family); the scheduler config translation
+(``diffusion_config_from_diffusers``, ``diffusers_scheduler_config``) lives in ddpm_fast.diffusion.config and is
+re-exported here.
 
 Both networks use the same parameter names, so the weights move unchanged; only diffusers files written before
 2023 name the attention projections query/key/value/proj_attn, which ``convert_diffusers_state_dict`` renames.
@@ -13,7 +15,8 @@ from typing import Mapping
 
 import torch
 
-from ..diffusion import DiffusionConfig
+from ..diffusion import DiffusionConfig  # noqa: F401  (UNet configs come with one)
+from ..diffusion.config import diffusers_scheduler_config, diffusion_config_from_diffusers  # noqa: F401  (moved)
 from .config import UNetConfig
 
 # UNet2DModel.__init__ defaults (diffusers 0.42; tests compare them with the installed diffusers). A config.json
@@ -36,17 +39,6 @@ _FIXED = {
     "mid_block_scale_factor": (1,), "downsample_type": ("conv",), "upsample_type": ("conv",),
     "act_fn": ("silu", "swish"), "resnet_time_scale_shift": ("default",), "class_embed_type": (None,),
 }
-_DDPM_SCHEDULER_DEFAULTS = {
-    "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-    "trained_betas": None, "variance_type": "fixed_small", "clip_sample": True, "prediction_type": "epsilon",
-    "thresholding": False, "clip_sample_range": 1.0, "rescale_betas_zero_snr": False,
-}
-_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine", "scaled_linear": "scaled_linear",
-              "sigmoid": "sigmoid"}
-_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
-# The *_log variants are the same variances, computed through a log in diffusers.
-_VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
-              "fixed_large_log": "fixed_large", "learned_range": "learned_range"}
 # ddpm_fast's UNetConfig fields -> the diffusers field that sets them, for error messages.
 _DIFFUSERS_NAME = {"image_size": "sample_size", "ch": "block_out_channels", "ch_mult": "block_out_channels",
                    "num_res_blocks": "layers_per_block", "attn_head_dim": "attention_head_dim",
@@ -165,57 +157,6 @@ def diffusers_config_from_unet(config: UNetConfig) -> dict:
         attention_head_dim=config.attn_head_dim, norm_num_groups=config.num_groups, norm_eps=config.norm_eps,
         resnet_time_scale_shift="default", add_attention=config.mid_attention, class_embed_type=None,
         num_class_embeds=None if config.num_classes is None else config.num_classes + 1)
-
-
-def diffusion_config_from_diffusers(scheduler_config, image_shape) -> DiffusionConfig:
-    """DiffusionConfig of a diffusers scheduler (DDPMScheduler, DDIMScheduler, ...) config; ``image_shape`` is
-    (C, H, W). Settings that only steer inference (timestep_spacing, steps_offset, ...) go to ``extra``."""
-    cfg = getattr(scheduler_config, "config", scheduler_config)
-    given = {k: v for k, v in dict(cfg).items() if not k.startswith("_")}
-    c = {**_DDPM_SCHEDULER_DEFAULTS, **given}
-
-    def pick(field, table):
-        if c[field] not in table:
-            raise ValueError(f"unsupported diffusers scheduler config: {field}={c[field]!r} (ddpm_fast supports "
-                             f"{sorted(table)})")
-        return table[c[field]]
-
-    for field, ok in (("thresholding", False), ("rescale_betas_zero_snr", False), ("clip_sample_range", 1.0)):
-        if c[field] != ok:
-            raise ValueError(f"unsupported diffusers scheduler config: {field}={c[field]!r} (ddpm_fast supports "
-                             f"{ok!r})")
-    betas = c["trained_betas"]
-    schedule = "custom" if betas is not None else pick("beta_schedule", _SCHEDULES)
-    used = set(_DDPM_SCHEDULER_DEFAULTS)
-    extra = {k: v for k, v in given.items() if k not in used}
-    if "_class_name" in cfg:
-        extra["diffusers_class"] = cfg["_class_name"]
-    try:
-        return DiffusionConfig(
-            schedule=schedule, T=len(betas) if betas is not None else int(c["num_train_timesteps"]),
-            beta_start=float(c["beta_start"]), beta_end=float(c["beta_end"]),
-            betas=None if betas is None else tuple(float(b) for b in betas),
-            prediction=pick("prediction_type", _PREDICTIONS), variance=pick("variance_type", _VARIANCES),
-            clip=bool(c["clip_sample"]), image_shape=tuple(image_shape), extra={"diffusers": extra} if extra else {})
-    except ValueError as err:
-        raise ValueError(f"diffusers scheduler config is not a valid DiffusionConfig: {err}") from None
-
-
-def diffusers_scheduler_config(diffusion: DiffusionConfig) -> dict:
-    """A DDPMScheduler config for ``diffusion`` (``DDPMScheduler.from_config(...)``)."""
-    inverse = {v: k for k, v in _SCHEDULES.items()}
-    if diffusion.schedule not in inverse and diffusion.schedule != "custom":
-        raise ValueError(f"DiffusionConfig.schedule={diffusion.schedule!r} has no diffusers equivalent")
-    if diffusion.schedule == "cosine" and (diffusion.cosine_s, diffusion.max_beta) != (0.008, 0.999):
-        raise ValueError("diffusers' squaredcos_cap_v2 fixes cosine_s=0.008 and max_beta=0.999; got "
-                         f"cosine_s={diffusion.cosine_s}, max_beta={diffusion.max_beta}")
-    return dict(
-        num_train_timesteps=diffusion.T, beta_start=diffusion.beta_start, beta_end=diffusion.beta_end,
-        beta_schedule=inverse.get(diffusion.schedule, "linear"),
-        trained_betas=None if diffusion.betas is None else list(diffusion.betas),
-        variance_type=diffusion.variance,
-        clip_sample=diffusion.clip,
-        prediction_type={v: k for k, v in _PREDICTIONS.items()}[diffusion.prediction])
 
 
 def convert_diffusers_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict:

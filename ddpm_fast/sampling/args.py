@@ -16,6 +16,9 @@ from torch import nn
 
 from .. import diffusion as _diffusion
 from ..diffusion.schedule import SPACINGS, NoiseSchedule
+from ..distributed import check_device
+from ..threads import model_work, resolve_threads
+from .pipelines import from_pipeline, is_pipeline
 
 DEFAULT_MAX_BATCH = 256   # batch_size=None: one chunk up to this many samples, else chunks of this size
 
@@ -59,6 +62,7 @@ class SampleJob:
     graph: str             # "auto" | "whole" | "step"
     progress: bool
     start: int = 0         # the call's first image is image ``start`` of a longer run (element offset start*C*H*W)
+    threads: Optional[int] = None  # CPU threads while sampling (None: torch's setting)
 
     @property
     def chunks(self):
@@ -68,22 +72,28 @@ class SampleJob:
 
 # ---- validation ---------------------------------------------------------------------------------------------
 
-def resolve(model, n, steps=None, *, shape=None, schedule=None, prediction=None, variance=None, sampler="ddpm",
-            eta=0.0, clip=None, seed=None, device=None, dtype=None, batch_size=None, cuda_graph="auto",
-            progress=True, spacing="linspace", graph="auto", memory_format="auto", generator=None, start=0):
-    """Validates a ``sample`` call and resolves its defaults (arguments as ``sample``) -> SampleJob."""
+def resolve(model, n, steps=None, *, shape=None, schedule=None, prediction=None, variance=None, sampler=None,
+            eta=None, clip=None, seed=None, device=None, dtype=None, batch_size=None, cuda_graph="auto",
+            progress=True, spacing=None, graph="auto", memory_format="auto", generator=None, start=0,
+            threads="auto"):
+    """Validates a ``sample`` call and resolves its defaults (arguments as ``sample``) -> SampleJob.
+    Wrong types raise TypeError, wrong values ValueError, both before any work."""
+    pipe = from_pipeline(model) if is_pipeline(model) else None
+    model = pipe.model if pipe else model
     if not callable(model):
         raise TypeError(f"model must be a callable nn.Module model(x_t, t), got {type(model).__name__}")
     n = _check_int("n", n, 1)
     unet = as_unet(model)
-    trained = unet.diffusion if unet is not None else None
-    shape = _resolve_shape(shape, unet)
-    schedule = _resolve_schedule(schedule, steps, spacing, trained, unet)
+    trained = pipe.diffusion if pipe else unet.diffusion if unet is not None else None
+    shape = _resolve_shape(shape, unet, pipe.shape if pipe else None)
+    offset = pipe.offset if pipe and spacing is None else 0
+    spacing = (pipe.spacing if pipe else "linspace") if spacing is None else spacing
+    schedule = _resolve_schedule(schedule, steps, spacing, trained, unet, offset)
     prediction = _choice("prediction", prediction, trained.prediction if trained else "eps", _diffusion.PREDICTIONS)
     variance = _choice("variance", variance, trained.variance if trained else "fixed_small", _diffusion.VARIANCES)
     clip = bool(trained.clip if trained else True) if clip is None else _check_bool("clip", clip)
-    sampler = _choice("sampler", sampler, "ddpm", _diffusion.SAMPLERS)
-    eta = _check_eta(eta, sampler)
+    sampler = _choice("sampler", sampler, pipe.sampler if pipe else "ddpm", _diffusion.SAMPLERS)
+    eta = _check_eta((pipe.eta if pipe else 0.0) if eta is None else eta, sampler)
     if unet is not None and variance == "learned_range" and unet.config.out_channels != 2 * shape[0]:
         raise ValueError(f"variance='learned_range' needs a model that returns 2C = {2 * shape[0]} channels "
                          f"(prediction and variance); this UNet returns {unet.config.out_channels}")
@@ -97,13 +107,14 @@ def resolve(model, n, steps=None, *, shape=None, schedule=None, prediction=None,
     start = _check_start(start, n, shape, generator)
     plan = SamplePlan(dev, batch, shape, schedule.key, prediction, variance, clip, sampler, eta, compute_dtype,
                       autocast, channels_last)
+    threads = resolve_threads(threads, model_work(model, shape[1:], batch), dev)
     return SampleJob(model, n, schedule, plan, seed, generator, cuda_graph, graph, _check_bool("progress", progress),
-                     start)
+                     start, threads)
 
 
 def _check_int(name, value, low, high=None):
     if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise ValueError(f"{name} must be an int, got {value!r}")
+        raise TypeError(f"{name} must be an int, got {value!r}")
     value = int(value)
     if value < low or (high is not None and value > high):
         raise ValueError(f"{name} must satisfy {low} <= {name}" + (f" <= {high}" if high is not None else "")
@@ -126,19 +137,23 @@ def _check_start(start, n, shape, generator):
 
 def _check_bool(name, value):
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
+        raise TypeError(f"{name} must be True or False, got {value!r}")
     return value
 
 
 def _choice(name, value, default, choices):
     value = default if value is None else value
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {choices}, got {value!r}")
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
 
 
 def _check_eta(eta, sampler):
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < math.inf:
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
+        raise TypeError(f"eta must be a finite float >= 0, got {eta!r}")
+    if not 0 <= eta < math.inf:
         raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
     if sampler == "ddpm" and eta != 0:
         raise ValueError(f"eta applies to sampler='ddim' only (got eta={eta} with sampler='ddpm')")
@@ -157,22 +172,22 @@ def as_unet(model):
     return None
 
 
-def _resolve_shape(shape, unet):
+def _resolve_shape(shape, unet, default=None):
+    """(C, H, W): given, else the UNet's (or the pipeline's); a given shape must be the UNet's own."""
+    own = (unet.config.in_channels, unet.config.image_size, unet.config.image_size) if unet is not None else default
     if shape is None:
-        if unet is None:
+        if own is None:
             raise ValueError("shape=(C, H, W) is required for a model that is not a ddpm_fast UNet")
-        cfg = unet.config
-        return (cfg.in_channels, cfg.image_size, cfg.image_size)
+        return tuple(own)
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 3 or any(
-            isinstance(s, bool) or not hasattr(s, "__index__") or int(s) < 1 for s in shape):
+            isinstance(s, bool) or not hasattr(s, "__index__") for s in shape):
+        raise TypeError(f"shape must be (C, H, W) with positive ints, got {shape!r}")
+    if any(int(s) < 1 for s in shape):
         raise ValueError(f"shape must be (C, H, W) with positive ints, got {shape!r}")
     shape = tuple(int(s) for s in shape)
-    if unet is not None:
-        cfg = unet.config
-        factor = 2 ** (len(cfg.ch_mult) - 1)
-        if shape[0] != cfg.in_channels or shape[1] % factor or shape[2] % factor:
-            raise ValueError(f"shape {shape} does not fit the UNet: C must be {cfg.in_channels} and H, W "
-                             f"divisible by {factor}")
+    if unet is not None and shape != own:
+        raise ValueError(f"shape {shape} does not fit the UNet: its config makes {own} images (in_channels, "
+                         f"image_size, image_size); leave shape= out")
     return shape
 
 
@@ -182,25 +197,25 @@ def _trained_schedule(config_json):
     return _diffusion.DiffusionConfig.from_dict(json.loads(config_json)).make_schedule()
 
 
-def _resolve_schedule(schedule, steps, spacing, trained, unet):
+def _resolve_schedule(schedule, steps, spacing, trained, unet, offset=0):
     if schedule is None:
         if trained is None:
             what = "a UNet without .diffusion" if unet is not None else "a model that is not a ddpm_fast UNet"
             raise ValueError(f"schedule= (a ddpm_fast.NoiseSchedule) is required for {what}")
         schedule = _trained_schedule(json.dumps(trained.to_dict(), sort_keys=True))
     elif not isinstance(schedule, NoiseSchedule):
-        raise ValueError(f"schedule must be a ddpm_fast.NoiseSchedule, got {type(schedule).__name__}")
+        raise TypeError(f"schedule must be a ddpm_fast.NoiseSchedule, got {type(schedule).__name__}")
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     if steps is None:
         return schedule
     steps = _check_int("steps", steps, 1, schedule.T)
-    return _respaced(schedule, steps, spacing)
+    return _respaced(schedule, steps, spacing, offset)
 
 
 @functools.lru_cache(maxsize=32)
-def _respaced(schedule, steps, spacing):
-    return schedule.respace(steps, spacing)
+def _respaced(schedule, steps, spacing, offset=0):
+    return schedule.respace(steps, spacing, offset)
 
 
 def _model_tensor(model):
@@ -213,20 +228,7 @@ def _model_tensor(model):
 def _resolve_device(model, device):
     own = _model_tensor(model)
     own = own.device if own is not None else None
-    if device is None:
-        dev = own or torch.device("cpu")
-    else:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"device must be a torch.device or a string like 'cpu' or 'cuda', got {device!r}") \
-                from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={str(dev)!r} but CUDA is not available")
-        dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
-    elif dev.type != "cpu":
-        raise ValueError(f"device must be a CPU or CUDA device, got {str(dev)!r}")
+    dev = (own or torch.device("cpu")) if device is None else check_device(device)
     if own is not None and own != dev:
         raise ValueError(f"the model is on {own} but device={str(dev)!r}: move it first (model.to({str(dev)!r}))")
     return dev
@@ -237,6 +239,8 @@ def _resolve_dtype(model, dtype):
     own = _model_tensor(model)
     own = own.dtype if own is not None and own.is_floating_point() else torch.float32
     dtype = own if dtype is None else dtype
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
     if dtype == own:
@@ -279,12 +283,15 @@ def _resolve_seed(seed, generator, device):
         if seed is not None:
             raise ValueError("give seed= or generator=, not both")
         if not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if torch.device(generator.device).type != device.type:
             raise ValueError(f"generator is on {generator.device} but sampling runs on {device}")
         return None
     if seed is None:
         return int(torch.randint(0, 2 ** 62, (1,)).item())
     if isinstance(seed, bool) or not hasattr(seed, "__index__"):
-        raise ValueError(f"seed must be an int or None, got {seed!r}")
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    if not 0 <= int(seed) < 2 ** 64:
+        raise ValueError(f"seed must be in [0, 2**64), got {int(seed)} (seeds are 64-bit: a negative or larger "
+                         f"one would silently alias another)")
     return int(seed)

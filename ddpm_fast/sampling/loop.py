@@ -97,12 +97,28 @@ def autocast_for(plan):
     return torch.autocast(plan.device.type, dtype=plan.dtype, cache_enabled=False)  # no cache across captures
 
 
+def model_tensor(out):
+    """The tensor a model's output carries: itself, ``.sample`` (diffusers' UNet2DOutput) or a tuple's first
+    element (diffusers' return_dict=False); None when there is none."""
+    if isinstance(out, torch.Tensor):
+        return out
+    inner = getattr(out, "sample", None)
+    if isinstance(inner, torch.Tensor):
+        return inner
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
 def check_model_output(out, plan):
     """The C-channel (or 2C for learned_range) output p_step reads; metadata checks only (no sync)."""
     B, (C, H, W) = plan.batch, plan.shape
     learned = plan.variance == "learned_range"
-    if not isinstance(out, torch.Tensor):
-        raise ValueError(f"the model must return a tensor (B, C, H, W), got {type(out).__name__}")
+    tensor = model_tensor(out)
+    if tensor is None:
+        raise ValueError(f"the model must return a tensor (B, C, H, W) (or an output holding one as .sample or "
+                         f"as a tuple's first element), got {type(out).__name__}")
+    out = tensor
     got = tuple(out.shape)
     if learned and got == (B, C, H, W):
         raise ValueError(f"variance='learned_range' needs a model that returns 2C = {2 * C} channels "

@@ -28,7 +28,7 @@ FORMAT = "ddpm_fast.sample_dir/1"
 # SampleJob fields that do not fix the images: how the loop runs (graphs, progress; graph == eager bitwise), the
 # call's position (start: each chunk sets its own), the model (its own digest) and the objects recorded through
 # their parts (plan: field by field; schedule: by its key, in the plan).
-NOT_FIXING = ("model", "generator", "cuda_graph", "graph", "progress", "start", "plan", "schedule")
+NOT_FIXING = ("model", "generator", "cuda_graph", "graph", "progress", "start", "plan", "schedule", "threads")
 
 
 def canonical(name, value):

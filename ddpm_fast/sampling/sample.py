@@ -25,6 +25,7 @@ from torch import nn
 
 from . import graphs
 from .args import resolve
+from ..threads import using_threads
 from .loop import Statics, model_to_run, run_loop
 
 log = logging.getLogger("ddpm_fast")
@@ -34,22 +35,31 @@ _LAST_INFO = {}
 
 # ---- the public API ---------------------------------------------------------------------------------------
 
-def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, variance=None, sampler="ddpm",
-           eta=0.0, clip=None, seed=None, device=None, dtype=None, batch_size=None, cuda_graph="auto",
-           progress=True, spacing="linspace", graph="auto", memory_format="auto", generator=None, start=0):
+def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, variance=None, sampler=None,
+           eta=None, clip=None, seed=None, device=None, dtype=None, batch_size=None, cuda_graph="auto",
+           progress=True, spacing=None, graph="auto", memory_format="auto", generator=None, start=0,
+           threads="auto"):
     """Draws ``n`` images from a diffusion model: returns (n, C, H, W) float32 on ``device``, in [-1, 1] when
     ``clip`` (the final x_0 is clipped); with clip=False the raw final x_0.
 
     :param model: ``model(x_t, t) -> output``, t an int64 (B,) tensor of ORIGINAL training timesteps; output
-        (B, C, H, W), or (B, 2C, H, W) with a learned variance (the second half is ignored by fixed variances).
-        A ddpm_fast UNet (or a loaded checkpoint) supplies shape, schedule, prediction, variance and clip from
-        ``model.diffusion``; any other module needs ``shape`` and ``schedule``, and prediction / variance / clip
-        default to "eps" / "fixed_small" / True. The model runs in eval mode (restored afterwards).
+        (B, C, H, W), or (B, 2C, H, W) with a learned variance (the second half is ignored by fixed variances);
+        an object carrying that tensor as ``.sample`` (diffusers' UNet2DOutput) or as a tuple's first element
+        is unwrapped. A ddpm_fast UNet (or a loaded checkpoint) supplies shape, schedule, prediction, variance
+        and clip from ``model.diffusion``; any other module needs ``shape`` and ``schedule``, and prediction /
+        variance / clip default to "eps" / "fixed_small" / True. A diffusers DDPMPipeline or DDIMPipeline
+        supplies its unet, its scheduler's schedule, prediction, variance and clip, and the sampler its
+        scheduler implies (DDPMScheduler: "ddpm"; DDIMScheduler: "ddim", eta 0), with the scheduler's timestep
+        spacing and steps_offset (``sampling/pipelines.py``). The model runs in eval mode (restored afterwards).
     :param steps: None = the schedule's T; fewer respace it (``schedule.respace(steps, spacing)``).
     :param schedule: the TRAINING ``NoiseSchedule`` (a respaced one is used as is when steps is None).
-    :param sampler: "ddpm" (ancestral) or "ddim" (with ``eta`` >= 0; eta = 1 has DDPM's posterior variance).
-    :param seed: int: the same seed gives the same images on a device, for any batch_size and with or without
-        graphs; None draws one from torch's global RNG (so ``torch.manual_seed`` makes the call reproducible).
+    :param sampler: "ddpm" (ancestral; the default) or "ddim" (with ``eta`` >= 0, default 0; eta = 1 has DDPM's
+        posterior variance).
+    :param spacing: how ``steps`` are chosen: "linspace" (default), "leading", "trailing"; a pipeline's default
+        is its scheduler's.
+    :param seed: int in [0, 2**64): the same seed gives the same images on a device and thread count, for any
+        batch_size and with or without graphs; None draws one from torch's global RNG (so ``torch.manual_seed``
+        makes the call reproducible).
     :param device, dtype: default to the model's. dtype is the MODEL's compute dtype: its own dtype runs as is,
         float16/bfloat16 with float32 weights runs under torch.autocast; the chain stays float32 throughout.
     :param batch_size: samples per chunk (default min(n, 256)); chunk k starts at element k*batch_size*C*H*W.
@@ -70,12 +80,16 @@ def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, 
         ``sample(m, 2, start=8, ...)`` concatenated, bitwise on one device and thread count (each chunk keeps the
         batch size, so the model rounds the same way). Not with ``generator``. ``ddpm_fast.sample_to_dir``
         draws a long run this way.
+    :param threads: CPU threads during the call: "auto" (one thread for a small model -- parameters x pixels x
+        batch below ``ddpm_fast.threads.SMALL_WORK``, such as the bundled digits model --, else torch's
+        setting), an int, or None (torch's setting). torch's setting is restored afterwards. Images of a seed
+        are reproducible for a given thread count.
     """
     t_start = time.perf_counter()
     job = resolve(model, n, steps, shape=shape, schedule=schedule, prediction=prediction, variance=variance,
                   sampler=sampler, eta=eta, clip=clip, seed=seed, device=device, dtype=dtype,
                   batch_size=batch_size, cuda_graph=cuda_graph, progress=progress, spacing=spacing, graph=graph,
-                  memory_format=memory_format, generator=generator, start=start)
+                  memory_format=memory_format, generator=generator, start=start, threads=threads)
     info = {"device": str(job.plan.device), "n": job.n, "start": job.start, "batch_size": job.plan.batch,
             "chunks": len(job.chunks),
             "steps": job.schedule.num_steps, "sampler": job.plan.sampler, "seed": job.seed,
@@ -83,7 +97,8 @@ def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, 
             "modes": [], "captures": [], "cache_hits": 0}
     C, H, W = job.plan.shape
     result = torch.empty((job.n, C, H, W), device=job.plan.device)  # a normal tensor, not an inference tensor
-    with _eval_mode(job.model), torch.inference_mode():
+    with _eval_mode(job.model), torch.inference_mode(), using_threads(job.threads):
+        info["threads"] = torch.get_num_threads()
         _run(job, result, info)
     if job.plan.device.type == "cuda":
         torch.cuda.synchronize(job.plan.device)

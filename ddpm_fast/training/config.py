@@ -25,6 +25,19 @@ def _f(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+def parse_threads(text: str) -> Optional[int]:
+    """The --threads flag: "auto" -> None (TrainConfig.threads's auto), else an int >= 1."""
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"expected 'auto' or an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise ValueError(f"expected 'auto' or an integer >= 1, got {value}")
+    return value
+
+
 @dataclass
 class TrainConfig:
     """A DDPM training run. None fields take the preset's recipe (``RECIPES``) when the run starts.
@@ -34,6 +47,11 @@ class TrainConfig:
     ``batch_size`` is the GLOBAL batch: under torchrun each of the K processes takes batch_size / K.
     """
     dataset: str = _f("digits", "digits | fashion-mnist | folder:DIR | npz:FILE")
+    image_size: Optional[int] = _f(None, "resize (shorter side, bicubic) and center-crop every image to SIZE x SIZE "
+                                   "(folder / npz datasets; images of mixed sizes need it)",
+                                   default_text="the images' own size")
+    holdout: float = _f(0.1, "fraction of a folder / npz dataset held out for `ddpm-fast eval` (evenly spread: "
+                        "0.1 = every 10th image; 0 trains on every image)")
     preset: str = _f("tiny", "U-Net preset (its image size and channels follow the dataset)",
                      choices=("tiny", "ddpm_cifar10"))
     steps: Optional[int] = _f(None, "total optimizer steps (a resumed run continues up to this number)")
@@ -51,11 +69,15 @@ class TrainConfig:
     class_dropout: Optional[float] = _f(None, "train a class-conditional model on the dataset's labels, "
                                         "replacing this fraction of them by the null label (classifier-free "
                                         "guidance; 0.1 is usual); unset: an unconditional model")
-    data_dir: Optional[str] = _f(None, "directory of the dataset files (fashion-mnist IDX files, ...)")
+    data_dir: Optional[str] = _f(None, "directory of the dataset files (fashion-mnist IDX files, ...)",
+                                 default_text="fashion-mnist's Debian directory; folder / npz paths as given")
     num_workers: int = _f(0, "DataLoader worker processes preparing batches (0: in the training process)")
     log_every: int = _f(50, "log the mean loss and steps/s every K steps")
     cuda_graph: bool = _f(False, "capture the whole training step in one CUDA graph (CUDA only, one process)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N (torchrun: each process takes cuda:LOCAL_RANK)")
+    threads: Optional[int] = _f(None, "torch CPU threads per process: N, or auto = 1 for a small model and batch "
+                                "(see docs/training.md), else torch's default", parse=parse_threads,
+                                metavar="N|auto", default_text="auto")
 
     def resolved(self) -> "TrainConfig":
         """A copy with the preset's recipe filled in and every value checked (ValueError names the field)."""
@@ -80,6 +102,12 @@ class TrainConfig:
         for name in ("warmup", "save_every", "num_workers", "seed"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 bad(name, "must be an int >= 0")
+        for name in ("image_size", "threads"):
+            if getattr(self, name) is not None and (not _is_int(getattr(self, name)) or getattr(self, name) < 1):
+                bad(name, "must be None or an int >= 1")
+        if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or \
+                not 0 <= self.holdout < 1:
+            bad("holdout", "must be a fraction in [0, 1)")
         if not _is_int(self.log_every) or self.log_every < 1:
             bad("log_every", "must be an int >= 1")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
@@ -119,7 +147,7 @@ class TrainConfig:
 # Fields a resumed run may change; every other one must match the checkpoint's (else the run would not be the
 # same run: another dataset, batch, seed, ... would silently change what "continue exactly" means).
 RESUMABLE_CHANGES = ("steps", "save_every", "out", "resume", "num_workers", "log_every", "cuda_graph", "device",
-                     "data_dir")
+                     "data_dir", "threads")
 
 
 def _is_int(v) -> bool:

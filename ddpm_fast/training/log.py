@@ -1,4 +1,5 @@
-"""Training progress: a tqdm bar (loss, steps/s), RUN_DIR/metrics.jsonl, and the loss-curve PNG. Rank 0 only."""
+"""Training progress: a tqdm bar ("train", steps/s and the loss), RUN_DIR/metrics.jsonl, and the loss-curve PNG.
+Rank 0 only."""
 import json
 import os
 import sys
@@ -11,22 +12,24 @@ class MetricsLog:
     """Appends one JSON line per ``record`` to RUN_DIR/metrics.jsonl and drives the progress bar.
 
     On resume, lines past the resumed step (logged after the checkpoint a crashed run last wrote) are dropped,
-    so the file describes exactly the steps the weights went through.
+    so the file describes exactly the steps the weights went through. ``elapsed_s`` counts the run's training
+    time over all its sessions (it continues from the last kept line's); ``session_s`` this session's alone.
     """
 
     def __init__(self, run_dir: str, dist, start: int, total: int, log):
         self.enabled = dist.is_main
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.last_step, self.last_time, self.start_time = start, time.perf_counter(), time.perf_counter()
-        self.bar = None
+        self.bar, self.elapsed_before = None, 0.0
         if not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        _truncate_after(self.path, start)
+        kept = _truncate_after(self.path, start)
+        self.elapsed_before = float(kept[-1].get("elapsed_s", 0.0)) if kept else 0.0
         from tqdm import tqdm
         tty = sys.stderr.isatty()
-        self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
-                        mininterval=0.5 if tty else 30.0)
+        self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                        file=sys.stderr, mininterval=0.5 if tty else 30.0)
         self.file = open(self.path, "a")
 
     def record(self, step: int, loss: float, lr: float, decay: float) -> None:
@@ -34,12 +37,13 @@ class MetricsLog:
             return
         now = time.perf_counter()
         rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        session = now - self.start_time
         row = {"step": step, "loss": loss, "lr": lr, "ema_decay": decay, "steps_per_s": rate,
-               "elapsed_s": now - self.start_time}
+               "elapsed_s": self.elapsed_before + session, "session_s": session}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         self.bar.update(step - self.last_step)
-        self.bar.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{rate:.2f}", refresh=False)
+        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)  # the bar shows steps/s itself
         self.last_step, self.last_time = step, now
 
     def close(self) -> None:
@@ -48,21 +52,25 @@ class MetricsLog:
             self.file.close()
 
 
-def _truncate_after(path: str, step: int) -> None:
-    """Drops the lines of ``path`` whose step is > ``step`` (atomically rewritten); a missing file is fine."""
+def _truncate_after(path: str, step: int) -> list:
+    """Drops the lines of ``path`` whose step is > ``step`` (atomically rewritten); returns the kept rows. A
+    missing file is fine (no rows)."""
     if not os.path.isfile(path):
-        return
+        return []
     with open(path) as f:
         lines = [line for line in f if line.strip()]
-    keep = []
+    keep, rows = [], []
     for line in lines:
         try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
+            row = json.loads(line)
+            if row["step"] <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+                rows.append(row)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut by a crash
-    if len(keep) != len(lines):
+    if keep != lines:
         atomic_write(path, lambda tmp: open(tmp, "w").writelines(keep))
+    return rows
 
 
 def read_metrics(path: str) -> list:

@@ -56,3 +56,61 @@ def test_extension_exports_group_norm_silu():
     if ext.with_cuda:
         assert callable(ext.group_norm_silu_fwd_cuda) and callable(ext.group_norm_silu_bwd_cuda)
         assert ext.group_norm_silu_cuda_workspace(2, 8, 16, 4) == 2 * 2 * 8 + 2 * 2 * 4
+
+
+_IMPORT_SCRIPT = """
+import warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    from ddpm_fast.ops import _ext
+    assert _ext.load() is None
+print(caught[0].message)
+"""
+
+
+def _checkout_copy(tmp_path, with_c=False):
+    """A source checkout's layout (setup.py, CMakeLists.txt, csrc/, ddpm_fast/) without a built _C."""
+    import shutil
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    repo = tmp_path / "repo"
+    shutil.copytree(root / "ddpm_fast", repo / "ddpm_fast", ignore=shutil.ignore_patterns("_C.*", "assets",
+                                                                                           "__pycache__"))
+    for name in ("setup.py", "CMakeLists.txt"):
+        shutil.copy(root / name, repo / name)
+    (repo / "csrc").mkdir()
+    if with_c:
+        (repo / "ddpm_fast" / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"not a shared object")
+    return repo
+
+
+def test_source_checkout_without_extension_says_so(tmp_path):
+    """`python -c "import ddpm_fast"` from a checkout: the warning names the checkout and `pip install -e`,
+    not a reinstall (which would not change what this directory imports)."""
+    repo = _checkout_copy(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", _IMPORT_SCRIPT], cwd=repo, capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    message = out.stdout
+    assert f"imported from its source checkout {repo}" in message, message
+    assert f"pip install -e {repo}" in message and "build_ext --inplace" in message
+    assert "force-reinstall" not in message
+
+
+def test_broken_extension_in_checkout_and_installed_package_messages(tmp_path):
+    repo = _checkout_copy(tmp_path, with_c=True)
+    message = _ext.missing_extension_message(ImportError("invalid ELF header"), repo / "ddpm_fast")
+    assert "cannot be imported (invalid ELF header)" in message and f"pip install -e {repo}" in message
+    site = tmp_path / "site-packages" / "ddpm_fast"
+    site.mkdir(parents=True)
+    message = _ext.missing_extension_message(ImportError("No module named 'ddpm_fast._C'"), site)
+    assert "source checkout" not in message and "pip install -v --force-reinstall" in message
+
+
+def test_build_info_names_the_kernels():
+    info = _ext.build_info()
+    if _ext.has_cpu_kernels():
+        assert info.startswith("ddpm_fast._C: CPU kernels") and "CUDA" in info
+    else:
+        assert info.startswith("no ddpm_fast._C")

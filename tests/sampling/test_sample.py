@@ -3,6 +3,7 @@
 import contextlib
 import gc
 import logging
+import re
 import types
 import warnings
 
@@ -157,48 +158,71 @@ def test_bfloat16_model_compute_keeps_a_float32_chain(seed, how):
 
 # ---- checks before any work -------------------------------------------------------------------------------
 
+V, T = ValueError, TypeError  # a wrong value vs a wrong type: Python's convention, n=2.5 is a TypeError
 BAD = [
-    (dict(n=0), "n must satisfy 1 <= n"),
-    (dict(n=2.5), "n must be an int"),
-    (dict(steps=0), "steps must satisfy 1 <= steps <= 50"),
-    (dict(steps=51), "steps must satisfy 1 <= steps <= 50"),
-    (dict(shape=None), r"shape=\(C, H, W\) is required"),
-    (dict(shape=(2, 4)), r"shape must be \(C, H, W\)"),
-    (dict(schedule=None), "schedule= .* is required"),
-    (dict(schedule="linear"), "schedule must be a ddpm_fast.NoiseSchedule"),
-    (dict(spacing="uniform"), "spacing must be one of"),
-    (dict(prediction="noise"), "prediction must be one of"),
-    (dict(variance="learned"), "variance must be one of"),
-    (dict(sampler="euler"), "sampler must be one of"),
-    (dict(eta=0.5), "eta applies to sampler='ddim' only"),
-    (dict(sampler="ddim", eta=-1.0), "eta must be a finite float >= 0"),
-    (dict(clip="yes"), "clip must be True or False"),
-    (dict(seed="abc"), "seed must be an int or None"),
-    (dict(seed=1, generator=torch.Generator()), "give seed= or generator=, not both"),
-    (dict(dtype=torch.float64), "dtype must be torch.float32"),
-    (dict(device="meta"), "device must be a CPU or CUDA device"),
-    (dict(device="tpu"), "device must be a torch.device"),
-    (dict(batch_size=0), "batch_size must satisfy 1 <= batch_size"),
-    (dict(cuda_graph="yes"), "cuda_graph must be 'auto', True or False"),
-    (dict(cuda_graph=True), "cuda_graph=True needs a CUDA device"),
-    (dict(graph="loop"), "graph must be 'auto', 'whole' or 'step'"),
-    (dict(memory_format="nhwc"), "memory_format must be"),
-    (dict(progress=None), "progress must be True or False"),
-    (dict(start=-1), "start must satisfy 0 <= start"),
-    (dict(start=1.0), "start must be an int"),
-    (dict(start=2 ** 63 // 32 - 1), r"start \+ n = .* images of 32 elements exceed the noise's element index"),
-    (dict(start=1, seed=None, generator=torch.Generator()), "start= places the call in a longer seed= run"),
+    (dict(n=0), V, "n must satisfy 1 <= n"),
+    (dict(n=2.5), T, "n must be an int"),
+    (dict(n="2"), T, "n must be an int"),
+    (dict(steps=0), V, "steps must satisfy 1 <= steps <= 50"),
+    (dict(steps=51), V, "steps must satisfy 1 <= steps <= 50"),
+    (dict(steps=5.0), T, "steps must be an int"),
+    (dict(shape=None), V, r"shape=\(C, H, W\) is required"),
+    (dict(shape=(2, 4)), T, r"shape must be \(C, H, W\)"),
+    (dict(shape=(2, 0, 4)), V, r"shape must be \(C, H, W\) with positive"),
+    (dict(schedule=None), V, "schedule= .* is required"),
+    (dict(schedule="linear"), T, "schedule must be a ddpm_fast.NoiseSchedule"),
+    (dict(spacing="uniform"), V, "spacing must be one of"),
+    (dict(prediction="noise"), V, "prediction must be one of"),
+    (dict(variance="learned"), V, "variance must be one of"),
+    (dict(sampler="euler"), V, "sampler must be one of"),
+    (dict(sampler=1), T, "sampler must be one of"),
+    (dict(eta=0.5), V, "eta applies to sampler='ddim' only"),
+    (dict(sampler="ddim", eta=-1.0), V, "eta must be a finite float >= 0"),
+    (dict(sampler="ddim", eta="0.5"), T, "eta must be a finite float >= 0"),
+    (dict(clip="yes"), T, "clip must be True or False"),
+    (dict(seed="x"), T, "seed must be an int or None"),
+    (dict(seed=2.0), T, "seed must be an int or None"),
+    (dict(seed=-1), V, r"seed must be in \[0, 2\*\*64\), got -1"),
+    (dict(seed=2 ** 64), V, r"seed must be in \[0, 2\*\*64\)"),
+    (dict(seed=1, generator=torch.Generator()), V, "give seed= or generator=, not both"),
+    (dict(seed=None, generator="g"), T, "generator must be a torch.Generator"),
+    (dict(dtype=torch.float64), V, "dtype must be torch.float32"),
+    (dict(dtype="float16"), T, "dtype must be torch.float32"),
+    (dict(device="meta"), V, "device must be a CPU or CUDA device"),
+    (dict(device="tpu"), V, "device must be a torch.device"),
+    (dict(device=3.5), T, "device must be a torch.device"),
+    (dict(batch_size=0), V, "batch_size must satisfy 1 <= batch_size"),
+    (dict(cuda_graph="yes"), V, "cuda_graph must be 'auto', True or False"),
+    (dict(cuda_graph=True), V, "cuda_graph=True needs a CUDA device"),
+    (dict(graph="loop"), V, "graph must be 'auto', 'whole' or 'step'"),
+    (dict(memory_format="nhwc"), V, "memory_format must be"),
+    (dict(progress=None), T, "progress must be True or False"),
+    (dict(threads=0), V, "threads must be >= 1"),
+    (dict(threads=1.5), T, "threads must be 'auto', None or an int"),
+    (dict(start=-1), V, "start must satisfy 0 <= start"),
+    (dict(start=1.0), T, "start must be an int"),
+    (dict(start=2 ** 63 // 32 - 1), V, r"start \+ n = .* images of 32 elements exceed the noise's element index"),
+    (dict(start=1, seed=None, generator=torch.Generator()), V, "start= places the call in a longer seed= run"),
 ]
 
 
-@pytest.mark.parametrize("override,match", BAD, ids=[m for _, m in BAD])
-def test_bad_arguments_fail_before_the_model_runs(override, match):
+@pytest.mark.parametrize("override,error,match", BAD, ids=[m for _, _, m in BAD])
+def test_bad_arguments_fail_before_the_model_runs(override, error, match):
     model = Recorder()
     kw = dict(n=2, steps=5, shape=(2, 4, 4), schedule=SCHED, seed=1, progress=False)
     kw.update(override)
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises(error, match=match) as caught:
         ddpm_fast.sample(model, **kw)
+    assert type(caught.value) is error  # not merely a subclass: TypeError and ValueError are told apart
     assert model.calls == []
+
+
+def test_seed_range_ends_are_distinct_streams():
+    """Seeds are 64-bit: 0 and 2**64 - 1 are valid and different; -1 no longer aliases 2**64 - 1 (refused)."""
+    kw = dict(shape=(2, 4, 4), schedule=SCHED, progress=False)
+    top = ddpm_fast.sample(Recorder(), 2, 3, seed=2 ** 64 - 1, **kw)
+    assert not torch.equal(top, ddpm_fast.sample(Recorder(), 2, 3, seed=0, **kw))
+    assert torch.equal(top, ddpm_fast.sample(Recorder(), 2, 3, seed=2 ** 64 - 1, **kw))
 
 
 def test_bad_arguments_specific_to_models():
@@ -207,6 +231,10 @@ def test_bad_arguments_specific_to_models():
         ddpm_fast.sample(unet, 2, 3, variance="learned_range", progress=False)
     with pytest.raises(ValueError, match="does not fit the UNet"):
         ddpm_fast.sample(unet, 2, 3, shape=(3, 8, 8), progress=False)
+    own = (unet.config.in_channels, unet.config.image_size, unet.config.image_size)
+    with pytest.raises(ValueError, match=re.escape(f"does not fit the UNet: its config makes {own}")):
+        ddpm_fast.sample(unet, 2, 3, shape=(own[0], 2 * own[1], 2 * own[2]), progress=False)  # divisible, not its
+    assert ddpm_fast.sample(unet, 1, 2, shape=own, progress=False).shape == (1, *own)
     with pytest.raises(ValueError, match="convert the model"):
         ddpm_fast.sample(tiny_unet().to(torch.bfloat16), 2, 3, dtype=torch.float32, progress=False)
     with pytest.raises(TypeError, match="callable"):

@@ -170,9 +170,10 @@ def test_bad_input_fails_before_any_work(tmp_path):
              (dict(x_T=torch.randn(3, 1, 8, 8)), "x_T= is not a sample_to_dir argument"),
              (dict(progress="yes"), "progress must be True or False"),
              (dict(overwrite=1), "overwrite must be True or False"), (dict(out_dir=""), "must be a directory")]
+    wrong_types = ({"n": 2.5}, {"seed": "x"})  # a wrong type is a TypeError, as in sample()
     for override, match in cases:
         kw = {**dict(n=3, out_dir=fresh, steps=2, seed=0, progress=False), **override}
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(TypeError if override in wrong_types else ValueError, match=match):
             sample_to_dir(model, **kw)
         assert not fresh.exists(), override
     with pytest.raises(TypeError, match="needs a torch.nn.Module"):
