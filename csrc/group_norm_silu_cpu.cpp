@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "group_norm_silu.h"
+#include "group_norm_silu_cpu_avx2.h"
 #include "group_norm_silu_cpu_math.h"
 
 namespace ddpm_fast {
@@ -178,9 +179,6 @@ GNS_CLONES void nhwc_fwd_rows(const T* x, T* y, int64_t rows, int64_t C, const A
   }
 }
 
-// dz can be parked in dx itself (and read back by pass 2 instead of recomputing the sigmoid) when dx's type
-// holds it exactly: fp32 and fp64, not bf16.
-template <typename T> constexpr bool kStashDz = std::is_same<T, Acc<T>>::value;
 
 // Backward pass 1 over rows: dwp[c] += sum dz*xhat, db[c] += sum dz (coef: mu, rstd, w, b per channel).
 template <typename T>
@@ -227,6 +225,56 @@ GNS_CLONES void nhwc_bwd_dx(const T* x, const T* dy, T* dx, int64_t rows, int64_
 
 // ---------------------------------------------------------------- drivers
 
+// The forward's per-task kernels: the AVX2 ones (group_norm_silu_cpu_avx2.cpp) for fp32/bf16 when the CPU has
+// AVX2+FMA and the portable path is not forced (gns_cpu_isa), else the portable ones above.
+template <typename T> struct FwdKernels {
+  void (*nchw)(const GroupNormSiLUParams&, int64_t, int64_t);  // NCHW groups [t0, t1)
+  void (*col_sums)(const T*, int64_t, int64_t, const Acc<T>*, double*, double*);
+  void (*rows)(const T*, T*, int64_t, int64_t, const Acc<T>*, const Acc<T>*, const Acc<T>*);
+};
+
+// NCHW groups [t0, t1) with the portable per-group kernel.
+template <typename T> void fwd_nchw_range(const GroupNormSiLUParams& p, int64_t t0, int64_t t1) {
+  using A = Acc<T>;
+  const A* w = static_cast<const A*>(p.weight);
+  const A* b = static_cast<const A*>(p.bias);
+  const int64_t D = p.D(), M = p.group_size();
+  std::vector<A> coef(p.HW < kFlatHW ? 2 * M : 0);  // scratch of the flat path
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t c0 = (t % p.G) * D;  // group (n, g) is t = n*G + g; its data starts at t*M
+    fwd_nchw_group<T>(static_cast<const T*>(p.x) + t * M, static_cast<T*>(p.y) + t * M, w ? w + c0 : nullptr,
+                      b ? b + c0 : nullptr, D, p.HW, p.eps, static_cast<A*>(p.mean) + t,
+                      static_cast<A*>(p.rstd) + t, coef.data());
+  }
+}
+
+template <typename T> FwdKernels<T> fwd_kernels() {
+#ifdef GNS_HAVE_AVX2
+  if constexpr (!std::is_same<T, double>::value)
+    if (gns_cpu_simd()) return {&gns_avx2::fwd_nchw<T>, &gns_avx2::col_sums<T>, &gns_avx2::fwd_rows<T>};
+#endif
+  return {&fwd_nchw_range<T>, &nhwc_col_sums<T>, &nhwc_fwd_rows<T>};
+}
+
+// The backward's per-task kernels, chosen like the forward's.
+template <typename T> struct BwdKernels {
+  void (*nchw_group)(const T*, const T*, T*, const Acc<T>*, const Acc<T>*, int64_t, int64_t, Acc<T>, Acc<T>,
+                     Acc<T>*, double*, double*);
+  void (*nhwc_sums)(const T*, const T*, T*, int64_t, int64_t, const Acc<T>*, const Acc<T>*, const Acc<T>*,
+                    const Acc<T>*, double*, double*);
+  void (*nhwc_dx)(const T*, const T*, T*, int64_t, int64_t, const Acc<T>*, const Acc<T>*, const Acc<T>*,
+                  const Acc<T>*, const Acc<T>*, const Acc<T>*, const Acc<T>*);
+  bool simd;
+};
+template <typename T> BwdKernels<T> bwd_kernels() {
+#ifdef GNS_HAVE_AVX2
+  if constexpr (!std::is_same<T, double>::value)
+    if (gns_cpu_simd())
+      return {&gns_avx2::bwd_group<T>, &gns_avx2::nhwc_bwd_sums<T>, &gns_avx2::nhwc_bwd_dx<T>, true};
+#endif
+  return {&bwd_nchw_group<T>, &nhwc_bwd_sums<T>, &nhwc_bwd_dx<T>, false};
+}
+
 // Threads actually used: at most one per task, and none for tiny tensors where waking one costs more.
 int use_threads(int requested, int64_t tasks, int64_t numel) {
   const int64_t by_work = std::max<int64_t>(1, numel / 16384);
@@ -254,25 +302,13 @@ void reduce_affine_grads(const GroupNormSiLUParams& p, const std::vector<double>
   }
 }
 
+// One contiguous range of groups per thread (the AVX2 kernel blocks its range for the cache).
 template <typename T> void fwd_nchw(const GroupNormSiLUParams& p, int nt) {
-  using A = Acc<T>;
-  const T* x = static_cast<const T*>(p.x);
-  T* y = static_cast<T*>(p.y);
-  A* mean = static_cast<A*>(p.mean);
-  A* rstd = static_cast<A*>(p.rstd);
-  const A* w = static_cast<const A*>(p.weight);
-  const A* b = static_cast<const A*>(p.bias);
-  const int64_t D = p.D(), M = p.group_size(), tasks = p.N * p.G;
-#pragma omp parallel num_threads(use_threads(nt, tasks, p.numel()))
-  {
-    std::vector<A> coef(p.HW < kFlatHW ? 2 * M : 0);  // per-thread scratch of the flat path
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t c0 = (t % p.G) * D;  // group (n, g) is t = n*G + g; its data starts at t*M
-      fwd_nchw_group<T>(x + t * M, y + t * M, w ? w + c0 : nullptr, b ? b + c0 : nullptr, D, p.HW, p.eps,
-                        mean + t, rstd + t, coef.data());
-    }
-  }
+  const int64_t tasks = p.N * p.G;
+  const FwdKernels<T> k = fwd_kernels<T>();
+  const int nthr = use_threads(nt, tasks, p.numel());
+#pragma omp parallel for num_threads(nthr) schedule(static, 1)
+  for (int i = 0; i < nthr; ++i) k.nchw(p, tasks * i / nthr, tasks * (i + 1) / nthr);
 }
 
 template <typename T> void bwd_nchw(const GroupNormSiLUParams& p, int nt) {
@@ -285,15 +321,17 @@ template <typename T> void bwd_nchw(const GroupNormSiLUParams& p, int nt) {
   const A* w = static_cast<const A*>(p.weight);
   const A* b = static_cast<const A*>(p.bias);
   const int64_t D = p.D(), M = p.group_size(), tasks = p.N * p.G;
+  const BwdKernels<T> k = bwd_kernels<T>();
   std::vector<double> dwp(p.N * p.C), db(p.N * p.C);
 #pragma omp parallel num_threads(use_threads(nt, tasks, p.numel()))
   {
-    std::vector<A> scratch(p.HW < kFlatHW ? 4 * M : M);  // dz of one group (+ flat-path arrays), per thread
+    // dz of one group (+ the portable flat path's arrays), per thread
+    std::vector<A> scratch(p.HW < kFlatHW && !k.simd ? 4 * M : M);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t c0 = (t % p.G) * D;
-      bwd_nchw_group<T>(x + t * M, dy + t * M, dx + t * M, w ? w + c0 : nullptr, b ? b + c0 : nullptr, D,
-                        p.HW, mean[t], rstd[t], scratch.data(), dwp.data() + t * D, db.data() + t * D);
+      k.nchw_group(x + t * M, dy + t * M, dx + t * M, w ? w + c0 : nullptr, b ? b + c0 : nullptr, D, p.HW,
+                   mean[t], rstd[t], scratch.data(), dwp.data() + t * D, db.data() + t * D);
     }
   }
   reduce_affine_grads<A>(p, dwp, db);
@@ -310,6 +348,7 @@ template <typename T> void fwd_nhwc(const GroupNormSiLUParams& p, int nt) {
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
   const int64_t N = p.N, C = p.C, HW = p.HW, D = p.D(), nb = nhwc_blocks(p, nt), tasks = N * nb;
+  const FwdKernels<T> k = fwd_kernels<T>();
   // Every channel of a group is shifted by the group's first element (see finish_stats).
   std::vector<A> shift(N * C), mu(N * C), a(N * C), c0(N * C);
   for (int64_t n = 0; n < N; ++n)
@@ -322,8 +361,8 @@ template <typename T> void fwd_nhwc(const GroupNormSiLUParams& p, int nt) {
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t n = t / nb;
       const RowBlock rb = row_block(HW, nb, t % nb);
-      nhwc_col_sums<T>(x + (n * HW + rb.r0) * C, rb.r1 - rb.r0, C, shift.data() + n * C, ps.data() + t * C,
-                       pq.data() + t * C);
+      k.col_sums(x + (n * HW + rb.r0) * C, rb.r1 - rb.r0, C, shift.data() + n * C, ps.data() + t * C,
+                 pq.data() + t * C);
     }
 #pragma omp for schedule(static)
     for (int64_t ng = 0; ng < N * p.G; ++ng) {
@@ -347,8 +386,7 @@ template <typename T> void fwd_nhwc(const GroupNormSiLUParams& p, int nt) {
       const int64_t n = t / nb;
       const RowBlock rb = row_block(HW, nb, t % nb);
       const int64_t off = (n * HW + rb.r0) * C;
-      nhwc_fwd_rows<T>(x + off, y + off, rb.r1 - rb.r0, C, mu.data() + n * C, a.data() + n * C,
-                       c0.data() + n * C);
+      k.rows(x + off, y + off, rb.r1 - rb.r0, C, mu.data() + n * C, a.data() + n * C, c0.data() + n * C);
     }
   }
 }
@@ -362,6 +400,7 @@ template <typename T> void bwd_nhwc(const GroupNormSiLUParams& p, int nt) {
   const A* rstd = static_cast<const A*>(p.rstd);
   const int64_t N = p.N, C = p.C, HW = p.HW, D = p.D(), nb = nhwc_blocks(p, nt), tasks = N * nb;
   const double M = double(D * HW);
+  const BwdKernels<T> kern = bwd_kernels<T>();
   // Per-(n, c) broadcasts of the per-(n, g) values, so the row loops run along C without gathers.
   std::vector<A> mu(N * C), rs(N * C), w(C), b(C), alpha(N * C), a2(N * C), b2(N * C);
   for (int64_t c = 0; c < C; ++c) {
@@ -378,8 +417,8 @@ template <typename T> void bwd_nhwc(const GroupNormSiLUParams& p, int nt) {
       const int64_t n = t / nb;
       const RowBlock rb = row_block(HW, nb, t % nb);
       const int64_t off = (n * HW + rb.r0) * C;
-      nhwc_bwd_sums<T>(x + off, dy + off, dx + off, rb.r1 - rb.r0, C, mu.data() + n * C, rs.data() + n * C,
-                       w.data(), b.data(), pw.data() + t * C, pb.data() + t * C);
+      kern.nhwc_sums(x + off, dy + off, dx + off, rb.r1 - rb.r0, C, mu.data() + n * C, rs.data() + n * C,
+                     w.data(), b.data(), pw.data() + t * C, pb.data() + t * C);
     }
 #pragma omp for schedule(static)
     for (int64_t ng = 0; ng < N * p.G; ++ng) {
@@ -405,8 +444,8 @@ template <typename T> void bwd_nhwc(const GroupNormSiLUParams& p, int nt) {
       const int64_t n = t / nb, k = n * C;
       const RowBlock rb = row_block(HW, nb, t % nb);
       const int64_t off = (n * HW + rb.r0) * C;
-      nhwc_bwd_dx<T>(x + off, dy + off, dx + off, rb.r1 - rb.r0, C, mu.data() + k, rs.data() + k, w.data(),
-                     b.data(), alpha.data() + k, a2.data() + k, b2.data() + k);
+      kern.nhwc_dx(x + off, dy + off, dx + off, rb.r1 - rb.r0, C, mu.data() + k, rs.data() + k, w.data(),
+                   b.data(), alpha.data() + k, a2.data() + k, b2.data() + k);
     }
   }
   reduce_affine_grads<A>(p, dwp, db);
@@ -414,7 +453,7 @@ template <typename T> void bwd_nhwc(const GroupNormSiLUParams& p, int nt) {
 
 // Empty tensors (N == 0 or HW == 0): nothing to normalize; statistics and affine grads are zeros.
 template <typename A> void fill_empty(const GroupNormSiLUParams& p, bool backward) {
-  if (!backward) {
+  if (!backward && p.mean != nullptr) {
     std::fill(static_cast<A*>(p.mean), static_cast<A*>(p.mean) + p.N * p.G, A(0));
     std::fill(static_cast<A*>(p.rstd), static_cast<A*>(p.rstd) + p.N * p.G, A(0));
   } else if (p.dweight != nullptr) {
@@ -429,12 +468,18 @@ template <typename T> void run(const GroupNormSiLUParams& p, int nt, bool backwa
     return;
   }
   const bool nhwc = p.layout == Layout::kNHWC;
-  if (!backward) nhwc ? fwd_nhwc<T>(p, nt) : fwd_nchw<T>(p, nt);
-  else nhwc ? bwd_nhwc<T>(p, nt) : bwd_nchw<T>(p, nt);
+  if (backward) return nhwc ? bwd_nhwc<T>(p, nt) : bwd_nchw<T>(p, nt);
+  std::vector<Acc<T>> stats;  // statistics the caller discards (mean == rstd == nullptr)
+  GroupNormSiLUParams q = p;
+  if (p.mean == nullptr) {
+    stats.resize(2 * p.N * p.G);
+    q.mean = stats.data(), q.rstd = stats.data() + p.N * p.G;
+  }
+  nhwc ? fwd_nhwc<T>(q, nt) : fwd_nchw<T>(q, nt);
 }
 
 void dispatch(const GroupNormSiLUParams& p, int num_threads, bool backward) {
-  gns_check(p, backward);
+  gns_check(p, backward, !backward);
   gns_require(num_threads >= 1, "num_threads must be >= 1 (got " + std::to_string(num_threads) + ")");
   switch (p.dtype) {
     case DType::kFloat32: return run<float>(p, num_threads, backward);

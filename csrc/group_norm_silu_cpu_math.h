@@ -1,4 +1,4 @@
-// Scalar building blocks of the CPU GroupNorm+SiLU kernels (group_norm_silu_cpu.cpp, the only includer):
+// Scalar building blocks of the CPU GroupNorm+SiLU kernels (included by group_norm_silu_cpu*.cpp):
 // bf16 loads/stores, a branch-free vectorizable exp, sigmoid/SiLU and their gradient, and the shifted
 // two-moment statistics. Everything is inline, in an anonymous namespace: one definition per including file.
 #pragma once
@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 // No floating-point trap semantics in this file: GCC otherwise refuses to if-convert the clamps in exp_f,
 // and the loops that call it stay scalar. Nothing here reads the FP exception flags.
@@ -27,12 +28,13 @@ namespace ddpm_fast {
 // -flto) folds them: see ExpRange.
 extern volatile float gns_exp_lo, gns_exp_hi;
 
-namespace {
-
-
+// bfloat16 storage (fp32 math). Outside the anonymous namespace: the AVX2 kernels take it across files.
 struct bf16 {
   uint16_t bits;
 };
+
+namespace {
+
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 
@@ -125,6 +127,10 @@ GNS_INLINE void row_shifted_sums(const T* row, int64_t n, double shift, double* 
 }
 
 template <typename T> using Acc = typename AccOf<T>::type;
+
+// The NHWC backward parks dz in dx itself (read back by pass 2 instead of recomputing the sigmoid) when dx's
+// type holds it exactly: fp32 and fp64, not bf16.
+template <typename T> constexpr bool kStashDz = std::is_same<T, Acc<T>>::value;
 
 }  // namespace
 }  // namespace ddpm_fast
