@@ -53,7 +53,9 @@ class Statics:
     """The buffers one plan's loop reads and writes, allocated once: a captured graph holds their addresses.
 
     x: (B, C, H, W) float32 NCHW, the chain (updated in place). x_in: the model's input when it needs another
-    dtype or memory format, else None. seed: (1,) int64. t: (steps, B) int64 original timesteps per step index.
+    dtype or memory format, else None. seed: (1,) int64. offset: (1,) int64, the chunk's element offset (sample
+    index * C*H*W), with its residue mod 4 on the host in ``offset_mod4`` (the kernels' launch geometry; a
+    captured graph is specific to it, not to the offset). t: (steps, B) int64 original timesteps per step index.
     step, t_step: the step index (1,) and its timesteps (B,) for the one-step graph.
     time_proj, proj_step: see refresh_time_proj (ddpm_fast UNets only).
     """
@@ -67,6 +69,8 @@ class Statics:
         self.x_in = None if in_dtype == torch.float32 and not plan.channels_last else \
             torch.empty_like(self.x, dtype=in_dtype, memory_format=fmt)
         self.seed = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.offset = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.offset_mod4 = 0
         self.t = self.tables.timesteps[:, None].expand(-1, B).contiguous()
         self.step = torch.zeros(1, dtype=torch.int64, device=dev)
         self.t_step = torch.empty(B, dtype=torch.int64, device=dev)
@@ -76,6 +80,15 @@ class Statics:
     def set_seed(self, seed):
         value = seed & _MASK64  # the int64 with the seed's low 64 bits, as p_step.seed_tensor
         self.seed.fill_(value - 2 ** 64 if value >= 2 ** 63 else value)
+
+    def set_offset(self, offset):
+        """The chunk's element offset into the device tensor the loop reads (a device-side fill: no sync)."""
+        self.offset.fill_(offset)
+        self.offset_mod4 = offset % 4
+
+    def offset_kw(self):
+        """The element offset as the kernels take it: read from the tensor, its residue mod 4 from the host."""
+        return {"element_offset": self.offset, "offset_mod4": self.offset_mod4}
 
 
 def autocast_for(plan):
@@ -118,9 +131,9 @@ def refresh_time_proj(model, st, plan):
         st.time_proj.copy_(proj)
 
 
-def model_step(model, st, plan, step, t, offset, noise):
+def model_step(model, st, plan, step, t, noise):
     """x <- p_step(model(x, t), x, step) in place. step: int (baked into a graph) or st.step (read on device);
-    noise: {"seed": st.seed} or {"generator": g}."""
+    noise: {"seed": st.seed} or {"generator": g}; the element offset is read from st.offset."""
     inp = st.x if st.x_in is None else st.x_in.copy_(st.x)
     with autocast_for(plan):
         if st.time_proj is None:
@@ -131,23 +144,25 @@ def model_step(model, st, plan, step, t, offset, noise):
             out = model(inp, t, time_proj=torch.index_select(st.time_proj, 0, step, out=st.proj_step))
     out = check_model_output(out, plan)
     p_step(st.tables, out, st.x, step, prediction=plan.prediction, variance=plan.variance, clip=plan.clip,
-           sampler=plan.sampler, eta=plan.eta, element_offset=offset, out=st.x, **noise)
+           sampler=plan.sampler, eta=plan.eta, out=st.x, **st.offset_kw(), **noise)
 
 
-def init_x(st, offset, generator=None):
-    """x_T: Philox from the seed tensor (graph-capturable), or torch.randn from a generator (diffusers' way)."""
+def init_x(st, generator=None):
+    """x_T: Philox from the seed and offset tensors (graph-capturable), or torch.randn from a generator
+    (diffusers' way)."""
     if generator is None:
-        seeded_randn(None, st.seed, out=st.x, element_offset=offset)
+        seeded_randn(None, st.seed, out=st.x, **st.offset_kw())
     else:
         st.x.copy_(torch.randn(st.x.shape, generator=generator, device=generator.device))
 
 
-def run_loop(model, st, plan, offset, generator=None, bar=None):
-    """The whole chain of one chunk, eagerly (also the body the whole-loop graph captures, with bar=None)."""
-    init_x(st, offset, generator)
+def run_loop(model, st, plan, generator=None, bar=None):
+    """The whole chain of one chunk, eagerly (also the body the whole-loop graph captures, with bar=None). The
+    chunk is fixed by st.seed and st.offset (written before the call or the replay)."""
+    init_x(st, generator)
     refresh_time_proj(model, st, plan)
     noise = {"seed": st.seed} if generator is None else {"generator": generator}
     for i in reversed(range(st.t.shape[0])):
-        model_step(model, st, plan, i, st.t[i], offset, noise)
+        model_step(model, st, plan, i, st.t[i], noise)
         if bar is not None:
             bar.update(1)

@@ -5,8 +5,9 @@ One chunk of B samples whose first element is element ``offset`` of the whole (n
     for i = steps-1 .. 0:                                        step indices of the (respaced) schedule
         m = model(x, t[i])                                       t[i]: (B,) ORIGINAL training timesteps
         p_step(tables, m, x, i, seed=seed, element_offset=offset, out=x)     in place, noise Philox(seed, i, e)
-Tables, the (steps, B) timestep batches and the seed live on the device before the loop starts: no host sync, no
-Python branch on a tensor value, nothing allocated by the loop itself. On CUDA the loop is captured as a CUDA
+Tables, the (steps, B) timestep batches, the seed and the chunk's offset live on the device before the loop
+starts (the kernels read seed and offset from device memory): no host sync, no Python branch on a tensor value,
+nothing allocated by the loop itself, and one captured graph serves every chunk of the same size. On CUDA the loop is captured as a CUDA
 graph (graphs.py); on the CPU it runs eagerly with the fused C++ step.
 
 Reproducibility: the noise of element e (sample index * C*H*W + its index in NCHW order) at step i is a pure
@@ -54,8 +55,9 @@ def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, 
     :param batch_size: samples per chunk (default min(n, 256)); chunk k starts at element k*batch_size*C*H*W.
     :param cuda_graph: "auto" (graphs on CUDA when no generator is given), True (must capture), False.
     :param graph: "auto" | "whole" (the whole loop in one graph) | "step" (one step's graph replayed).
-        "auto" captures the whole loop for a single chunk with steps * batch <= graphs.WHOLE_GRAPH_MAX,
-        one step otherwise, and falls back to the next kind (then eager) when a capture fails.
+        "auto" captures the whole loop when steps * batch <= graphs.WHOLE_GRAPH_MAX (one graph then serves
+        every chunk of that size), one step otherwise, and falls back to the next kind (then eager) when a
+        capture fails.
     :param memory_format: the model input's: "auto" (see ``choose_channels_last``), "contiguous", "channels_last".
     :param generator: a torch.Generator on ``device`` instead of ``seed``: diffusers' noise convention (x_T and
         each step's noise drawn with torch.randn), for parity with DDPMPipeline; eager only, and chunks continue
@@ -85,8 +87,8 @@ def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, 
 
 def last_run_info():
     """What the last ``sample`` call did (a copy): device, n, batch_size, chunks, steps, seed, dtype, autocast,
-    channels_last, modes (per chunk: "eager" | "graph-whole" | "graph-step"), captures (per capture: mode,
-    offset, capture_s, graph_bytes = device memory the capture took, pool_bytes = its memory-pool growth),
+    channels_last, modes (per chunk: "eager" | "graph-whole" | "graph-step"), captures (per capture: mode, batch,
+    steps, offset_mod4, capture_s, graph_bytes = device memory the capture took, pool_bytes = its memory-pool growth),
     cache_hits (chunks that replayed a cached graph), wall_s (the call, synchronized)."""
     return json.loads(json.dumps(_LAST_INFO, default=str))
 
@@ -106,11 +108,12 @@ def _run(job, result, info):
             chunk_plan, offset = plan.with_batch(b), start * C * H * W
             mode, x = None, None
             if use_graphs:
-                mode, x = graphs.run_chunk_graph(job, model, chunk_plan, offset, len(job.chunks), bar, info)
+                mode, x = graphs.run_chunk_graph(job, model, chunk_plan, offset, bar, info)
             if mode is None:
                 st = statics.get(b) or statics.setdefault(b, Statics(chunk_plan, job.schedule))
                 st.set_seed(job.seed or 0)
-                run_loop(model, st, chunk_plan, offset, job.generator, bar)
+                st.set_offset(offset)
+                run_loop(model, st, chunk_plan, job.generator, bar)
                 mode, x = "eager", st.x
             log.debug("ddpm_fast.sample: chunk %d/%d (samples %d..%d) ran %s", k + 1, len(job.chunks), start,
                       start + b - 1, mode)
