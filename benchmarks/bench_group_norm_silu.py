@@ -201,6 +201,7 @@ def _parse(argv):
     ap.add_argument("--channels-last", action="store_true", help="same as --layout channels_last")
     ap.add_argument("--threads-list", default="1,2", help="CPU thread counts to try, each side scored at its best")
     ap.add_argument("--threads", type=int, default=None, help="CPU: only this thread count")
+    ap.add_argument("--shapes", default=None, help="only these C x HW shapes, e.g. 256x16,512x64 (default: all 11)")
     ap.add_argument("--forward-mode", choices=["inference", "train"], default="inference")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--burst", type=int, default=None, help="calls per timed repeat (default: by size)")
@@ -218,6 +219,8 @@ def main(argv=None):
     layout = "channels_last" if args.channels_last else args.layout or ("both" if args.device == "cpu" else "nchw")
     layouts = ["nchw", "channels_last"] if layout == "both" else [layout]
     shapes, threads_list = list(UNET_SITES), _threads_list(args)
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
     if args.quick:
         shapes, batch, args.repeats = [(128, 256), (256, 16)], 2, 3
     ext = _ext.load()

@@ -12,12 +12,13 @@ namespace ddpm_fast {
 namespace gns_avx2 {
 namespace {
 
-// One NCHW channel of n elements: g[i] = dy * silu'((x - mu) * r * w + b); *sw = sum g * xhat, *sb = sum g.
+// One NCHW channel of n elements: g[i] = dy * silu'((x - mu) * r * w + b). Sums of g * xhat and of g: lane
+// partials left in pw, pb (fp32, at most kFlush additions each); earlier partials flushed into fw, fb.
 template <typename T>
 AVX2 void channel_grad(const T* x, const T* dy, float* g, int64_t n, __m256 mu, __m256 r, __m256 w, __m256 b,
-                       double* sw, double* sb) {
-  __m256d SW = _mm256_setzero_pd(), SB = _mm256_setzero_pd();
+                       float* pw, float* pb, double* fw, double* fb) {
   __m256 aw = _mm256_setzero_ps(), ab = _mm256_setzero_ps();
+  *fw = *fb = 0.0;
   int64_t i = 0, k = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(ld(x + i), mu), r);
@@ -26,7 +27,7 @@ AVX2 void channel_grad(const T* x, const T* dy, float* g, int64_t n, __m256 mu, 
     aw = _mm256_fmadd_ps(gv, xh, aw);
     ab = _mm256_add_ps(ab, gv);
     if (++k == kFlush) {
-      SW = widen_add(SW, aw), SB = widen_add(SB, ab);
+      *fw += hsum(widen_add(_mm256_setzero_pd(), aw)), *fb += hsum(widen_add(_mm256_setzero_pd(), ab));
       aw = ab = _mm256_setzero_ps(), k = 0;
     }
   }
@@ -37,8 +38,16 @@ AVX2 void channel_grad(const T* x, const T* dy, float* g, int64_t n, __m256 mu, 
     aw = _mm256_fmadd_ps(gv, xh, aw);
     ab = _mm256_add_ps(ab, gv);
   }
-  *sw = hsum(widen_add(SW, aw));
-  *sb = hsum(widen_add(SB, ab));
+  _mm256_storeu_ps(pw, aw);
+  _mm256_storeu_ps(pb, ab);
+}
+
+// Lane k of the result: the sum of the 8 lanes of v[k]. Eight horizontal sums for the price of about one each.
+AVX2 __m256 transpose_sum8(const float (*v)[8]) {
+  const __m256 h01 = _mm256_hadd_ps(ld(v[0]), ld(v[1])), h23 = _mm256_hadd_ps(ld(v[2]), ld(v[3]));
+  const __m256 h45 = _mm256_hadd_ps(ld(v[4]), ld(v[5])), h67 = _mm256_hadd_ps(ld(v[6]), ld(v[7]));
+  const __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);  // lanes 0-3 | 4-7 of v[0..3], v[4..7]
+  return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
 // dx[i] = alpha * g[i] + a2 * (x[i] - mu) + b2 over one channel.
@@ -80,17 +89,29 @@ AVX2 void row_dx(const T* xr, const T* gr, T* out, int64_t c, int64_t n, const f
 
 }  // namespace
 
+// Channels go in batches of 8 whose lane partials are reduced together (transpose_sum8): a horizontal sum per
+// channel cost as much as the channel's own work at 4x4.
 template <typename T>
 GNS_AVX2_FN void bwd_group(const T* x, const T* dy, T* dx, const float* w, const float* b, int64_t D, int64_t HW,
                            float mu, float r, float* scratch, double* dwp, double* db) {
   const __m256 vmu = set1(mu), vr = set1(r);
   double s1 = 0, s2 = 0;
-  for (int64_t d = 0; d < D; ++d) {
-    const float wd = w ? w[d] : 1.0f;
-    channel_grad(x + d * HW, dy + d * HW, scratch + d * HW, HW, vmu, vr, set1(wd), set1(b ? b[d] : 0.0f),
-                 dwp + d, db + d);
-    s1 += double(wd) * db[d];
-    s2 += double(wd) * dwp[d];
+  for (int64_t d0 = 0; d0 < D; d0 += 8) {
+    const int64_t nb = imin(8, D - d0);
+    float pw[8][8] = {}, pb[8][8] = {}, tw[8], tb[8];
+    double fw[8], fb[8];
+    for (int64_t k = 0; k < nb; ++k) {
+      const int64_t d = d0 + k;
+      channel_grad(x + d * HW, dy + d * HW, scratch + d * HW, HW, vmu, vr, set1(w ? w[d] : 1.0f),
+                   set1(b ? b[d] : 0.0f), pw[k], pb[k], fw + k, fb + k);
+    }
+    st(tw, transpose_sum8(pw));
+    st(tb, transpose_sum8(pb));
+    for (int64_t k = 0; k < nb; ++k) {
+      const double wd = w ? w[d0 + k] : 1.0;
+      dwp[d0 + k] = fw[k] + double(tw[k]), db[d0 + k] = fb[k] + double(tb[k]);
+      s1 += wd * db[d0 + k], s2 += wd * dwp[d0 + k];
+    }
   }
   const double M = double(D * HW);
   const __m256 a2 = set1(float(-double(r) * double(r) * s2 / M)), b2 = set1(float(-double(r) * s1 / M));

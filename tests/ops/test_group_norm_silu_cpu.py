@@ -173,3 +173,34 @@ def test_silu_within_a_few_ulp(isa, layout):
     ulp = torch.finfo(torch.float32).eps * torch.exp2(torch.floor(torch.log2(ref.abs())))
     worst = ((y.double() - ref).abs() / ulp).max().item()
     assert worst <= 4.0, f"{worst:.2f} ulp"
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_takes_the_lean_path(seed, layout, dtype, monkeypatch):
+    """autograd's backward of the eager op goes straight to the kernel for dense 4-D input (bitwise the general
+    backward's result), skips dweight/dbias when nothing asks for them, and falls back when dy's layout differs."""
+    calls = []
+    real = gns._bwd_cpu_lean
+    monkeypatch.setattr(gns, "_bwd_cpu_lean", lambda *a: calls.append(real(*a)) or calls[-1])
+    x = make_x((2, 32, 6, 6), layout, dtype).requires_grad_()
+    w, b = affine(32)
+    dy = torch.randn_like(x)
+    gx, gw, gb = torch.autograd.grad(group_norm_silu(x, 8, w, b), (x, w, b), dy)
+    assert calls[-1] is not None
+    _, mean, rstd = gns._fwd_cpp(x.detach(), w, b, 8, 1e-5)
+    dx, dw, db = gns._bwd_cpp(dy, x.detach(), w, b, mean, rstd, 8)
+    assert torch.equal(gx, dx) and torch.equal(gw, dw) and torch.equal(gb, db)
+    (gx2,) = torch.autograd.grad(group_norm_silu(x, 8, w.detach(), b.detach()), (x,), dy)
+    assert calls[-1][1] is None and torch.equal(gx2, dx)  # no affine grads asked for: none reduced
+    dy_other = dy.contiguous(memory_format=torch.channels_last) if layout == "nchw" else dy.contiguous()
+    (gx3,) = torch.autograd.grad(group_norm_silu(x, 8, w, b), (x,), dy_other)
+    assert calls[-1] is None and torch.equal(gx3, dx)
+
+
+def test_double_backward_refused(seed):
+    """First order only: differentiating the backward again fails loudly instead of returning wrong zeros."""
+    x = make_x((2, 16, 4, 4), "nchw", torch.float64).requires_grad_()
+    (gx,) = torch.autograd.grad((group_norm_silu(x, 4) ** 2).sum(), (x,), create_graph=True)  # dy needs grad
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
