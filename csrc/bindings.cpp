@@ -16,7 +16,7 @@ int ddpm_fast_cuda_runtime_version();
 #include <cstdint>
 
 #include "group_norm_silu.h"
-#include "group_norm_silu_cpu_avx2.h"
+#include "group_norm_silu_cpu_simd.h"
 
 namespace {
 // Pointers arrive as integers (tensor.data_ptr()); 0 means "absent" (weight/bias/dweight/dbias).
@@ -116,7 +116,7 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("group_norm_silu_cpu_isa", [](const std::string& request) {
           return std::string(ddpm_fast::gns_cpu_isa(request.c_str()));
-        }, "CPU kernels in use ('avx2' or 'portable'); request 'portable' or 'auto' to switch, '' to ask",
+        }, "CPU kernels in use ('avx512', 'avx2' or 'portable'); request one of those (at most it) or 'auto'; '' asks",
         py::arg("request") = "");
 #ifdef DDPM_FAST_WITH_CUDA
   m.def("group_norm_silu_fwd_cuda", &gns_fwd_cuda, "y = silu(group_norm(x)) on `stream` (CUDA)",

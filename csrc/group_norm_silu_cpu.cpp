@@ -1,19 +1,22 @@
-// CPU kernels for y = silu(group_norm(x)): forward and backward, NCHW and NHWC (no layout copy), fp32,
-// bf16 (fp32 math) and fp64. OpenMP over (n, group) for NCHW and over (n, row block) for NHWC.
+// CPU drivers of y = silu(group_norm(x)): forward and backward, NCHW and NHWC (no layout copy), fp32, bf16
+// (fp32 math) and fp64. OpenMP over ranges of (n, group) for NCHW and over (n, row block) for NHWC; the per-task
+// kernels are the SIMD ones of group_norm_silu_cpu_simd.h (AVX-512 or AVX2, chosen at run time by what the CPU
+// has) for fp32 and bf16, else the portable ones of group_norm_silu_cpu_portable.h.
 //
-// Why it is fast: NCHW reads each group once from memory for the statistics and once more from cache to
-// normalize (a group of the DDPM U-Net is <= 64 KB), and writes y once; the inner loops are branch-free
-// so -O3 vectorizes them, and on x86-64 each hot function is compiled twice (baseline and x86-64-v3:
-// AVX2+FMA) and picked at load time, so the wheel still runs on any x86-64 CPU.
+// Memory traffic: NCHW reads each group once from memory for the statistics and once more from cache to
+// normalize (a group of the DDPM U-Net is <= 64 KB), and writes y once.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "group_norm_silu.h"
-#include "group_norm_silu_cpu_avx2.h"
 #include "group_norm_silu_cpu_math.h"
+#include "group_norm_silu_cpu_portable.h"
+#include "group_norm_silu_cpu_simd.h"
 
 namespace ddpm_fast {
 
@@ -22,236 +25,60 @@ volatile float gns_exp_lo = -87.0f, gns_exp_hi = 88.0f;
 
 namespace {
 
-// ---------------------------------------------------------------- NCHW: one task per (n, group)
-// x, y: the group's D*HW contiguous elements; w, b: its D channels' affine (nullable).
-// Below this many positions per channel, the per-channel loop's set-up (re-broadcasting exp's constants,
-// epilogue) cost as much as the work (2 ns/element at HW = 16, measured): expand the affine per element
-// and run one flat loop over the group instead.
-constexpr int64_t kFlatHW = 128;
+// ---------------------------------------------------------------- which kernels
 
-// x, y: the group's D*HW contiguous elements; w, b: its D channels' affine (nullable);
-// coef: 2*D*HW scratch floats, used when HW < kFlatHW.
-template <typename T>
-GNS_CLONES void fwd_nchw_group(const T* x, T* y, const Acc<T>* w, const Acc<T>* b, int64_t D, int64_t HW,
-                               double eps, Acc<T>* mean_out, Acc<T>* rstd_out, Acc<T>* coef) {
-  using A = Acc<T>;
-  const ExpRange er{gns_exp_lo, gns_exp_hi};
-  // The group is D*HW contiguous elements: one pass of shifted sums over all of it.
-  double sum, sumsq;
-  const double shift = load(x);
-  row_shifted_sums(x, D * HW, shift, &sum, &sumsq);
-  A mu, r;
-  finish_stats(double(D * HW), shift, sum, sumsq, eps, &mu, &r);
-  *mean_out = mu;
-  *rstd_out = r;
-  if (HW < kFlatHW) {
-    A* ca = coef;
-    A* cc = coef + D * HW;
-    for (int64_t d = 0; d < D; ++d) {
-      const A a = w ? r * w[d] : r, c = b ? b[d] : A(0);
-      for (int64_t i = 0; i < HW; ++i) ca[d * HW + i] = a, cc[d * HW + i] = c;
-    }
-#pragma omp simd
-    for (int64_t i = 0; i < D * HW; ++i) {
-      const A z = (load(x + i) - mu) * ca[i] + cc[i];
-      store(y + i, silu(z, er));
-    }
-    return;
-  }
-  for (int64_t d = 0; d < D; ++d) {
-    const A a = w ? r * w[d] : r, c = b ? b[d] : A(0);
-    const T* xr = x + d * HW;
-    T* yr = y + d * HW;
-#pragma omp simd
-    for (int64_t i = 0; i < HW; ++i) {
-      const A z = (load(xr + i) - mu) * a + c;
-      store(yr + i, silu(z, er));
-    }
-  }
+GnsIsa cpu_best_isa() {
+#ifdef GNS_HAVE_SIMD
+  static const GnsIsa best = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                     __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
+                                 ? GnsIsa::kAvx512
+                             : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? GnsIsa::kAvx2
+                                                                                                : GnsIsa::kPortable;
+  return best;
+#else
+  return GnsIsa::kPortable;
+#endif
 }
 
-// Flat variant of bwd_nchw_group for HW < kFlatHW (see fwd_nchw_group); scratch: 4*D*HW.
-template <typename T>
-GNS_INLINE void bwd_nchw_group_flat(const T* x, const T* dy, T* dx, const Acc<T>* w, const Acc<T>* b, int64_t D,
-                                    int64_t HW, Acc<T> mu, Acc<T> r, Acc<T>* scratch, double* dwp, double* db,
-                                    ExpRange er) {
-  using A = Acc<T>;
-  const int64_t M = D * HW;
-  A* gs = scratch;          // dz
-  A* ps = scratch + M;      // dz * xhat
-  A* we = scratch + 2 * M;  // w, b per element
-  A* be = scratch + 3 * M;
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t i = 0; i < HW; ++i) we[d * HW + i] = w ? w[d] : A(1), be[d * HW + i] = b ? b[d] : A(0);
-#pragma omp simd
-  for (int64_t i = 0; i < M; ++i) {
-    const A xh = (load(x + i) - mu) * r;
-    const A g = silu_grad(xh * we[i] + be[i], load(dy + i), er);
-    gs[i] = g;
-    ps[i] = g * xh;
-  }
-  double s1 = 0, s2 = 0;
-  for (int64_t d = 0; d < D; ++d) {
-    double dw_sum = 0, db_sum = 0;
-#pragma omp simd reduction(+ : dw_sum, db_sum)
-    for (int64_t i = d * HW; i < (d + 1) * HW; ++i) dw_sum += double(ps[i]), db_sum += double(gs[i]);
-    dwp[d] = dw_sum;
-    db[d] = db_sum;
-    s1 += double(we[d * HW]) * db_sum;
-    s2 += double(we[d * HW]) * dw_sum;
-  }
-  const A a2 = A(-double(r) * double(r) * s2 / double(M)), b2 = A(-double(r) * s1 / double(M));
-#pragma omp simd
-  for (int64_t i = 0; i < M; ++i) store(dx + i, r * we[i] * gs[i] + a2 * (load(x + i) - mu) + b2);
+std::atomic<int> g_isa_cap{int(GnsIsa::kAvx512)};  // the last gns_cpu_isa request ("auto": no cap)
+
+const char* isa_name(GnsIsa isa) {
+  return isa == GnsIsa::kAvx512 ? "avx512" : isa == GnsIsa::kAvx2 ? "avx2" : "portable";
 }
 
-// Pass 1 stores dz = dy * silu'(z) in `scratch` (D*HW, stays in cache) and reduces per channel
-// dwp = sum dz * xhat and db = sum dz; pass 2 writes dx = r*w*dz + A2*(x - mu) + B.
-template <typename T>
-GNS_CLONES void bwd_nchw_group(const T* x, const T* dy, T* dx, const Acc<T>* w, const Acc<T>* b, int64_t D,
-                               int64_t HW, Acc<T> mu, Acc<T> r, Acc<T>* scratch, double* dwp, double* db) {
-  using A = Acc<T>;
-  const ExpRange er{gns_exp_lo, gns_exp_hi};
-  if (HW < kFlatHW) return bwd_nchw_group_flat(x, dy, dx, w, b, D, HW, mu, r, scratch, dwp, db, er);
-  double s1 = 0, s2 = 0;
-  for (int64_t d = 0; d < D; ++d) {
-    const A wd = w ? w[d] : A(1), bd = b ? b[d] : A(0);
-    const T* xr = x + d * HW;
-    const T* gr = dy + d * HW;
-    A* sr = scratch + d * HW;
-    double dw_sum = 0, db_sum = 0;
-#pragma omp simd reduction(+ : dw_sum, db_sum)
-    for (int64_t i = 0; i < HW; ++i) {
-      const A xh = (load(xr + i) - mu) * r;
-      const A g = silu_grad(xh * wd + bd, load(gr + i), er);
-      sr[i] = g;
-      dw_sum += double(g * xh);
-      db_sum += double(g);
-    }
-    dwp[d] = dw_sum;
-    db[d] = db_sum;
-    s1 += double(wd) * db_sum;
-    s2 += double(wd) * dw_sum;
-  }
-  const double M = double(D * HW);
-  const A a2 = A(-double(r) * double(r) * s2 / M), b2 = A(-double(r) * s1 / M);
-  for (int64_t d = 0; d < D; ++d) {
-    const A alpha = w ? r * w[d] : r;
-    const T* xr = x + d * HW;
-    const A* sr = scratch + d * HW;
-    T* out = dx + d * HW;
-#pragma omp simd
-    for (int64_t i = 0; i < HW; ++i) store(out + i, alpha * sr[i] + a2 * (load(xr + i) - mu) + b2);
-  }
+}  // namespace
+
+GnsIsa gns_cpu_isa_active() {
+  return GnsIsa(std::min(int(cpu_best_isa()), g_isa_cap.load(std::memory_order_relaxed)));
 }
 
-// ---------------------------------------------------------------- NHWC: tasks are (n, block of rows)
-// A row is the C contiguous channels of one spatial position; loops run along C so they vectorize.
-
-// Column sums of (x - shift[c]) and of their squares over `rows` rows, added into s[c], q[c].
-template <typename T>
-GNS_CLONES void nhwc_col_sums(const T* x, int64_t rows, int64_t C, const Acc<T>* shift, double* s, double* q) {
-  using A = Acc<T>;
-  for (int64_t rr = 0; rr < rows; ++rr) {
-    const T* row = x + rr * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const A v = load(row + c) - shift[c];
-      s[c] += double(v);
-      q[c] += double(v * v);
-    }
-  }
+const char* gns_cpu_isa(const char* request) {
+  const std::string r(request);
+  const GnsIsa cap = r == "portable" ? GnsIsa::kPortable : r == "avx2" ? GnsIsa::kAvx2 : GnsIsa::kAvx512;
+  gns_require(r.empty() || r == "auto" || r == "avx512" || r == "avx2" || r == "portable",
+              "isa must be 'auto', 'avx512', 'avx2', 'portable' or '' (query), got '" + r + "'");
+  if (!r.empty()) g_isa_cap.store(int(cap));
+  return isa_name(gns_cpu_isa_active());
 }
 
-template <typename T>
-GNS_CLONES void nhwc_fwd_rows(const T* x, T* y, int64_t rows, int64_t C, const Acc<T>* mu, const Acc<T>* a,
-                              const Acc<T>* c0) {
-  using A = Acc<T>;
-  const ExpRange er{gns_exp_lo, gns_exp_hi};
-  for (int64_t rr = 0; rr < rows; ++rr) {
-    const T* xr = x + rr * C;
-    T* yr = y + rr * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const A z = (load(xr + c) - mu[c]) * a[c] + c0[c];
-      store(yr + c, silu(z, er));
-    }
-  }
-}
-
-
-// Backward pass 1 over rows: dwp[c] += sum dz*xhat, db[c] += sum dz (coef: mu, rstd, w, b per channel).
-template <typename T>
-GNS_CLONES void nhwc_bwd_sums(const T* x, const T* dy, T* dz, int64_t rows, int64_t C, const Acc<T>* mu,
-                              const Acc<T>* rs, const Acc<T>* w, const Acc<T>* b, double* dwp, double* db) {
-  using A = Acc<T>;
-  const ExpRange er{gns_exp_lo, gns_exp_hi};
-  for (int64_t rr = 0; rr < rows; ++rr) {
-    const T* xr = x + rr * C;
-    const T* gr = dy + rr * C;
-    T* zr = dz + rr * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const A xh = (load(xr + c) - mu[c]) * rs[c];
-      const A g = silu_grad(xh * w[c] + b[c], load(gr + c), er);
-      if constexpr (kStashDz<T>) zr[c] = g;
-      dwp[c] += double(g * xh);
-      db[c] += double(g);
-    }
-  }
-}
-
-// Backward pass 2: dx = alpha*dz + a2*(x - mu) + b2, dz read back from dx (kStashDz) or recomputed.
-template <typename T>
-GNS_CLONES void nhwc_bwd_dx(const T* x, const T* dy, T* dx, int64_t rows, int64_t C, const Acc<T>* mu,
-                            const Acc<T>* rs, const Acc<T>* w, const Acc<T>* b, const Acc<T>* alpha,
-                            const Acc<T>* a2, const Acc<T>* b2) {
-  using A = Acc<T>;
-  const ExpRange er{gns_exp_lo, gns_exp_hi};
-  for (int64_t rr = 0; rr < rows; ++rr) {
-    const T* xr = x + rr * C;
-    const T* gr = dy + rr * C;
-    T* out = dx + rr * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const A xm = load(xr + c) - mu[c];
-      A g;
-      if constexpr (kStashDz<T>) g = load(out + c);
-      else g = silu_grad(xm * rs[c] * w[c] + b[c], load(gr + c), er);
-      store(out + c, alpha[c] * g + a2[c] * xm + b2[c]);
-    }
-  }
-}
+namespace {
 
 // ---------------------------------------------------------------- drivers
 
-// The forward's per-task kernels: the AVX2 ones (group_norm_silu_cpu_avx2.cpp) for fp32/bf16 when the CPU has
-// AVX2+FMA and the portable path is not forced (gns_cpu_isa), else the portable ones above.
+// The forward's per-task kernels for the active ISA (portable for fp64 and where nothing else is there).
 template <typename T> struct FwdKernels {
   void (*nchw)(const GroupNormSiLUParams&, int64_t, int64_t);  // NCHW groups [t0, t1)
   void (*col_sums)(const T*, int64_t, int64_t, const Acc<T>*, double*, double*);
   void (*rows)(const T*, T*, int64_t, int64_t, const Acc<T>*, const Acc<T>*, const Acc<T>*);
 };
 
-// NCHW groups [t0, t1) with the portable per-group kernel.
-template <typename T> void fwd_nchw_range(const GroupNormSiLUParams& p, int64_t t0, int64_t t1) {
-  using A = Acc<T>;
-  const A* w = static_cast<const A*>(p.weight);
-  const A* b = static_cast<const A*>(p.bias);
-  const int64_t D = p.D(), M = p.group_size();
-  std::vector<A> coef(p.HW < kFlatHW ? 2 * M : 0);  // scratch of the flat path
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t c0 = (t % p.G) * D;  // group (n, g) is t = n*G + g; its data starts at t*M
-    fwd_nchw_group<T>(static_cast<const T*>(p.x) + t * M, static_cast<T*>(p.y) + t * M, w ? w + c0 : nullptr,
-                      b ? b + c0 : nullptr, D, p.HW, p.eps, static_cast<A*>(p.mean) + t,
-                      static_cast<A*>(p.rstd) + t, coef.data());
-  }
-}
-
 template <typename T> FwdKernels<T> fwd_kernels() {
-#ifdef GNS_HAVE_AVX2
-  if constexpr (!std::is_same<T, double>::value)
-    if (gns_cpu_simd()) return {&gns_avx2::fwd_nchw<T>, &gns_avx2::col_sums<T>, &gns_avx2::fwd_rows<T>};
+#ifdef GNS_HAVE_SIMD
+  if constexpr (!std::is_same<T, double>::value) {
+    const GnsIsa isa = gns_cpu_isa_active();
+    if (isa == GnsIsa::kAvx512) return {&gns_avx512::fwd_nchw<T>, &gns_avx512::col_sums<T>, &gns_avx512::fwd_rows<T>};
+    if (isa == GnsIsa::kAvx2) return {&gns_avx2::fwd_nchw<T>, &gns_avx2::col_sums<T>, &gns_avx2::fwd_rows<T>};
+  }
 #endif
   return {&fwd_nchw_range<T>, &nhwc_col_sums<T>, &nhwc_fwd_rows<T>};
 }
@@ -267,10 +94,14 @@ template <typename T> struct BwdKernels {
   bool simd;
 };
 template <typename T> BwdKernels<T> bwd_kernels() {
-#ifdef GNS_HAVE_AVX2
-  if constexpr (!std::is_same<T, double>::value)
-    if (gns_cpu_simd())
+#ifdef GNS_HAVE_SIMD
+  if constexpr (!std::is_same<T, double>::value) {
+    const GnsIsa isa = gns_cpu_isa_active();
+    if (isa == GnsIsa::kAvx512)
+      return {&gns_avx512::bwd_group<T>, &gns_avx512::nhwc_bwd_sums<T>, &gns_avx512::nhwc_bwd_dx<T>, true};
+    if (isa == GnsIsa::kAvx2)
       return {&gns_avx2::bwd_group<T>, &gns_avx2::nhwc_bwd_sums<T>, &gns_avx2::nhwc_bwd_dx<T>, true};
+  }
 #endif
   return {&bwd_nchw_group<T>, &nhwc_bwd_sums<T>, &nhwc_bwd_dx<T>, false};
 }
