@@ -174,17 +174,64 @@ int64_t nhwc_blocks(const GroupNormSiLUParams& p, int nt) {
   return std::max<int64_t>(1, std::min<int64_t>(want, p.HW / 8));
 }
 
+// Sample n's statistics from its per-channel sums s, q over all rows (shifted by shift[c], the group's first
+// element: see finish_stats): mean/rstd of each group, and each channel's mu, a = rstd * w, c0 = b.
+template <typename A>
+void nhwc_sample_stats(const GroupNormSiLUParams& p, int64_t n, const double* s, const double* q, const A* shift,
+                       A* mu, A* a, A* c0) {
+  const int64_t D = p.D();
+  const double inv_n = 1.0 / double(D * p.HW);
+  const A* w = static_cast<const A*>(p.weight);
+  const A* b = static_cast<const A*>(p.bias);
+  for (int64_t cg = 0; cg < p.C; cg += D) {
+    double sg = 0, qg = 0;
+    for (int64_t c = cg; c < cg + D; ++c) sg += s[c], qg += q[c];
+    A m, r;
+    finish_stats(inv_n, double(shift[cg]), sg, qg, p.eps, &m, &r);
+    static_cast<A*>(p.mean)[n * p.G + cg / D] = m;
+    static_cast<A*>(p.rstd)[n * p.G + cg / D] = r;
+    for (int64_t c = cg; c < cg + D; ++c) mu[c] = m, a[c] = w ? r * w[c] : r, c0[c] = b ? b[c] : A(0);
+  }
+}
+
+// Every channel of sample n's group is shifted by the group's first element.
+template <typename T, typename A> void nhwc_shift(const GroupNormSiLUParams& p, const T* xn, A* shift) {
+  for (int64_t cg = 0; cg < p.C; cg += p.D())
+    for (int64_t c = cg; c < cg + p.D(); ++c) shift[c] = load(xn + cg);
+}
+
+// One task per sample when the samples alone balance the threads (nhwc_blocks == 1; the U-Net's small maps):
+// statistics, then normalization while the sample is in cache, with no cross-task reduction or barrier.
+template <typename T> void fwd_nhwc_by_sample(const GroupNormSiLUParams& p, int nt) {
+  using A = Acc<T>;
+  const int64_t C = p.C, HW = p.HW;
+  const FwdKernels<T> k = fwd_kernels<T>();
+#pragma omp parallel num_threads(use_threads(nt, p.N, p.numel()))
+  {
+    std::vector<double> sq(2 * C);
+    std::vector<A> par(4 * C);  // shift, mu, a, c0
+    A *shift = par.data(), *mu = shift + C, *a = mu + C, *c0 = a + C;
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < p.N; ++n) {
+      const T* xn = static_cast<const T*>(p.x) + n * HW * C;
+      nhwc_shift(p, xn, shift);
+      std::fill(sq.begin(), sq.end(), 0.0);
+      k.col_sums(xn, HW, C, shift, sq.data(), sq.data() + C);
+      nhwc_sample_stats(p, n, sq.data(), sq.data() + C, shift, mu, a, c0);
+      k.rows(xn, static_cast<T*>(p.y) + n * HW * C, HW, C, mu, a, c0);
+    }
+  }
+}
+
 template <typename T> void fwd_nhwc(const GroupNormSiLUParams& p, int nt) {
   using A = Acc<T>;
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
-  const int64_t N = p.N, C = p.C, HW = p.HW, D = p.D(), nb = nhwc_blocks(p, nt), tasks = N * nb;
+  const int64_t N = p.N, C = p.C, HW = p.HW, nb = nhwc_blocks(p, nt), tasks = N * nb;
+  if (nb == 1) return fwd_nhwc_by_sample<T>(p, nt);
   const FwdKernels<T> k = fwd_kernels<T>();
-  // Every channel of a group is shifted by the group's first element (see finish_stats).
   std::vector<A> shift(N * C), mu(N * C), a(N * C), c0(N * C);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t cg = 0; cg < C; cg += D)
-      for (int64_t c = cg; c < cg + D; ++c) shift[n * C + c] = load(x + n * HW * C + cg);
+  for (int64_t n = 0; n < N; ++n) nhwc_shift(p, x + n * HW * C, shift.data() + n * C);
   std::vector<double> ps(tasks * C), pq(tasks * C);
 #pragma omp parallel num_threads(use_threads(nt, tasks, p.numel()))
   {
@@ -196,20 +243,11 @@ template <typename T> void fwd_nhwc(const GroupNormSiLUParams& p, int nt) {
                  pq.data() + t * C);
     }
 #pragma omp for schedule(static)
-    for (int64_t ng = 0; ng < N * p.G; ++ng) {
-      const int64_t n = ng / p.G, cg = (ng % p.G) * D;
-      double s = 0, q = 0;
-      for (int64_t c = cg; c < cg + D; ++c)
-        for (int64_t blk = 0; blk < nb; ++blk) s += ps[(n * nb + blk) * C + c], q += pq[(n * nb + blk) * C + c];
-      A mean, r;
-      finish_stats(double(D * HW), double(shift[n * C + cg]), s, q, p.eps, &mean, &r);
-      static_cast<A*>(p.mean)[ng] = mean;
-      static_cast<A*>(p.rstd)[ng] = r;
-      for (int64_t c = cg; c < cg + D; ++c) {
-        mu[n * C + c] = mean;
-        a[n * C + c] = p.weight ? r * static_cast<const A*>(p.weight)[c] : r;
-        c0[n * C + c] = p.bias ? static_cast<const A*>(p.bias)[c] : A(0);
-      }
+    for (int64_t n = 0; n < N; ++n) {  // the blocks' sums into block 0's, in a fixed order
+      double *s = ps.data() + n * nb * C, *q = pq.data() + n * nb * C;
+      for (int64_t blk = 1; blk < nb; ++blk)
+        for (int64_t c = 0; c < C; ++c) s[c] += s[blk * C + c], q[c] += q[blk * C + c];
+      nhwc_sample_stats(p, n, s, q, shift.data() + n * C, mu.data() + n * C, a.data() + n * C, c0.data() + n * C);
     }
     // Same static schedule as the first loop: each thread normalizes the rows it summed (still cached).
 #pragma omp for schedule(static)
@@ -222,15 +260,30 @@ template <typename T> void fwd_nhwc(const GroupNormSiLUParams& p, int nt) {
   }
 }
 
+// Backward, sample n: from its per-channel sums sw = sum dz*xhat and sb = sum dz, its dwp/db (rows of N*C) and
+// the per-channel alpha, a2, b2 of pass 2 (w: every channel's weight, 1 when there is none).
+template <typename A>
+void nhwc_sample_bwd(const GroupNormSiLUParams& p, int64_t n, const double* sw, const double* sb, const A* w,
+                     double* dwp, double* db, A* alpha, A* a2, A* b2) {
+  const int64_t D = p.D();
+  const double M = double(D * p.HW);
+  for (int64_t cg = 0; cg < p.C; cg += D) {
+    double s1 = 0, s2 = 0;
+    for (int64_t c = cg; c < cg + D; ++c) {
+      dwp[n * p.C + c] = sw[c], db[n * p.C + c] = sb[c];
+      s1 += double(w[c]) * sb[c], s2 += double(w[c]) * sw[c];
+    }
+    const double r = double(static_cast<const A*>(p.rstd)[n * p.G + cg / D]);
+    for (int64_t c = cg; c < cg + D; ++c) alpha[c] = A(r) * w[c], a2[c] = A(-r * r * s2 / M), b2[c] = A(-r * s1 / M);
+  }
+}
+
 template <typename T> void bwd_nhwc(const GroupNormSiLUParams& p, int nt) {
   using A = Acc<T>;
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
   T* dx = static_cast<T*>(p.dx);
-  const A* mean = static_cast<const A*>(p.mean);
-  const A* rstd = static_cast<const A*>(p.rstd);
   const int64_t N = p.N, C = p.C, HW = p.HW, D = p.D(), nb = nhwc_blocks(p, nt), tasks = N * nb;
-  const double M = double(D * HW);
   const BwdKernels<T> kern = bwd_kernels<T>();
   // Per-(n, c) broadcasts of the per-(n, g) values, so the row loops run along C without gathers.
   std::vector<A> mu(N * C), rs(N * C), w(C), b(C), alpha(N * C), a2(N * C), b2(N * C);
@@ -239,44 +292,42 @@ template <typename T> void bwd_nhwc(const GroupNormSiLUParams& p, int nt) {
     b[c] = p.bias ? static_cast<const A*>(p.bias)[c] : A(0);
   }
   for (int64_t ng = 0; ng < N * p.G; ++ng)  // (n, g) -> its D channels, without a division per element
-    for (int64_t c = ng * D; c < (ng + 1) * D; ++c) mu[c] = mean[ng], rs[c] = rstd[ng];
+    for (int64_t c = ng * D; c < (ng + 1) * D; ++c)
+      mu[c] = static_cast<const A*>(p.mean)[ng], rs[c] = static_cast<const A*>(p.rstd)[ng];
   std::vector<double> pw(tasks * C), pb(tasks * C), dwp(N * C), db(N * C);
+  // With one block per sample each task runs both passes back to back (no barrier between them).
 #pragma omp parallel num_threads(use_threads(nt, tasks, p.numel()))
   {
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t n = t / nb;
-      const RowBlock rb = row_block(HW, nb, t % nb);
-      const int64_t off = (n * HW + rb.r0) * C;
-      kern.nhwc_sums(x + off, dy + off, dx + off, rb.r1 - rb.r0, C, mu.data() + n * C, rs.data() + n * C,
-                     w.data(), b.data(), pw.data() + t * C, pb.data() + t * C);
-    }
-#pragma omp for schedule(static)
-    for (int64_t ng = 0; ng < N * p.G; ++ng) {
-      const int64_t n = ng / p.G, cg = (ng % p.G) * D;
-      double s1 = 0, s2 = 0;
-      for (int64_t c = cg; c < cg + D; ++c) {
-        double sw = 0, sb = 0;
-        for (int64_t blk = 0; blk < nb; ++blk) sw += pw[(n * nb + blk) * C + c], sb += pb[(n * nb + blk) * C + c];
-        dwp[n * C + c] = sw;
-        db[n * C + c] = sb;
-        s1 += double(w[c]) * sb;
-        s2 += double(w[c]) * sw;
-      }
-      const double r = double(rstd[ng]);
-      for (int64_t c = cg; c < cg + D; ++c) {
-        alpha[n * C + c] = A(r) * w[c];
-        a2[n * C + c] = A(-r * r * s2 / M);
-        b2[n * C + c] = A(-r * s1 / M);
-      }
-    }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t n = t / nb, k = n * C;
       const RowBlock rb = row_block(HW, nb, t % nb);
       const int64_t off = (n * HW + rb.r0) * C;
-      kern.nhwc_dx(x + off, dy + off, dx + off, rb.r1 - rb.r0, C, mu.data() + k, rs.data() + k, w.data(),
-                   b.data(), alpha.data() + k, a2.data() + k, b2.data() + k);
+      kern.nhwc_sums(x + off, dy + off, dx + off, rb.r1 - rb.r0, C, mu.data() + k, rs.data() + k, w.data(),
+                     b.data(), pw.data() + t * C, pb.data() + t * C);
+      if (nb > 1) continue;
+      nhwc_sample_bwd(p, n, pw.data() + t * C, pb.data() + t * C, w.data(), dwp.data(), db.data(),
+                      alpha.data() + k, a2.data() + k, b2.data() + k);
+      kern.nhwc_dx(x + off, dy + off, dx + off, HW, C, mu.data() + k, rs.data() + k, w.data(), b.data(),
+                   alpha.data() + k, a2.data() + k, b2.data() + k);
+    }
+    if (nb > 1) {
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; ++n) {  // the blocks' sums into block 0's, in a fixed order
+        double *sw = pw.data() + n * nb * C, *sb = pb.data() + n * nb * C;
+        for (int64_t blk = 1; blk < nb; ++blk)
+          for (int64_t c = 0; c < C; ++c) sw[c] += sw[blk * C + c], sb[c] += sb[blk * C + c];
+        nhwc_sample_bwd(p, n, sw, sb, w.data(), dwp.data(), db.data(), alpha.data() + n * C, a2.data() + n * C,
+                        b2.data() + n * C);
+      }
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t n = t / nb, k = n * C;
+        const RowBlock rb = row_block(HW, nb, t % nb);
+        const int64_t off = (n * HW + rb.r0) * C;
+        kern.nhwc_dx(x + off, dy + off, dx + off, rb.r1 - rb.r0, C, mu.data() + k, rs.data() + k, w.data(),
+                     b.data(), alpha.data() + k, a2.data() + k, b2.data() + k);
+      }
     }
   }
   reduce_affine_grads<A>(p, dwp, db);

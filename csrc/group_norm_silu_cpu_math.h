@@ -101,11 +101,12 @@ template <typename A> GNS_INLINE A silu_grad(A z, A g, ExpRange er) {
 // over any group size (float accumulators measured 5-15 ulp errors in y). Hand-unrolled float lane arrays
 // made GCC emit permute storms (2x slower).
 
-// mean and 1/sqrt(var + eps) from n elements' sums s = sum(x - shift), q = sum((x - shift)^2). The shift is
-// one of the elements, so q/n - (s/n)^2 does not cancel catastrophically when |mean| >> std.
-template <typename A> GNS_INLINE void finish_stats(double n, double shift, double s, double q, double eps, A* mean,
-                                                   A* rstd) {
-  const double m = s / n, var = q / n - m * m;
+// mean and 1/sqrt(var + eps) from n elements' sums s = sum(x - shift), q = sum((x - shift)^2), given inv_n = 1/n
+// (callers hoist the division: with the sqrt and the last division it bounded the small groups' statistics).
+// The shift is one of the elements, so q/n - (s/n)^2 does not cancel catastrophically when |mean| >> std.
+template <typename A> GNS_INLINE void finish_stats(double inv_n, double shift, double s, double q, double eps,
+                                                   A* mean, A* rstd) {
+  const double m = s * inv_n, var = q * inv_n - m * m;
   *mean = A(shift + m);
   *rstd = A(1.0 / std::sqrt((var > 0.0 ? var : 0.0) + eps));
 }

@@ -32,7 +32,7 @@ GNS_CLONES void fwd_nchw_group(const T* x, T* y, const Acc<T>* w, const Acc<T>* 
   const double shift = load(x);
   row_shifted_sums(x, D * HW, shift, &sum, &sumsq);
   A mu, r;
-  finish_stats(double(D * HW), shift, sum, sumsq, eps, &mu, &r);
+  finish_stats(1.0 / double(D * HW), shift, sum, sumsq, eps, &mu, &r);
   *mean_out = mu;
   *rstd_out = r;
   if (HW < kFlatHW) {
