@@ -19,8 +19,9 @@ ISAS = ["portable", "avx2", "avx512"][: ["portable", "avx2", "avx512"].index(BES
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 
 # (shape, groups) whose sizes reach the tail of every loop: HW % 8 (NCHW channel tails), D*HW % 32 (the 32-wide
-# statistics loop), C % 8 and C % 32 (NHWC channel blocks: 96 = 64 + 32, 12 = 8 + 4, 6 = a partial vector only).
-TAIL_SHAPES = [((2, 96, 7, 9), 8), ((3, 12, 5, 3), 3), ((2, 6, 4, 4), 2), ((2, 40, 1, 1), 4)]
+# statistics loop), C % 8 and C % 32 (NHWC channel blocks: 96 = 64 + 32, 12 = 8 + 4, 6 = a partial vector only),
+# D % 4 (the NCHW backward takes channels 4 at a time when HW fills whole vectors: 6 = 4 + 2).
+TAIL_SHAPES = [((2, 96, 7, 9), 8), ((3, 12, 5, 3), 3), ((2, 6, 4, 4), 2), ((2, 40, 1, 1), 4), ((2, 36, 4, 4), 6)]
 # >= 2 * 16384 elements, so two threads each get work; groups past one cache block (64 KB) and past the fp32
 # accumulators' flush length (512 elements, 16 rows); HW = 255 and 1024 for both channel-loop shapes. NHWC:
 # the first two split each sample into row blocks, the last (8 samples of 8x8) gives each thread whole samples.
