@@ -66,3 +66,22 @@ def test_forward_channels_last(benchmark, impl):
     fn = (lambda: F.silu(F.group_norm(xd, 32, w, b))) if impl == "torch" else (lambda: group_norm_silu(xd, 32, w, b))
     y = _bench(benchmark, fn, "cpu")
     assert y.shape == x.shape
+
+
+def test_comparison_script_quick(tmp_path):
+    """benchmarks/bench_group_norm_silu.py --quick runs end to end (both layouts, threads 1 and 2) and records what
+    a reader needs: the commit, the load, each side's thread count, geometric means per layout and pass."""
+    import importlib.util
+    import json
+    import os
+    spec = importlib.util.spec_from_file_location(
+        "bench_group_norm_silu", os.path.join(os.path.dirname(__file__), "bench_group_norm_silu.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "gns.json"
+    script.main(["--quick", "--repeats", "1", "--json", str(out)])
+    d = json.loads(out.read_text())
+    assert d["meta"]["git_commit"] and d["meta"]["load_average_end"] is not None
+    assert {r["layout"] for r in d["rows"]} == {"nchw", "channels_last"}
+    assert all(r["torch_threads"] in (1, 2) and r["fused_threads"] in (1, 2) for r in d["rows"])
+    assert {"nchw forward", "channels_last backward", "both forward"} <= set(d["summary"])

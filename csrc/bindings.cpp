@@ -2,6 +2,9 @@
 // code and a CUDA stream handle. The Python layer validates devices/dtypes/layouts; every function here
 // re-checks the sizes it is handed before touching memory.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
 
 namespace py = pybind11;
 
@@ -13,6 +16,7 @@ int ddpm_fast_cuda_runtime_version();
 #include <cstdint>
 
 #include "group_norm_silu.h"
+#include "group_norm_silu_cpu_simd.h"
 
 namespace {
 // Pointers arrive as integers (tensor.data_ptr()); 0 means "absent" (weight/bias/dweight/dbias).
@@ -112,6 +116,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dx"), py::arg("dweight"), py::arg("dbias"), py::arg("N"), py::arg("C"), py::arg("HW"),
         py::arg("G"), py::arg("dtype"), py::arg("layout"), py::arg("num_threads"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("group_norm_silu_cpu_isa", [](const std::string& request) {
+          return std::string(ddpm_fast::gns_cpu_isa(request.c_str()));
+        }, "CPU kernels in use ('avx512', 'avx2' or 'portable'); request one of those (at most it) or 'auto'; '' asks",
+        py::arg("request") = "");
 #ifdef DDPM_FAST_WITH_CUDA
   m.def("group_norm_silu_fwd_cuda", &gns_fwd_cuda, "y = silu(group_norm(x)) on `stream` (CUDA)",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("y"), py::arg("mean"), py::arg("rstd"),

@@ -46,7 +46,8 @@ inline void gns_require(bool ok, const std::string& what) {
 }
 
 // Validates every size and code before any memory is touched (std::invalid_argument -> ValueError).
-inline void gns_check(const GroupNormSiLUParams& p, bool backward) {
+// stats_optional: mean/rstd may both be null (the CPU forward then keeps them to itself).
+inline void gns_check(const GroupNormSiLUParams& p, bool backward, bool stats_optional = false) {
   gns_require(p.N >= 0 && p.HW >= 0, "N and HW must be >= 0 (got N=" + std::to_string(p.N) +
                                          ", HW=" + std::to_string(p.HW) + ")");
   gns_require(p.C >= 1 && p.G >= 1, "C and G must be >= 1 (got C=" + std::to_string(p.C) +
@@ -61,7 +62,8 @@ inline void gns_check(const GroupNormSiLUParams& p, bool backward) {
   gns_require(p.HW == 0 || p.N <= kMax / p.C / p.HW, "N*C*HW overflows int64");
   gns_require(p.N == 0 || p.G <= kMax / p.N, "N*G overflows int64");
   if (p.numel() == 0 && p.N * p.G == 0) return;
-  gns_require(p.mean != nullptr && p.rstd != nullptr, "mean/rstd pointers are null");
+  gns_require((p.mean != nullptr && p.rstd != nullptr) || (stats_optional && p.mean == p.rstd),
+              "mean/rstd pointers are null");
   if (p.numel() == 0) return;
   gns_require(p.x != nullptr, "x pointer is null");
   if (!backward) {
@@ -73,7 +75,8 @@ inline void gns_check(const GroupNormSiLUParams& p, bool backward) {
 }
 
 // CPU (csrc/group_norm_silu_cpu.cpp). num_threads >= 1: the Python layer passes torch.get_num_threads().
-// Supported dtypes: kFloat32, kBFloat16 (fp32 math), kFloat64.
+// Supported dtypes: kFloat32, kBFloat16 (fp32 math), kFloat64. The forward accepts null mean and rstd (both):
+// inference that discards them.
 void group_norm_silu_fwd_cpu(const GroupNormSiLUParams& p, int num_threads);
 void group_norm_silu_bwd_cpu(const GroupNormSiLUParams& p, int num_threads);
 

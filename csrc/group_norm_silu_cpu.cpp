@@ -1,18 +1,22 @@
-// CPU kernels for y = silu(group_norm(x)): forward and backward, NCHW and NHWC (no layout copy), fp32,
-// bf16 (fp32 math) and fp64. OpenMP over (n, group) for NCHW and over (n, row block) for NHWC.
+// CPU drivers of y = silu(group_norm(x)): forward and backward, NCHW and NHWC (no layout copy), fp32, bf16
+// (fp32 math) and fp64. OpenMP over ranges of (n, group) for NCHW and over (n, row block) for NHWC; the per-task
+// kernels are the SIMD ones of group_norm_silu_cpu_simd.h (AVX-512 or AVX2, chosen at run time by what the CPU
+// has) for fp32 and bf16, else the portable ones of group_norm_silu_cpu_portable.h.
 //
-// Why it is fast: NCHW reads each group once from memory for the statistics and once more from cache to
-// normalize (a group of the DDPM U-Net is <= 64 KB), and writes y once; the inner loops are branch-free
-// so -O3 vectorizes them, and on x86-64 each hot function is compiled twice (baseline and x86-64-v3:
-// AVX2+FMA) and picked at load time, so the wheel still runs on any x86-64 CPU.
+// Memory traffic: NCHW reads each group once from memory for the statistics and once more from cache to
+// normalize (a group of the DDPM U-Net is <= 64 KB), and writes y once.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "group_norm_silu.h"
 #include "group_norm_silu_cpu_math.h"
+#include "group_norm_silu_cpu_portable.h"
+#include "group_norm_silu_cpu_simd.h"
 
 namespace ddpm_fast {
 
@@ -21,211 +25,86 @@ volatile float gns_exp_lo = -87.0f, gns_exp_hi = 88.0f;
 
 namespace {
 
-// ---------------------------------------------------------------- NCHW: one task per (n, group)
-// x, y: the group's D*HW contiguous elements; w, b: its D channels' affine (nullable).
-// Below this many positions per channel, the per-channel loop's set-up (re-broadcasting exp's constants,
-// epilogue) cost as much as the work (2 ns/element at HW = 16, measured): expand the affine per element
-// and run one flat loop over the group instead.
-constexpr int64_t kFlatHW = 128;
+// ---------------------------------------------------------------- which kernels
 
-// x, y: the group's D*HW contiguous elements; w, b: its D channels' affine (nullable);
-// coef: 2*D*HW scratch floats, used when HW < kFlatHW.
-template <typename T>
-GNS_CLONES void fwd_nchw_group(const T* x, T* y, const Acc<T>* w, const Acc<T>* b, int64_t D, int64_t HW,
-                               double eps, Acc<T>* mean_out, Acc<T>* rstd_out, Acc<T>* coef) {
-  using A = Acc<T>;
-  const ExpRange er{gns_exp_lo, gns_exp_hi};
-  // The group is D*HW contiguous elements: one pass of shifted sums over all of it.
-  double sum, sumsq;
-  const double shift = load(x);
-  row_shifted_sums(x, D * HW, shift, &sum, &sumsq);
-  A mu, r;
-  finish_stats(double(D * HW), shift, sum, sumsq, eps, &mu, &r);
-  *mean_out = mu;
-  *rstd_out = r;
-  if (HW < kFlatHW) {
-    A* ca = coef;
-    A* cc = coef + D * HW;
-    for (int64_t d = 0; d < D; ++d) {
-      const A a = w ? r * w[d] : r, c = b ? b[d] : A(0);
-      for (int64_t i = 0; i < HW; ++i) ca[d * HW + i] = a, cc[d * HW + i] = c;
-    }
-#pragma omp simd
-    for (int64_t i = 0; i < D * HW; ++i) {
-      const A z = (load(x + i) - mu) * ca[i] + cc[i];
-      store(y + i, silu(z, er));
-    }
-    return;
-  }
-  for (int64_t d = 0; d < D; ++d) {
-    const A a = w ? r * w[d] : r, c = b ? b[d] : A(0);
-    const T* xr = x + d * HW;
-    T* yr = y + d * HW;
-#pragma omp simd
-    for (int64_t i = 0; i < HW; ++i) {
-      const A z = (load(xr + i) - mu) * a + c;
-      store(yr + i, silu(z, er));
-    }
-  }
+GnsIsa cpu_best_isa() {
+#ifdef GNS_HAVE_SIMD
+  static const GnsIsa best = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                     __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
+                                 ? GnsIsa::kAvx512
+                             : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? GnsIsa::kAvx2
+                                                                                                : GnsIsa::kPortable;
+  return best;
+#else
+  return GnsIsa::kPortable;
+#endif
 }
 
-// Flat variant of bwd_nchw_group for HW < kFlatHW (see fwd_nchw_group); scratch: 4*D*HW.
-template <typename T>
-GNS_INLINE void bwd_nchw_group_flat(const T* x, const T* dy, T* dx, const Acc<T>* w, const Acc<T>* b, int64_t D,
-                                    int64_t HW, Acc<T> mu, Acc<T> r, Acc<T>* scratch, double* dwp, double* db,
-                                    ExpRange er) {
-  using A = Acc<T>;
-  const int64_t M = D * HW;
-  A* gs = scratch;          // dz
-  A* ps = scratch + M;      // dz * xhat
-  A* we = scratch + 2 * M;  // w, b per element
-  A* be = scratch + 3 * M;
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t i = 0; i < HW; ++i) we[d * HW + i] = w ? w[d] : A(1), be[d * HW + i] = b ? b[d] : A(0);
-#pragma omp simd
-  for (int64_t i = 0; i < M; ++i) {
-    const A xh = (load(x + i) - mu) * r;
-    const A g = silu_grad(xh * we[i] + be[i], load(dy + i), er);
-    gs[i] = g;
-    ps[i] = g * xh;
-  }
-  double s1 = 0, s2 = 0;
-  for (int64_t d = 0; d < D; ++d) {
-    double dw_sum = 0, db_sum = 0;
-#pragma omp simd reduction(+ : dw_sum, db_sum)
-    for (int64_t i = d * HW; i < (d + 1) * HW; ++i) dw_sum += double(ps[i]), db_sum += double(gs[i]);
-    dwp[d] = dw_sum;
-    db[d] = db_sum;
-    s1 += double(we[d * HW]) * db_sum;
-    s2 += double(we[d * HW]) * dw_sum;
-  }
-  const A a2 = A(-double(r) * double(r) * s2 / double(M)), b2 = A(-double(r) * s1 / double(M));
-#pragma omp simd
-  for (int64_t i = 0; i < M; ++i) store(dx + i, r * we[i] * gs[i] + a2 * (load(x + i) - mu) + b2);
+std::atomic<int> g_isa_cap{int(GnsIsa::kAvx512)};  // the last gns_cpu_isa request ("auto": no cap)
+
+const char* isa_name(GnsIsa isa) {
+  return isa == GnsIsa::kAvx512 ? "avx512" : isa == GnsIsa::kAvx2 ? "avx2" : "portable";
 }
 
-// Pass 1 stores dz = dy * silu'(z) in `scratch` (D*HW, stays in cache) and reduces per channel
-// dwp = sum dz * xhat and db = sum dz; pass 2 writes dx = r*w*dz + A2*(x - mu) + B.
-template <typename T>
-GNS_CLONES void bwd_nchw_group(const T* x, const T* dy, T* dx, const Acc<T>* w, const Acc<T>* b, int64_t D,
-                               int64_t HW, Acc<T> mu, Acc<T> r, Acc<T>* scratch, double* dwp, double* db) {
-  using A = Acc<T>;
-  const ExpRange er{gns_exp_lo, gns_exp_hi};
-  if (HW < kFlatHW) return bwd_nchw_group_flat(x, dy, dx, w, b, D, HW, mu, r, scratch, dwp, db, er);
-  double s1 = 0, s2 = 0;
-  for (int64_t d = 0; d < D; ++d) {
-    const A wd = w ? w[d] : A(1), bd = b ? b[d] : A(0);
-    const T* xr = x + d * HW;
-    const T* gr = dy + d * HW;
-    A* sr = scratch + d * HW;
-    double dw_sum = 0, db_sum = 0;
-#pragma omp simd reduction(+ : dw_sum, db_sum)
-    for (int64_t i = 0; i < HW; ++i) {
-      const A xh = (load(xr + i) - mu) * r;
-      const A g = silu_grad(xh * wd + bd, load(gr + i), er);
-      sr[i] = g;
-      dw_sum += double(g * xh);
-      db_sum += double(g);
-    }
-    dwp[d] = dw_sum;
-    db[d] = db_sum;
-    s1 += double(wd) * db_sum;
-    s2 += double(wd) * dw_sum;
-  }
-  const double M = double(D * HW);
-  const A a2 = A(-double(r) * double(r) * s2 / M), b2 = A(-double(r) * s1 / M);
-  for (int64_t d = 0; d < D; ++d) {
-    const A alpha = w ? r * w[d] : r;
-    const T* xr = x + d * HW;
-    const A* sr = scratch + d * HW;
-    T* out = dx + d * HW;
-#pragma omp simd
-    for (int64_t i = 0; i < HW; ++i) store(out + i, alpha * sr[i] + a2 * (load(xr + i) - mu) + b2);
-  }
+}  // namespace
+
+GnsIsa gns_cpu_isa_active() {
+  return GnsIsa(std::min(int(cpu_best_isa()), g_isa_cap.load(std::memory_order_relaxed)));
 }
 
-// ---------------------------------------------------------------- NHWC: tasks are (n, block of rows)
-// A row is the C contiguous channels of one spatial position; loops run along C so they vectorize.
-
-// Column sums of (x - shift[c]) and of their squares over `rows` rows, added into s[c], q[c].
-template <typename T>
-GNS_CLONES void nhwc_col_sums(const T* x, int64_t rows, int64_t C, const Acc<T>* shift, double* s, double* q) {
-  using A = Acc<T>;
-  for (int64_t rr = 0; rr < rows; ++rr) {
-    const T* row = x + rr * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const A v = load(row + c) - shift[c];
-      s[c] += double(v);
-      q[c] += double(v * v);
-    }
-  }
+const char* gns_cpu_isa(const char* request) {
+  const std::string r(request);
+  const GnsIsa cap = r == "portable" ? GnsIsa::kPortable : r == "avx2" ? GnsIsa::kAvx2 : GnsIsa::kAvx512;
+  gns_require(r.empty() || r == "auto" || r == "avx512" || r == "avx2" || r == "portable",
+              "isa must be 'auto', 'avx512', 'avx2', 'portable' or '' (query), got '" + r + "'");
+  if (!r.empty()) g_isa_cap.store(int(cap));
+  return isa_name(gns_cpu_isa_active());
 }
 
-template <typename T>
-GNS_CLONES void nhwc_fwd_rows(const T* x, T* y, int64_t rows, int64_t C, const Acc<T>* mu, const Acc<T>* a,
-                              const Acc<T>* c0) {
-  using A = Acc<T>;
-  const ExpRange er{gns_exp_lo, gns_exp_hi};
-  for (int64_t rr = 0; rr < rows; ++rr) {
-    const T* xr = x + rr * C;
-    T* yr = y + rr * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const A z = (load(xr + c) - mu[c]) * a[c] + c0[c];
-      store(yr + c, silu(z, er));
-    }
-  }
-}
-
-// dz can be parked in dx itself (and read back by pass 2 instead of recomputing the sigmoid) when dx's type
-// holds it exactly: fp32 and fp64, not bf16.
-template <typename T> constexpr bool kStashDz = std::is_same<T, Acc<T>>::value;
-
-// Backward pass 1 over rows: dwp[c] += sum dz*xhat, db[c] += sum dz (coef: mu, rstd, w, b per channel).
-template <typename T>
-GNS_CLONES void nhwc_bwd_sums(const T* x, const T* dy, T* dz, int64_t rows, int64_t C, const Acc<T>* mu,
-                              const Acc<T>* rs, const Acc<T>* w, const Acc<T>* b, double* dwp, double* db) {
-  using A = Acc<T>;
-  const ExpRange er{gns_exp_lo, gns_exp_hi};
-  for (int64_t rr = 0; rr < rows; ++rr) {
-    const T* xr = x + rr * C;
-    const T* gr = dy + rr * C;
-    T* zr = dz + rr * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const A xh = (load(xr + c) - mu[c]) * rs[c];
-      const A g = silu_grad(xh * w[c] + b[c], load(gr + c), er);
-      if constexpr (kStashDz<T>) zr[c] = g;
-      dwp[c] += double(g * xh);
-      db[c] += double(g);
-    }
-  }
-}
-
-// Backward pass 2: dx = alpha*dz + a2*(x - mu) + b2, dz read back from dx (kStashDz) or recomputed.
-template <typename T>
-GNS_CLONES void nhwc_bwd_dx(const T* x, const T* dy, T* dx, int64_t rows, int64_t C, const Acc<T>* mu,
-                            const Acc<T>* rs, const Acc<T>* w, const Acc<T>* b, const Acc<T>* alpha,
-                            const Acc<T>* a2, const Acc<T>* b2) {
-  using A = Acc<T>;
-  const ExpRange er{gns_exp_lo, gns_exp_hi};
-  for (int64_t rr = 0; rr < rows; ++rr) {
-    const T* xr = x + rr * C;
-    const T* gr = dy + rr * C;
-    T* out = dx + rr * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const A xm = load(xr + c) - mu[c];
-      A g;
-      if constexpr (kStashDz<T>) g = load(out + c);
-      else g = silu_grad(xm * rs[c] * w[c] + b[c], load(gr + c), er);
-      store(out + c, alpha[c] * g + a2[c] * xm + b2[c]);
-    }
-  }
-}
+namespace {
 
 // ---------------------------------------------------------------- drivers
+
+// The forward's per-task kernels for the active ISA (portable for fp64 and where nothing else is there).
+template <typename T> struct FwdKernels {
+  void (*nchw)(const GroupNormSiLUParams&, int64_t, int64_t);  // NCHW groups [t0, t1)
+  void (*col_sums)(const T*, int64_t, int64_t, const Acc<T>*, double*, double*);
+  void (*rows)(const T*, T*, int64_t, int64_t, const Acc<T>*, const Acc<T>*, const Acc<T>*);
+};
+
+template <typename T> FwdKernels<T> fwd_kernels() {
+#ifdef GNS_HAVE_SIMD
+  if constexpr (!std::is_same<T, double>::value) {
+    const GnsIsa isa = gns_cpu_isa_active();
+    if (isa == GnsIsa::kAvx512) return {&gns_avx512::fwd_nchw<T>, &gns_avx512::col_sums<T>, &gns_avx512::fwd_rows<T>};
+    if (isa == GnsIsa::kAvx2) return {&gns_avx2::fwd_nchw<T>, &gns_avx2::col_sums<T>, &gns_avx2::fwd_rows<T>};
+  }
+#endif
+  return {&fwd_nchw_range<T>, &nhwc_col_sums<T>, &nhwc_fwd_rows<T>};
+}
+
+// The backward's per-task kernels, chosen like the forward's.
+template <typename T> struct BwdKernels {
+  void (*nchw_group)(const T*, const T*, T*, const Acc<T>*, const Acc<T>*, int64_t, int64_t, Acc<T>, Acc<T>,
+                     Acc<T>*, double*, double*);
+  void (*nhwc_sums)(const T*, const T*, T*, int64_t, int64_t, const Acc<T>*, const Acc<T>*, const Acc<T>*,
+                    const Acc<T>*, double*, double*);
+  void (*nhwc_dx)(const T*, const T*, T*, int64_t, int64_t, const Acc<T>*, const Acc<T>*, const Acc<T>*,
+                  const Acc<T>*, const Acc<T>*, const Acc<T>*, const Acc<T>*);
+  bool simd;
+};
+template <typename T> BwdKernels<T> bwd_kernels() {
+#ifdef GNS_HAVE_SIMD
+  if constexpr (!std::is_same<T, double>::value) {
+    const GnsIsa isa = gns_cpu_isa_active();
+    if (isa == GnsIsa::kAvx512)
+      return {&gns_avx512::bwd_group<T>, &gns_avx512::nhwc_bwd_sums<T>, &gns_avx512::nhwc_bwd_dx<T>, true};
+    if (isa == GnsIsa::kAvx2)
+      return {&gns_avx2::bwd_group<T>, &gns_avx2::nhwc_bwd_sums<T>, &gns_avx2::nhwc_bwd_dx<T>, true};
+  }
+#endif
+  return {&bwd_nchw_group<T>, &nhwc_bwd_sums<T>, &nhwc_bwd_dx<T>, false};
+}
 
 // Threads actually used: at most one per task, and none for tiny tensors where waking one costs more.
 int use_threads(int requested, int64_t tasks, int64_t numel) {
@@ -254,25 +133,13 @@ void reduce_affine_grads(const GroupNormSiLUParams& p, const std::vector<double>
   }
 }
 
+// One contiguous range of groups per thread (the AVX2 kernel blocks its range for the cache).
 template <typename T> void fwd_nchw(const GroupNormSiLUParams& p, int nt) {
-  using A = Acc<T>;
-  const T* x = static_cast<const T*>(p.x);
-  T* y = static_cast<T*>(p.y);
-  A* mean = static_cast<A*>(p.mean);
-  A* rstd = static_cast<A*>(p.rstd);
-  const A* w = static_cast<const A*>(p.weight);
-  const A* b = static_cast<const A*>(p.bias);
-  const int64_t D = p.D(), M = p.group_size(), tasks = p.N * p.G;
-#pragma omp parallel num_threads(use_threads(nt, tasks, p.numel()))
-  {
-    std::vector<A> coef(p.HW < kFlatHW ? 2 * M : 0);  // per-thread scratch of the flat path
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t c0 = (t % p.G) * D;  // group (n, g) is t = n*G + g; its data starts at t*M
-      fwd_nchw_group<T>(x + t * M, y + t * M, w ? w + c0 : nullptr, b ? b + c0 : nullptr, D, p.HW, p.eps,
-                        mean + t, rstd + t, coef.data());
-    }
-  }
+  const int64_t tasks = p.N * p.G;
+  const FwdKernels<T> k = fwd_kernels<T>();
+  const int nthr = use_threads(nt, tasks, p.numel());
+#pragma omp parallel for num_threads(nthr) schedule(static, 1)
+  for (int i = 0; i < nthr; ++i) k.nchw(p, tasks * i / nthr, tasks * (i + 1) / nthr);
 }
 
 template <typename T> void bwd_nchw(const GroupNormSiLUParams& p, int nt) {
@@ -285,15 +152,17 @@ template <typename T> void bwd_nchw(const GroupNormSiLUParams& p, int nt) {
   const A* w = static_cast<const A*>(p.weight);
   const A* b = static_cast<const A*>(p.bias);
   const int64_t D = p.D(), M = p.group_size(), tasks = p.N * p.G;
+  const BwdKernels<T> k = bwd_kernels<T>();
   std::vector<double> dwp(p.N * p.C), db(p.N * p.C);
 #pragma omp parallel num_threads(use_threads(nt, tasks, p.numel()))
   {
-    std::vector<A> scratch(p.HW < kFlatHW ? 4 * M : M);  // dz of one group (+ flat-path arrays), per thread
+    // dz of one group (+ the portable flat path's arrays), per thread
+    std::vector<A> scratch(p.HW < kFlatHW && !k.simd ? 4 * M : M);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t c0 = (t % p.G) * D;
-      bwd_nchw_group<T>(x + t * M, dy + t * M, dx + t * M, w ? w + c0 : nullptr, b ? b + c0 : nullptr, D,
-                        p.HW, mean[t], rstd[t], scratch.data(), dwp.data() + t * D, db.data() + t * D);
+      k.nchw_group(x + t * M, dy + t * M, dx + t * M, w ? w + c0 : nullptr, b ? b + c0 : nullptr, D, p.HW,
+                   mean[t], rstd[t], scratch.data(), dwp.data() + t * D, db.data() + t * D);
     }
   }
   reduce_affine_grads<A>(p, dwp, db);
@@ -305,16 +174,64 @@ int64_t nhwc_blocks(const GroupNormSiLUParams& p, int nt) {
   return std::max<int64_t>(1, std::min<int64_t>(want, p.HW / 8));
 }
 
+// Sample n's statistics from its per-channel sums s, q over all rows (shifted by shift[c], the group's first
+// element: see finish_stats): mean/rstd of each group, and each channel's mu, a = rstd * w, c0 = b.
+template <typename A>
+void nhwc_sample_stats(const GroupNormSiLUParams& p, int64_t n, const double* s, const double* q, const A* shift,
+                       A* mu, A* a, A* c0) {
+  const int64_t D = p.D();
+  const double inv_n = 1.0 / double(D * p.HW);
+  const A* w = static_cast<const A*>(p.weight);
+  const A* b = static_cast<const A*>(p.bias);
+  for (int64_t cg = 0; cg < p.C; cg += D) {
+    double sg = 0, qg = 0;
+    for (int64_t c = cg; c < cg + D; ++c) sg += s[c], qg += q[c];
+    A m, r;
+    finish_stats(inv_n, double(shift[cg]), sg, qg, p.eps, &m, &r);
+    static_cast<A*>(p.mean)[n * p.G + cg / D] = m;
+    static_cast<A*>(p.rstd)[n * p.G + cg / D] = r;
+    for (int64_t c = cg; c < cg + D; ++c) mu[c] = m, a[c] = w ? r * w[c] : r, c0[c] = b ? b[c] : A(0);
+  }
+}
+
+// Every channel of sample n's group is shifted by the group's first element.
+template <typename T, typename A> void nhwc_shift(const GroupNormSiLUParams& p, const T* xn, A* shift) {
+  for (int64_t cg = 0; cg < p.C; cg += p.D())
+    for (int64_t c = cg; c < cg + p.D(); ++c) shift[c] = load(xn + cg);
+}
+
+// One task per sample when the samples alone balance the threads (nhwc_blocks == 1; the U-Net's small maps):
+// statistics, then normalization while the sample is in cache, with no cross-task reduction or barrier.
+template <typename T> void fwd_nhwc_by_sample(const GroupNormSiLUParams& p, int nt) {
+  using A = Acc<T>;
+  const int64_t C = p.C, HW = p.HW;
+  const FwdKernels<T> k = fwd_kernels<T>();
+#pragma omp parallel num_threads(use_threads(nt, p.N, p.numel()))
+  {
+    std::vector<double> sq(2 * C);
+    std::vector<A> par(4 * C);  // shift, mu, a, c0
+    A *shift = par.data(), *mu = shift + C, *a = mu + C, *c0 = a + C;
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < p.N; ++n) {
+      const T* xn = static_cast<const T*>(p.x) + n * HW * C;
+      nhwc_shift(p, xn, shift);
+      std::fill(sq.begin(), sq.end(), 0.0);
+      k.col_sums(xn, HW, C, shift, sq.data(), sq.data() + C);
+      nhwc_sample_stats(p, n, sq.data(), sq.data() + C, shift, mu, a, c0);
+      k.rows(xn, static_cast<T*>(p.y) + n * HW * C, HW, C, mu, a, c0);
+    }
+  }
+}
+
 template <typename T> void fwd_nhwc(const GroupNormSiLUParams& p, int nt) {
   using A = Acc<T>;
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
-  const int64_t N = p.N, C = p.C, HW = p.HW, D = p.D(), nb = nhwc_blocks(p, nt), tasks = N * nb;
-  // Every channel of a group is shifted by the group's first element (see finish_stats).
+  const int64_t N = p.N, C = p.C, HW = p.HW, nb = nhwc_blocks(p, nt), tasks = N * nb;
+  if (nb == 1) return fwd_nhwc_by_sample<T>(p, nt);
+  const FwdKernels<T> k = fwd_kernels<T>();
   std::vector<A> shift(N * C), mu(N * C), a(N * C), c0(N * C);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t cg = 0; cg < C; cg += D)
-      for (int64_t c = cg; c < cg + D; ++c) shift[n * C + c] = load(x + n * HW * C + cg);
+  for (int64_t n = 0; n < N; ++n) nhwc_shift(p, x + n * HW * C, shift.data() + n * C);
   std::vector<double> ps(tasks * C), pq(tasks * C);
 #pragma omp parallel num_threads(use_threads(nt, tasks, p.numel()))
   {
@@ -322,24 +239,15 @@ template <typename T> void fwd_nhwc(const GroupNormSiLUParams& p, int nt) {
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t n = t / nb;
       const RowBlock rb = row_block(HW, nb, t % nb);
-      nhwc_col_sums<T>(x + (n * HW + rb.r0) * C, rb.r1 - rb.r0, C, shift.data() + n * C, ps.data() + t * C,
-                       pq.data() + t * C);
+      k.col_sums(x + (n * HW + rb.r0) * C, rb.r1 - rb.r0, C, shift.data() + n * C, ps.data() + t * C,
+                 pq.data() + t * C);
     }
 #pragma omp for schedule(static)
-    for (int64_t ng = 0; ng < N * p.G; ++ng) {
-      const int64_t n = ng / p.G, cg = (ng % p.G) * D;
-      double s = 0, q = 0;
-      for (int64_t c = cg; c < cg + D; ++c)
-        for (int64_t blk = 0; blk < nb; ++blk) s += ps[(n * nb + blk) * C + c], q += pq[(n * nb + blk) * C + c];
-      A mean, r;
-      finish_stats(double(D * HW), double(shift[n * C + cg]), s, q, p.eps, &mean, &r);
-      static_cast<A*>(p.mean)[ng] = mean;
-      static_cast<A*>(p.rstd)[ng] = r;
-      for (int64_t c = cg; c < cg + D; ++c) {
-        mu[n * C + c] = mean;
-        a[n * C + c] = p.weight ? r * static_cast<const A*>(p.weight)[c] : r;
-        c0[n * C + c] = p.bias ? static_cast<const A*>(p.bias)[c] : A(0);
-      }
+    for (int64_t n = 0; n < N; ++n) {  // the blocks' sums into block 0's, in a fixed order
+      double *s = ps.data() + n * nb * C, *q = pq.data() + n * nb * C;
+      for (int64_t blk = 1; blk < nb; ++blk)
+        for (int64_t c = 0; c < C; ++c) s[c] += s[blk * C + c], q[c] += q[blk * C + c];
+      nhwc_sample_stats(p, n, s, q, shift.data() + n * C, mu.data() + n * C, a.data() + n * C, c0.data() + n * C);
     }
     // Same static schedule as the first loop: each thread normalizes the rows it summed (still cached).
 #pragma omp for schedule(static)
@@ -347,9 +255,26 @@ template <typename T> void fwd_nhwc(const GroupNormSiLUParams& p, int nt) {
       const int64_t n = t / nb;
       const RowBlock rb = row_block(HW, nb, t % nb);
       const int64_t off = (n * HW + rb.r0) * C;
-      nhwc_fwd_rows<T>(x + off, y + off, rb.r1 - rb.r0, C, mu.data() + n * C, a.data() + n * C,
-                       c0.data() + n * C);
+      k.rows(x + off, y + off, rb.r1 - rb.r0, C, mu.data() + n * C, a.data() + n * C, c0.data() + n * C);
     }
+  }
+}
+
+// Backward, sample n: from its per-channel sums sw = sum dz*xhat and sb = sum dz, its dwp/db (rows of N*C) and
+// the per-channel alpha, a2, b2 of pass 2 (w: every channel's weight, 1 when there is none).
+template <typename A>
+void nhwc_sample_bwd(const GroupNormSiLUParams& p, int64_t n, const double* sw, const double* sb, const A* w,
+                     double* dwp, double* db, A* alpha, A* a2, A* b2) {
+  const int64_t D = p.D();
+  const double M = double(D * p.HW);
+  for (int64_t cg = 0; cg < p.C; cg += D) {
+    double s1 = 0, s2 = 0;
+    for (int64_t c = cg; c < cg + D; ++c) {
+      dwp[n * p.C + c] = sw[c], db[n * p.C + c] = sb[c];
+      s1 += double(w[c]) * sb[c], s2 += double(w[c]) * sw[c];
+    }
+    const double r = double(static_cast<const A*>(p.rstd)[n * p.G + cg / D]);
+    for (int64_t c = cg; c < cg + D; ++c) alpha[c] = A(r) * w[c], a2[c] = A(-r * r * s2 / M), b2[c] = A(-r * s1 / M);
   }
 }
 
@@ -358,10 +283,8 @@ template <typename T> void bwd_nhwc(const GroupNormSiLUParams& p, int nt) {
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
   T* dx = static_cast<T*>(p.dx);
-  const A* mean = static_cast<const A*>(p.mean);
-  const A* rstd = static_cast<const A*>(p.rstd);
   const int64_t N = p.N, C = p.C, HW = p.HW, D = p.D(), nb = nhwc_blocks(p, nt), tasks = N * nb;
-  const double M = double(D * HW);
+  const BwdKernels<T> kern = bwd_kernels<T>();
   // Per-(n, c) broadcasts of the per-(n, g) values, so the row loops run along C without gathers.
   std::vector<A> mu(N * C), rs(N * C), w(C), b(C), alpha(N * C), a2(N * C), b2(N * C);
   for (int64_t c = 0; c < C; ++c) {
@@ -369,44 +292,42 @@ template <typename T> void bwd_nhwc(const GroupNormSiLUParams& p, int nt) {
     b[c] = p.bias ? static_cast<const A*>(p.bias)[c] : A(0);
   }
   for (int64_t ng = 0; ng < N * p.G; ++ng)  // (n, g) -> its D channels, without a division per element
-    for (int64_t c = ng * D; c < (ng + 1) * D; ++c) mu[c] = mean[ng], rs[c] = rstd[ng];
+    for (int64_t c = ng * D; c < (ng + 1) * D; ++c)
+      mu[c] = static_cast<const A*>(p.mean)[ng], rs[c] = static_cast<const A*>(p.rstd)[ng];
   std::vector<double> pw(tasks * C), pb(tasks * C), dwp(N * C), db(N * C);
+  // With one block per sample each task runs both passes back to back (no barrier between them).
 #pragma omp parallel num_threads(use_threads(nt, tasks, p.numel()))
   {
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t n = t / nb;
-      const RowBlock rb = row_block(HW, nb, t % nb);
-      const int64_t off = (n * HW + rb.r0) * C;
-      nhwc_bwd_sums<T>(x + off, dy + off, dx + off, rb.r1 - rb.r0, C, mu.data() + n * C, rs.data() + n * C,
-                       w.data(), b.data(), pw.data() + t * C, pb.data() + t * C);
-    }
-#pragma omp for schedule(static)
-    for (int64_t ng = 0; ng < N * p.G; ++ng) {
-      const int64_t n = ng / p.G, cg = (ng % p.G) * D;
-      double s1 = 0, s2 = 0;
-      for (int64_t c = cg; c < cg + D; ++c) {
-        double sw = 0, sb = 0;
-        for (int64_t blk = 0; blk < nb; ++blk) sw += pw[(n * nb + blk) * C + c], sb += pb[(n * nb + blk) * C + c];
-        dwp[n * C + c] = sw;
-        db[n * C + c] = sb;
-        s1 += double(w[c]) * sb;
-        s2 += double(w[c]) * sw;
-      }
-      const double r = double(rstd[ng]);
-      for (int64_t c = cg; c < cg + D; ++c) {
-        alpha[n * C + c] = A(r) * w[c];
-        a2[n * C + c] = A(-r * r * s2 / M);
-        b2[n * C + c] = A(-r * s1 / M);
-      }
-    }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t n = t / nb, k = n * C;
       const RowBlock rb = row_block(HW, nb, t % nb);
       const int64_t off = (n * HW + rb.r0) * C;
-      nhwc_bwd_dx<T>(x + off, dy + off, dx + off, rb.r1 - rb.r0, C, mu.data() + k, rs.data() + k, w.data(),
+      kern.nhwc_sums(x + off, dy + off, dx + off, rb.r1 - rb.r0, C, mu.data() + k, rs.data() + k, w.data(),
+                     b.data(), pw.data() + t * C, pb.data() + t * C);
+      if (nb > 1) continue;
+      nhwc_sample_bwd(p, n, pw.data() + t * C, pb.data() + t * C, w.data(), dwp.data(), db.data(),
+                      alpha.data() + k, a2.data() + k, b2.data() + k);
+      kern.nhwc_dx(x + off, dy + off, dx + off, HW, C, mu.data() + k, rs.data() + k, w.data(), b.data(),
+                   alpha.data() + k, a2.data() + k, b2.data() + k);
+    }
+    if (nb > 1) {
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; ++n) {  // the blocks' sums into block 0's, in a fixed order
+        double *sw = pw.data() + n * nb * C, *sb = pb.data() + n * nb * C;
+        for (int64_t blk = 1; blk < nb; ++blk)
+          for (int64_t c = 0; c < C; ++c) sw[c] += sw[blk * C + c], sb[c] += sb[blk * C + c];
+        nhwc_sample_bwd(p, n, sw, sb, w.data(), dwp.data(), db.data(), alpha.data() + n * C, a2.data() + n * C,
+                        b2.data() + n * C);
+      }
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t n = t / nb, k = n * C;
+        const RowBlock rb = row_block(HW, nb, t % nb);
+        const int64_t off = (n * HW + rb.r0) * C;
+        kern.nhwc_dx(x + off, dy + off, dx + off, rb.r1 - rb.r0, C, mu.data() + k, rs.data() + k, w.data(),
                      b.data(), alpha.data() + k, a2.data() + k, b2.data() + k);
+      }
     }
   }
   reduce_affine_grads<A>(p, dwp, db);
@@ -414,7 +335,7 @@ template <typename T> void bwd_nhwc(const GroupNormSiLUParams& p, int nt) {
 
 // Empty tensors (N == 0 or HW == 0): nothing to normalize; statistics and affine grads are zeros.
 template <typename A> void fill_empty(const GroupNormSiLUParams& p, bool backward) {
-  if (!backward) {
+  if (!backward && p.mean != nullptr) {
     std::fill(static_cast<A*>(p.mean), static_cast<A*>(p.mean) + p.N * p.G, A(0));
     std::fill(static_cast<A*>(p.rstd), static_cast<A*>(p.rstd) + p.N * p.G, A(0));
   } else if (p.dweight != nullptr) {
@@ -429,12 +350,18 @@ template <typename T> void run(const GroupNormSiLUParams& p, int nt, bool backwa
     return;
   }
   const bool nhwc = p.layout == Layout::kNHWC;
-  if (!backward) nhwc ? fwd_nhwc<T>(p, nt) : fwd_nchw<T>(p, nt);
-  else nhwc ? bwd_nhwc<T>(p, nt) : bwd_nchw<T>(p, nt);
+  if (backward) return nhwc ? bwd_nhwc<T>(p, nt) : bwd_nchw<T>(p, nt);
+  std::vector<Acc<T>> stats;  // statistics the caller discards (mean == rstd == nullptr)
+  GroupNormSiLUParams q = p;
+  if (p.mean == nullptr) {
+    stats.resize(2 * p.N * p.G);
+    q.mean = stats.data(), q.rstd = stats.data() + p.N * p.G;
+  }
+  nhwc ? fwd_nhwc<T>(q, nt) : fwd_nchw<T>(q, nt);
 }
 
 void dispatch(const GroupNormSiLUParams& p, int num_threads, bool backward) {
-  gns_check(p, backward);
+  gns_check(p, backward, !backward);
   gns_require(num_threads >= 1, "num_threads must be >= 1 (got " + std::to_string(num_threads) + ")");
   switch (p.dtype) {
     case DType::kFloat32: return run<float>(p, num_threads, backward);

@@ -1,4 +1,4 @@
-// Scalar building blocks of the CPU GroupNorm+SiLU kernels (group_norm_silu_cpu.cpp, the only includer):
+// Scalar building blocks of the CPU GroupNorm+SiLU kernels (included by group_norm_silu_cpu*.cpp):
 // bf16 loads/stores, a branch-free vectorizable exp, sigmoid/SiLU and their gradient, and the shifted
 // two-moment statistics. Everything is inline, in an anonymous namespace: one definition per including file.
 #pragma once
@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 // No floating-point trap semantics in this file: GCC otherwise refuses to if-convert the clamps in exp_f,
 // and the loops that call it stay scalar. Nothing here reads the FP exception flags.
@@ -27,12 +28,13 @@ namespace ddpm_fast {
 // -flto) folds them: see ExpRange.
 extern volatile float gns_exp_lo, gns_exp_hi;
 
-namespace {
-
-
+// bfloat16 storage (fp32 math). Outside the anonymous namespace: the AVX2 kernels take it across files.
 struct bf16 {
   uint16_t bits;
 };
+
+namespace {
+
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 
@@ -99,11 +101,12 @@ template <typename A> GNS_INLINE A silu_grad(A z, A g, ExpRange er) {
 // over any group size (float accumulators measured 5-15 ulp errors in y). Hand-unrolled float lane arrays
 // made GCC emit permute storms (2x slower).
 
-// mean and 1/sqrt(var + eps) from n elements' sums s = sum(x - shift), q = sum((x - shift)^2). The shift is
-// one of the elements, so q/n - (s/n)^2 does not cancel catastrophically when |mean| >> std.
-template <typename A> GNS_INLINE void finish_stats(double n, double shift, double s, double q, double eps, A* mean,
-                                                   A* rstd) {
-  const double m = s / n, var = q / n - m * m;
+// mean and 1/sqrt(var + eps) from n elements' sums s = sum(x - shift), q = sum((x - shift)^2), given inv_n = 1/n
+// (callers hoist the division: with the sqrt and the last division it bounded the small groups' statistics).
+// The shift is one of the elements, so q/n - (s/n)^2 does not cancel catastrophically when |mean| >> std.
+template <typename A> GNS_INLINE void finish_stats(double inv_n, double shift, double s, double q, double eps,
+                                                   A* mean, A* rstd) {
+  const double m = s * inv_n, var = q * inv_n - m * m;
   *mean = A(shift + m);
   *rstd = A(1.0 / std::sqrt((var > 0.0 ? var : 0.0) + eps));
 }
@@ -125,6 +128,10 @@ GNS_INLINE void row_shifted_sums(const T* row, int64_t n, double shift, double* 
 }
 
 template <typename T> using Acc = typename AccOf<T>::type;
+
+// The NHWC backward parks dz in dx itself (read back by pass 2 instead of recomputing the sigmoid) when dx's
+// type holds it exactly: fp32 and fp64, not bf16.
+template <typename T> constexpr bool kStashDz = std::is_same<T, Acc<T>>::value;
 
 }  // namespace
 }  // namespace ddpm_fast

@@ -1,10 +1,6 @@
-"""Fused GroupNorm+SiLU: every backend against the float64 reference, on random data with fresh seeds.
-
-Error rule (STYLE.md): |out - ref| <= 2 * |naive - ref| + atol, where naive is F.silu(F.group_norm(...)) run
-by PyTorch in the output's own dtype and ref is the specification evaluated in float64.
-"""
-import math
-
+"""Fused GroupNorm+SiLU: every backend against the float64 reference, on random data with fresh seeds, under the
+error rule of tests/group_norm_silu_rule.py. The CPU kernels path by path (AVX2 and portable, threads, tails):
+test_group_norm_silu_cpu.py."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,66 +9,14 @@ from ddpm_fast.ops import _ext
 from ddpm_fast.ops import group_norm_silu as gns
 from ddpm_fast.ops.common import prepare_layout
 from ddpm_fast.ops.group_norm_silu import GroupNormSiLU, group_norm_silu, group_norm_silu_ref
+from group_norm_silu_rule import ATOL, affine, assert_rule, check_grads, make_x, naive, ref64
 
 HAS_CPP = _ext.has_cpu_kernels()
 needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="ddpm_fast._C not built")
-ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
 # (shape, groups): odd sizes, 2-D/3-D/4-D/5-D, and the U-Net's (C/G = 4..16) group shapes in miniature.
 SHAPES = [((3, 96, 7, 9), 8), ((2, 64, 4, 4), 32), ((2, 12, 5), 3), ((4, 6), 2), ((1, 16, 2, 3, 5), 4)]
 LAYOUTS = ["nchw", "channels_last", "sliced", "sliced_channels_last"]
-
-
-def make_x(shape, layout, dtype, device="cpu", scale=2.0, offset=0.5):
-    """Random x (never zeros) in the requested memory layout; values are exact in dtype. The values are made
-    in dtype BEFORE the layout view is taken: an elementwise op on a sliced view would return a dense copy."""
-    N, C, *sp = shape
-
-    def rand(*size):
-        return (torch.randn(*size, device=device) * scale + offset).to(dtype)
-
-    if layout in ("channels_last", "sliced_channels_last") and sp:
-        base = rand(N, *sp, C * (2 if layout.startswith("sliced") else 1))
-        perm = (0, len(sp) + 1, *range(1, len(sp) + 1))
-        x = base.permute(perm)
-        x = x[:, ::2] if layout.startswith("sliced") else x
-    elif layout.startswith("sliced"):
-        x = rand(N, C, *[s + 3 for s in sp])[(slice(None), slice(None), *[slice(1, s + 1) for s in sp])]
-        if not sp:
-            x = rand(N, 2 * C)[:, ::2]
-    elif layout == "misaligned":  # NCHW-contiguous, but data_ptr one element past a 16-byte boundary
-        x = torch.empty(math.prod(shape) + 1, dtype=dtype, device=device)[1:].view(shape).copy_(rand(*shape))
-    else:
-        x = rand(*shape)
-    assert tuple(x.shape) == tuple(shape)
-    if layout.startswith("sliced"):
-        assert not x.is_contiguous() and not (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
-    return x
-
-
-def affine(C, dtype=torch.float32, device="cpu"):
-    return (torch.randn(C, device=device).to(dtype) * 0.5 + 1).requires_grad_(), \
-        (torch.randn(C, device=device).to(dtype) * 0.5).requires_grad_()
-
-
-def ref64(x, G, w, b, eps=1e-5):
-    return group_norm_silu_ref(x.double(), G, None if w is None else w.double(), None if b is None else b.double(), eps)
-
-
-def naive(x, G, w, b, eps=1e-5):
-    """PyTorch's own GN->SiLU in x's dtype (the low-precision yardstick of the error rule)."""
-    w = None if w is None else w.to(x.dtype)
-    b = None if b is None else b.to(x.dtype)
-    if x.dtype == torch.float16 and x.device.type == "cpu":
-        return F.silu(F.group_norm(x.float(), G, None if w is None else w.float(),
-                                   None if b is None else b.float(), eps)).half()
-    return F.silu(F.group_norm(x, G, w, b, eps))
-
-
-def assert_rule(out, ref, low, atol):
-    err = (out.double() - ref.double()).abs().max().item()
-    bound = 2 * (low.double() - ref.double()).abs().max().item() + atol
-    assert err <= bound, f"max error {err:.3e} > bound {bound:.3e}"
 
 
 # ----------------------------------------------------------------------------- forward, every backend
@@ -105,23 +49,7 @@ def test_forward_backward_cpu(seed, shape, G, layout, dtype):
         torch.testing.assert_close(rstd.double(), torch.rsqrt(xs.var(-1, unbiased=False) + 1e-5), atol=1e-5,
                                    rtol=2e-3 if dtype != torch.float64 else 1e-9)
         dx, dw, db = bwd(dy, x, w, b, mean, rstd, G)
-        _check_grads(x, w, b, G, dy, dx, dw, db, name)
-
-
-def _check_grads(x, w, b, G, dy, dx, dw, db, name):
-    """Grads against autograd of the float64 spec, with the rule's yardstick = autograd of naive in x.dtype."""
-    x64 = x.detach().double().requires_grad_()
-    w64, b64 = w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
-    refs = torch.autograd.grad(group_norm_silu_ref(x64, G, w64, b64), (x64, w64, b64), dy.double())
-    xl = x.detach().requires_grad_()
-    wl, bl = w.detach().to(x.dtype).requires_grad_(), b.detach().to(x.dtype).requires_grad_()
-    lows = torch.autograd.grad(naive(xl, G, wl, bl), (xl, wl, bl), dy)
-    # dweight/dbias sum over N*HW terms: scale atol by the magnitude of what is summed.
-    scale = dy.double().abs().sum().item() / x.shape[1] + 1
-    for out, ref, low, atol in zip((dx, dw, db), refs, lows, (ATOL[x.dtype], ATOL[x.dtype] * scale,
-                                                              ATOL[x.dtype] * scale)):
-        assert out.shape == ref.shape, name
-        assert_rule(out, ref, low, atol)
+        check_grads(x, w, b, G, dy, dx, dw, db, name)
 
 
 @needs_cpp
@@ -166,7 +94,7 @@ def test_public_op(seed, fast, layout, dtype, monkeypatch):
     assert_rule(y, ref64(x, 8, w, b), naive(x.detach(), 8, w, b), ATOL[dtype])
     dy = torch.randn_like(y)
     dx, dw, db = torch.autograd.grad(y, (x, w, b), dy)
-    _check_grads(x, w, b, 8, dy, dx, dw, db, "public")
+    check_grads(x, w, b, 8, dy, dx, dw, db, "public")
     # weight/bias absent, and only some inputs requiring grad
     y2 = group_norm_silu(x, 8)
     (gx,) = torch.autograd.grad(y2.sum(), (x,))
@@ -377,7 +305,7 @@ def test_triton_kernels(seed, shape, G, layout, dtype, monkeypatch):
         assert y.stride() == prepare_layout(x)[0].stride()
         assert_rule(y, ref64(x, G, w, b), naive(x, G, w, b), ATOL[dtype])
         dx, dw, db = tk._group_norm_silu_bwd(dy, x, w, b, mean, rstd, G)
-        _check_grads(x, w, b, G, dy, dx, dw, db, f"triton tile={tile}")
+        check_grads(x, w, b, G, dy, dx, dw, db, f"triton tile={tile}")
 
 
 _COMPILE_SCRIPT = """
@@ -439,7 +367,7 @@ def test_cuda_kernels(seed, shape, G, layout, dtype):
     y, mean, rstd = gns._fwd_cpp(x, w, b, G, 1e-5)
     assert_rule(y, ref64(x, G, w, b), naive(x, G, w, b), ATOL[dtype])
     dx, dw, db = gns._bwd_cpp(dy, x, w, b, mean, rstd, G)
-    _check_grads(x, w, b, G, dy, dx, dw, db, "cuda")
+    check_grads(x, w, b, G, dy, dx, dw, db, "cuda")
     dx2, dw2, db2 = gns._bwd_cpp(dy, x, w, b, mean, rstd, G)
     assert torch.equal(dw, dw2) and torch.equal(db, db2)  # no atomics: deterministic
 
@@ -454,7 +382,7 @@ def test_cuda_triton_kernels(seed, layout):
     y, mean, rstd = tk._group_norm_silu_fwd(x, w, b, 32, 1e-5)
     assert_rule(y, ref64(x, 32, w, b), naive(x, 32, w, b), ATOL[torch.bfloat16])
     dx, dw, db = tk._group_norm_silu_bwd(dy, x, w, b, mean, rstd, 32)
-    _check_grads(x, w, b, 32, dy, dx, dw, db, "triton cuda")
+    check_grads(x, w, b, 32, dy, dx, dw, db, "triton cuda")
 
 
 @pytest.mark.gpu
