@@ -5,11 +5,18 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 from .schedule import NoiseSchedule
+from .solvers import SOLVERS
 
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
-SAMPLERS = ("ddpm", "ddim")
+STEP_SAMPLERS = ("ddpm", "ddim")       # one fused p_step per step (ops/p_step.py)
+SAMPLERS = STEP_SAMPLERS + SOLVERS     # + the few-step solvers (diffusion/solvers.py, ops/solver_step.py)
 SCHEDULES = ("linear", "cosine", "sigmoid", "scaled_linear", "custom")
+# What ``sample(steps=None, spacing=None)`` uses per sampler (None steps: the schedule as given, i.e. all T steps
+# of a training schedule). Chosen by measurement: docs/solvers.md, "Choosing a sampler".
+DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpmpp_2m": 20, "dpmpp_3m": 20, "dpmpp_2m_sde": 50, "unipc": 20}
+DEFAULT_SPACING = {"ddpm": "linspace", "ddim": "linspace", "dpmpp_2m": "logsnr", "dpmpp_3m": "logsnr",
+                   "dpmpp_2m_sde": "logsnr", "unipc": "logsnr"}
 LOSSES = ("simple",)
 
 
