@@ -2,7 +2,9 @@
 
 Defaults: a ddpm_fast UNet (also inside DDP / torch.compile wrappers) supplies shape, schedule, prediction,
 variance and clip from ``model.diffusion``; other modules need ``shape`` and ``schedule`` and get "eps",
-"fixed_small", clip=True. ``steps`` respaces the training schedule (``NoiseSchedule.respace(steps, spacing)``).
+"fixed_small", clip=True. ``steps`` respaces the training schedule (``NoiseSchedule.respace(steps, spacing)``);
+``steps=None`` / ``spacing=None`` take the sampler's defaults (diffusion.config.DEFAULT_STEPS / DEFAULT_SPACING),
+except that a schedule that is already respaced is used as given.
 """
 import functools
 import itertools
@@ -15,7 +17,9 @@ import torch
 from torch import nn
 
 from .. import diffusion as _diffusion
+from ..diffusion.config import DEFAULT_SPACING, DEFAULT_STEPS
 from ..diffusion.schedule import SPACINGS, NoiseSchedule
+from ..diffusion.solvers import ORDER, SOLVERS
 
 DEFAULT_MAX_BATCH = 256   # batch_size=None: one chunk up to this many samples, else chunks of this size
 
@@ -41,6 +45,7 @@ class SamplePlan:
     dtype: torch.dtype
     autocast: bool
     channels_last: bool
+    x_T_given: bool = False
 
     def with_batch(self, batch):
         return SamplePlan(**{**self.__dict__, "batch": batch})
@@ -58,6 +63,7 @@ class SampleJob:
     cuda_graph: object     # "auto" | True | False
     graph: str             # "auto" | "whole" | "step"
     progress: bool
+    x_T: Optional[torch.Tensor] = None   # (n, C, H, W) starting noise, or None to draw it from the seed
 
     @property
     def chunks(self):
@@ -69,7 +75,7 @@ class SampleJob:
 
 def resolve(model, n, steps=None, *, shape=None, schedule=None, prediction=None, variance=None, sampler="ddpm",
             eta=0.0, clip=None, seed=None, device=None, dtype=None, batch_size=None, cuda_graph="auto",
-            progress=True, spacing="linspace", graph="auto", memory_format="auto", generator=None):
+            progress=True, spacing=None, graph="auto", memory_format="auto", generator=None, x_T=None):
     """Validates a ``sample`` call and resolves its defaults (arguments as ``sample``) -> SampleJob."""
     if not callable(model):
         raise TypeError(f"model must be a callable nn.Module model(x_t, t), got {type(model).__name__}")
@@ -77,12 +83,12 @@ def resolve(model, n, steps=None, *, shape=None, schedule=None, prediction=None,
     unet = as_unet(model)
     trained = unet.diffusion if unet is not None else None
     shape = _resolve_shape(shape, unet)
-    schedule = _resolve_schedule(schedule, steps, spacing, trained, unet)
+    sampler = _choice("sampler", sampler, "ddpm", _diffusion.SAMPLERS)
+    eta = _check_eta(eta, sampler)
+    schedule = _resolve_schedule(schedule, steps, spacing, trained, unet, sampler)
     prediction = _choice("prediction", prediction, trained.prediction if trained else "eps", _diffusion.PREDICTIONS)
     variance = _choice("variance", variance, trained.variance if trained else "fixed_small", _diffusion.VARIANCES)
     clip = bool(trained.clip if trained else True) if clip is None else _check_bool("clip", clip)
-    sampler = _choice("sampler", sampler, "ddpm", _diffusion.SAMPLERS)
-    eta = _check_eta(eta, sampler)
     if unet is not None and variance == "learned_range" and unet.config.out_channels != 2 * shape[0]:
         raise ValueError(f"variance='learned_range' needs a model that returns 2C = {2 * shape[0]} channels "
                          f"(prediction and variance); this UNet returns {unet.config.out_channels}")
@@ -93,9 +99,11 @@ def resolve(model, n, steps=None, *, shape=None, schedule=None, prediction=None,
     _check_graph_args(cuda_graph, graph, dev, generator)
     channels_last = _resolve_memory_format(memory_format, unet, dev, compute_dtype)
     seed = _resolve_seed(seed, generator, dev)
+    x_T = _check_x_T(x_T, n, shape)
     plan = SamplePlan(dev, batch, shape, schedule.key, prediction, variance, clip, sampler, eta, compute_dtype,
-                      autocast, channels_last)
-    return SampleJob(model, n, schedule, plan, seed, generator, cuda_graph, graph, _check_bool("progress", progress))
+                      autocast, channels_last, x_T is not None)
+    return SampleJob(model, n, schedule, plan, seed, generator, cuda_graph, graph, _check_bool("progress", progress),
+                     x_T)
 
 
 def _check_int(name, value, low, high=None):
@@ -124,9 +132,26 @@ def _choice(name, value, default, choices):
 def _check_eta(eta, sampler):
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < math.inf:
         raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
-    if sampler == "ddpm" and eta != 0:
-        raise ValueError(f"eta applies to sampler='ddim' only (got eta={eta} with sampler='ddpm')")
+    if sampler != "ddim" and eta != 0:
+        raise ValueError(f"eta applies to sampler='ddim' only (got eta={eta} with sampler={sampler!r}"
+                         + (", which has no eta: dpmpp_2m_sde is the stochastic solver)" if sampler in SOLVERS
+                            else ")"))
     return float(eta)
+
+
+def _check_x_T(x_T, n, shape):
+    """The caller's starting noise: a finite float tensor of shape (n, C, H, W), on any device (copied per chunk)."""
+    if x_T is None:
+        return None
+    if not isinstance(x_T, torch.Tensor):
+        raise ValueError(f"x_T must be a tensor of shape {(n, *shape)} or None, got {type(x_T).__name__}")
+    if tuple(x_T.shape) != (n, *shape):
+        raise ValueError(f"x_T must have shape (n, C, H, W) = {(n, *shape)}, got {tuple(x_T.shape)}")
+    if not x_T.is_floating_point():
+        raise ValueError(f"x_T must be a floating-point tensor, got {x_T.dtype}")
+    if not bool(torch.isfinite(x_T).all()):
+        raise ValueError("x_T must be finite (found NaN or inf)")
+    return x_T
 
 
 def as_unet(model):
@@ -166,7 +191,7 @@ def _trained_schedule(config_json):
     return _diffusion.DiffusionConfig.from_dict(json.loads(config_json)).make_schedule()
 
 
-def _resolve_schedule(schedule, steps, spacing, trained, unet):
+def _resolve_schedule(schedule, steps, spacing, trained, unet, sampler):
     if schedule is None:
         if trained is None:
             what = "a UNet without .diffusion" if unet is not None else "a model that is not a ddpm_fast UNet"
@@ -174,12 +199,21 @@ def _resolve_schedule(schedule, steps, spacing, trained, unet):
         schedule = _trained_schedule(json.dumps(trained.to_dict(), sort_keys=True))
     elif not isinstance(schedule, NoiseSchedule):
         raise ValueError(f"schedule must be a ddpm_fast.NoiseSchedule, got {type(schedule).__name__}")
+    spacing = DEFAULT_SPACING[sampler] if spacing is None else spacing
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-    if steps is None:
-        return schedule
-    steps = _check_int("steps", steps, 1, schedule.T)
-    return _respaced(schedule, steps, spacing)
+    if steps is None and (schedule.is_respaced or DEFAULT_STEPS[sampler] is None):
+        chain = schedule  # as given: a respaced chain, or every step of the training schedule
+    else:
+        steps = min(DEFAULT_STEPS[sampler], schedule.T) if steps is None else \
+            _check_int("steps", steps, 1, schedule.T)
+        chain = _respaced(schedule, steps, spacing)
+    if sampler in SOLVERS and chain.num_steps < ORDER[sampler]:
+        merged = f" ({steps} logsnr steps merge into {chain.num_steps} distinct timesteps)" \
+            if spacing == "logsnr" and steps is not None and steps != chain.num_steps else ""
+        raise ValueError(f"sampler {sampler!r} is a multistep solver of order {ORDER[sampler]}: it needs at least "
+                         f"{ORDER[sampler]} steps, got {chain.num_steps}{merged}")
+    return chain
 
 
 @functools.lru_cache(maxsize=32)

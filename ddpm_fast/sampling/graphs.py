@@ -1,10 +1,11 @@
 """CUDA graphs for ddpm_fast.sample: the whole reverse loop in one graph, or one step's graph replayed.
 
-"whole": x_T (Philox from the static seed tensor) and every step (model + p_step, each node baking its own step
-    index and coefficients) captured once; a call writes its seed into the static tensor and replays: one launch
-    for the entire chain.
-"step": one step (timesteps gathered by a static step-index tensor, model, p_step reading the step index from
-    device memory) captured once and replayed ``steps`` times after writing the index; x_T is drawn eagerly.
+"whole": x_T (Philox from the static seed tensor, or a copy of the caller's x_T from a static buffer) and every
+    step (model + the fused step: p_step, or solver_step with the solver's history in static buffers; each node
+    baking its own step index and coefficients) captured once; a call writes its seed (and x_T) into the static
+    tensors and replays: one launch for the entire chain.
+"step": one step (timesteps gathered by a static step-index tensor, model, the fused step reading the step index
+    from device memory) captured once and replayed ``steps`` times after writing the index; x_T is drawn eagerly.
 The graph bakes the chunk's element offset (a kernel argument), so each chunk offset is its own graph: a single
 chunk (the latency case) reuses one whole-loop graph across calls; several chunks get cheap one-step graphs.
 
@@ -24,8 +25,9 @@ from collections import OrderedDict
 
 import torch
 
-from ..ops.p_step import p_step
-from .loop import Statics, autocast_for, check_model_output, init_x, model_step, refresh_time_proj, run_loop
+from ..ops.solver_step import SolverState
+from .loop import (Statics, autocast_for, check_model_output, fused_step, init_x, load_x_T, model_step,
+                   refresh_time_proj, run_loop)
 
 log = logging.getLogger("ddpm_fast")
 
@@ -107,14 +109,15 @@ def _kinds(job, plan, n_chunks):
     return ["whole", "step"] if whole_ok else ["step"]
 
 
-def run_chunk_graph(job, model, plan, offset, n_chunks, bar, info):
-    """Runs one chunk of ``model`` (job.model or its channels_last twin) from a cached or new graph -> (mode, x),
-    or (None, None) to run it eagerly."""
+def run_chunk_graph(job, model, plan, offset, n_chunks, bar, info, start=0):
+    """Runs one chunk of ``model`` (job.model or its channels_last twin), whose first sample is ``start``, from a
+    cached or new graph -> (mode, x), or (None, None) to run it eagerly."""
     try:
         weakref.ref(model)
     except TypeError:
         return _refuse(job, "the model cannot be weak-referenced, so its graphs cannot be cached")
     entry = _entry(model, plan, job.schedule)
+    load_x_T(entry.statics, job.x_T, start)
     errors = []
     for kind in _kinds(job, plan, n_chunks):
         graph = entry.graphs.get((kind, offset))
@@ -177,15 +180,17 @@ def _warm_up(model, st, plan, kind, offset):
 
 def _warm_up_baked_steps(model, st, plan, offset):
     """Triton specialises integer arguments (== 1, divisible by 16): a graph that bakes every step index into its
-    p_step nodes needs each variant compiled BEFORE capture. Running p_step once per step index on a scratch copy
-    costs ~steps tiny launches and covers whatever rule the installed Triton applies."""
+    fused-step nodes needs each variant compiled BEFORE capture. Running the step once per step index on a scratch copy
+    costs ~steps tiny launches and covers whatever rule the installed Triton applies (a solver's history: scratch
+copies too)."""
     scratch = st.x.clone()
+    state = None if st.state is None else SolverState(*(None if t is None else t.clone() for t in (
+        st.state.h1, st.state.h2, st.state.last)))
     inp = scratch if st.x_in is None else st.x_in.copy_(scratch)
     with autocast_for(plan):
         out = check_model_output(model(inp, st.t[0]), plan)
     for i in range(st.t.shape[0]):
-        p_step(st.tables, out, scratch, i, prediction=plan.prediction, variance=plan.variance, clip=plan.clip,
-               sampler=plan.sampler, eta=plan.eta, element_offset=offset, seed=st.seed, out=scratch)
+        fused_step(st, plan, out, i, offset, {"seed": st.seed}, x=scratch, state=state)
 
 
 def _capture(model, entry, plan, kind, offset, info):
