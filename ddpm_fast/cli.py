@@ -8,6 +8,20 @@ import sys
 
 
 # ---- sample ----
+# diffusion.SAMPLERS and SPACINGS, spelled out so `--help` needs no torch import (tests/test_cli_sample.py checks)
+SAMPLER_CHOICES = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")
+SPACING_CHOICES = ("linspace", "leading", "trailing", "logsnr")
+
+
+def _add_sampler_flags(p, steps_type):
+    """--steps, --sampler, --spacing: shared by sample and eval (ddpm_fast.sample's arguments)."""
+    p.add_argument("--steps", type=steps_type, help="sampling steps (default: the sampler's, docs/solvers.md; "
+                   "ddpm: all T training steps); fewer than T respace the schedule")
+    p.add_argument("--sampler", choices=SAMPLER_CHOICES, default="ddpm", help="ddpm (default), ddim, or a "
+                   "few-step solver: dpmpp_2m, dpmpp_3m, dpmpp_2m_sde (DPM-Solver++), unipc")
+    p.add_argument("--spacing", choices=SPACING_CHOICES, help="timestep spacing (default: the sampler's)")
+
+
 def _positive_int(text):
     try:
         value = int(text)
@@ -24,9 +38,7 @@ def _add_sample(sub):
     p.add_argument("--checkpoint", metavar="PATH", help="a model file (ddpm_fast.save), a training checkpoint "
                    "(its EMA weights) or a run directory; default: the bundled model, when this install has one")
     p.add_argument("--n", type=_positive_int, default=64, help="number of images (default 64)")
-    p.add_argument("--steps", type=_positive_int, help="sampling steps (default: all T training steps; fewer "
-                   "respace the schedule: linspace rule, see README)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    _add_sampler_flags(p, _positive_int)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (sampler ddim only; default 0)")
     p.add_argument("--seed", type=int, help="same seed -> same images on a device (default: a fresh one, printed)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -72,7 +84,7 @@ def _run_sample(args):
     try:
         samples = ddpm_fast.sample(model, args.n, args.steps, sampler=args.sampler, eta=args.eta, seed=args.seed,
                                    device=device, dtype=dtype, batch_size=args.batch_size,
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, spacing=args.spacing)
     except (ValueError, FloatingPointError) as err:
         fail(str(err))
     save_grid_png(samples, args.out)
@@ -160,8 +172,7 @@ def _add_eval(sub):
                    "fashion-mnist, folder:DIR, npz:FILE)")
     p.add_argument("--n", type=int, default=None, help="images to sample and score (default: the held-out "
                    "split's size, which is also the maximum)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all T)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    _add_sampler_flags(p, int)
     p.add_argument("--seed", type=int, default=0, help="sampling and metric seed (default 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--batch-size", type=int, default=None, help="images per sampling chunk")
@@ -189,12 +200,18 @@ def _run_eval(args):
     except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
         print(f"ddpm-fast eval: error: {err}", file=sys.stderr)
         return 2
-    samples = ddpm_fast.sample(model, n, steps=args.steps, sampler=args.sampler, seed=args.seed,
-                               batch_size=args.batch_size, progress=sys.stderr.isatty())
+    try:  # sampler, steps and spacing are checked before any work
+        samples = ddpm_fast.sample(model, n, steps=args.steps, sampler=args.sampler, seed=args.seed,
+                                   batch_size=args.batch_size, progress=sys.stderr.isatty(), spacing=args.spacing)
+    except ValueError as err:
+        print(f"ddpm-fast eval: error: {err}", file=sys.stderr)
+        return 2
+    from ddpm_fast.sampling import last_run_info
+    used_steps = last_run_info()["steps"]
     scores = evaluate(samples, args.dataset, n=n, data_dir=args.data_dir, seed=args.seed,
                       feature_net=args.feature_net)
-    scores.update(checkpoint=args.checkpoint or "bundled default", steps=args.steps or model.diffusion.T,
-                  sampler=args.sampler, seed=args.seed)
+    scores.update(checkpoint=args.checkpoint or "bundled default", steps=used_steps, sampler=args.sampler,
+                  spacing=args.spacing, seed=args.seed)
     print(_format_eval(scores))
     if args.json:
         text = json.dumps(scores, indent=2) + "\n"
