@@ -3,7 +3,7 @@ would otherwise run, with the same U-Net weights, steps and batch, measured side
 
 Variants (each a full sampling call of ``batch`` images x ``steps`` steps):
     eager                  the plain baseline: U-Net with fused=False, eager, a Python loop of separate torch ops
-                           with torch.randn per step (ddpm_fast/baseline.py)
+                           with torch.randn per step (ddpm_fast/bench/baseline.py)
     eager+diffusers-step   the same loop with diffusers' DDPMScheduler.step as the posterior math
     diffusers              diffusers' DDPMPipeline: UNet2DModel + DDPMScheduler with the converted weights
     compile, compile-ro    the baseline with torch.compile(unet) (mode default / "reduce-overhead", which on a GPU

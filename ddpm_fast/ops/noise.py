@@ -5,6 +5,8 @@ exactly as the Triton kernels draw it (ops/triton/philox.py); ``philox_randn_ref
 the C++ kernel (csrc/p_step_cpu.cpp) draws the same stream on the CPU. Streams keep the uses apart: p_step's
 per-step noise, the sampler's initial x_T (``seeded_randn``) and q_sample's training noise.
 """
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -27,6 +29,43 @@ def seed_tensor(seed, device):
         raise ValueError(f"seed must be an int or an int64 tensor, got {type(seed).__name__}")
     value = seed & _MASK64  # the same 64 bits as an int64
     return torch.tensor([value - 2 ** 64 if value >= 2 ** 63 else value], dtype=torch.int64, device=device)
+
+
+def offset_arg(element_offset, offset_mod4, device):
+    """(offset tensor or None, host part) of an element offset after validation.
+
+    element_offset: an int >= 0, or an int64 one-element tensor on ``device`` (read in the kernel, so one captured
+    CUDA graph serves every chunk: write the chunk's offset into the tensor before each replay). The host part is
+    the whole offset for an int, and ``offset % 4`` for a tensor: the launch geometry (which element of a Philox
+    group of 4 a launch starts at) is decided on the host, so a graph is specific to ``offset % 4`` only. A CPU
+    tensor is read here (its residue may then be omitted); a CUDA tensor needs ``offset_mod4`` (no host sync).
+    """
+    if not isinstance(element_offset, torch.Tensor):
+        if isinstance(element_offset, bool) or not isinstance(element_offset, int) or element_offset < 0:
+            raise ValueError(f"element_offset must be an int >= 0 or an int64 tensor, got {element_offset!r}")
+        return None, element_offset
+    if element_offset.dtype != torch.int64 or element_offset.numel() != 1:
+        raise ValueError(f"element_offset must be an int or an int64 tensor with one element, got "
+                         f"{element_offset.dtype} {tuple(element_offset.shape)}")
+    if element_offset.device != torch.device(device):
+        raise ValueError(f"element_offset is on {element_offset.device} but the data is on {device}")
+    if offset_mod4 is not None and (isinstance(offset_mod4, bool) or offset_mod4 not in (0, 1, 2, 3)):
+        raise ValueError(f"offset_mod4 must be 0, 1, 2 or 3 (element_offset % 4), got {offset_mod4!r}")
+    if element_offset.device.type == "cpu" and not torch.compiler.is_compiling():
+        value = int(element_offset)
+        if value < 0 or offset_mod4 not in (None, value % 4):
+            raise ValueError(f"element_offset tensor holds {value}: it must be >= 0 and agree with "
+                             f"offset_mod4={offset_mod4}")
+        return element_offset, value % 4
+    if offset_mod4 is None:
+        raise ValueError("element_offset given as a device tensor needs offset_mod4=element_offset % 4 (the "
+                         "launch geometry is chosen on the host, without reading the tensor)")
+    return element_offset, offset_mod4
+
+
+def host_offset(offset, host):
+    """The full element offset on the host (the C++ / torch backends): the tensor's value, or the int itself."""
+    return host if offset is None else int(offset)
 
 
 def philox_randn_ref(seed, step, stream, elements):
@@ -86,13 +125,16 @@ def noise_source(x, noise, generator, seed, needed):
 
 
 
-def seeded_randn(shape, seed, *, dtype=torch.float32, device=None, element_offset=0, out=None, backend=None):
+def seeded_randn(shape, seed, *, dtype=torch.float32, device=None, element_offset=0, offset_mod4=None, out=None,
+                 backend=None):
     """N(0, 1) noise that is a pure function of (seed, element): the sampler's x_T, drawn inside a graph.
 
     The Philox stream STREAM_INIT (step word 0), so it never collides with p_step's noise for the same seed;
     element = memory-order index + element_offset. CUDA: a Triton kernel reading the seed from device memory;
     CPU: the C++ kernel (same numbers up to float rounding).
     :param seed: int64 one-element tensor (its device is used) or an int (then ``device``, default cpu).
+    :param element_offset, offset_mod4: an int, or an int64 one-element tensor read in the kernel (then
+        offset_mod4 = its value % 4 on the host; required for a CUDA tensor), see ``offset_arg``.
     :param out: optional dense tensor to fill (then ``shape``/``dtype`` are ignored); no allocation.
     :param backend: as for ``p_step`` ("cpp" and "torch" both mean the host kernel here).
     """
@@ -101,38 +143,39 @@ def seeded_randn(shape, seed, *, dtype=torch.float32, device=None, element_offse
         device = seed.device
     device = torch.device(device if device is not None else (out.device if out is not None else "cpu"))
     seed = seed_tensor(seed, device)
-    if isinstance(element_offset, bool) or not isinstance(element_offset, int) or element_offset < 0:
-        raise ValueError(f"element_offset must be an int >= 0, got {element_offset!r}")
+    offset, host = offset_arg(element_offset, offset_mod4, device)
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=device)
     check_float_tensor("out", out, device)
     if not is_dense(out):
         raise ValueError("out must be dense (contiguous or channels_last)")
     if backend is None and torch.compiler.is_compiling():
-        torch.ops.ddpm_fast.seeded_randn_(seed, element_offset, STREAM_INIT, out)
+        torch.ops.ddpm_fast.seeded_randn_(seed, host, offset, STREAM_INIT, out)
     else:
         use_triton = backend == "triton" or (backend is None and device.type != "cpu")
-        _seeded_randn(seed, element_offset, STREAM_INIT, out, use_triton)
+        _seeded_randn(seed, host, offset, STREAM_INIT, out, use_triton)
     return out
 
 
-def _seeded_randn(seed, element_offset, stream, out, use_triton):
+def _seeded_randn(seed, host, offset, stream, out, use_triton):
+    """host, offset: as returned by ``offset_arg``."""
     if use_triton and _ext.has_triton():
         from .triton.philox import seeded_randn_triton
-        seeded_randn_triton(seed, element_offset, out, stream)
+        seeded_randn_triton(seed, host, offset, out, stream)
     else:
         if out.device.type != "cpu":
             warn_no_triton()
-        out.copy_(philox_noise(out, seed, 0, stream, element_offset))
+        out.copy_(philox_noise(out, seed, 0, stream, host_offset(offset, host)))
 
 
 @torch.library.custom_op("ddpm_fast::seeded_randn_", mutates_args=("out",), device_types=("cpu", "cuda"))
-def _seeded_randn_op(seed: torch.Tensor, element_offset: int, stream: int, out: torch.Tensor) -> None:
-    """Fills out with N(0, 1) from (seed, stream, element_offset)."""
-    _seeded_randn(seed, element_offset, stream, out, out.device.type != "cpu")
+def _seeded_randn_op(seed: torch.Tensor, element_offset: int, offset: Optional[torch.Tensor], stream: int,
+                     out: torch.Tensor) -> None:
+    """Fills out with N(0, 1) from (seed, stream, element offset); the offset as ``offset_arg`` returns it."""
+    _seeded_randn(seed, element_offset, offset, stream, out, out.device.type != "cpu")
 
 
 @_seeded_randn_op.register_fake
-def _seeded_randn_fake(seed, element_offset, stream, out):
+def _seeded_randn_fake(seed, element_offset, offset, stream, out):
     return None
 

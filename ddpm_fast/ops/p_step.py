@@ -24,7 +24,7 @@ from ..diffusion.schedule import ROWS
 from . import _ext
 from .common import (check_backend, check_float_tensor, is_dense, match_layout, nc_s_strides, resolve_tables,
                      warn_no_triton)
-from .noise import STREAM_P_STEP, _MASK64, noise_source, philox_noise
+from .noise import STREAM_P_STEP, _MASK64, host_offset, noise_source, offset_arg, philox_noise
 from .noise import seeded_randn  # noqa: F401  (documented as ddpm_fast.ops.p_step.seeded_randn)
 
 
@@ -63,7 +63,7 @@ def _step_arg(step, device, num_steps):
     return step, step_index, step_index
 
 
-def check_options(prediction, variance, sampler, eta, element_offset):
+def check_options(prediction, variance, sampler, eta):
     diffusion.check_choice("prediction", prediction, diffusion.PREDICTIONS)
     diffusion.check_choice("variance", variance, diffusion.VARIANCES)
     diffusion.check_choice("sampler", sampler, diffusion.STEP_SAMPLERS)
@@ -71,15 +71,13 @@ def check_options(prediction, variance, sampler, eta, element_offset):
         raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
     if sampler == "ddpm" and eta != 0:
         raise ValueError("eta applies to sampler='ddim' only")
-    if isinstance(element_offset, bool) or not isinstance(element_offset, int) or element_offset < 0:
-        raise ValueError(f"element_offset must be an int >= 0, got {element_offset!r}")
 
 
 # ---- public API -------------------------------------------------------------------------------------------
 
 def p_step(schedule, model_output, x_t, step, *, prediction="eps", variance="fixed_small", clip=True,
-           sampler="ddpm", eta=0.0, noise=None, seed=None, generator=None, element_offset=0, out=None,
-           backend=None):
+           sampler="ddpm", eta=0.0, noise=None, seed=None, generator=None, element_offset=0, offset_mod4=None,
+           out=None, backend=None):
     """One fused reverse step; returns x_{t-1} (``out`` when given).
 
     :param schedule: NoiseSchedule (or its ScheduleTables on x_t's device); call ``schedule.tables(device)``
@@ -90,12 +88,15 @@ def p_step(schedule, model_output, x_t, step, *, prediction="eps", variance="fix
         device (read in the kernel: a captured graph can replay it with a new value).
     :param eta: DDIM's eta >= 0 (sampler="ddim" only).
     :param element_offset: index of x_t's first element in the whole batch (sample index * C*H*W), so a chunk
-        draws the noise the unchunked run would.
+        draws the noise the unchunked run would: an int, or an int64 one-element tensor on x_t's device (read in
+        the kernel: one captured graph serves every chunk whose offset has the same residue mod 4).
+    :param offset_mod4: element_offset % 4 when element_offset is a device tensor (required on CUDA: the launch
+        geometry is chosen on the host); optional, and checked, for a CPU tensor.
     :param out: like x_t (same shape, dtype and strides); may be x_t itself for an in-place update.
     :param backend: None (automatic), or one of "triton", "cpp", "torch" (tests and benchmarks; "triton" on
         CPU tensors needs TRITON_INTERPRET=1, "cpp" needs fp32 CPU tensors and the compiled extension).
     """
-    check_options(prediction, variance, sampler, eta, element_offset)
+    check_options(prediction, variance, sampler, eta)
     check_backend(backend)
     check_float_tensor("x_t", x_t, x_t.device)
     check_float_tensor("model_output", model_output, x_t.device)
@@ -104,8 +105,9 @@ def p_step(schedule, model_output, x_t, step, *, prediction="eps", variance="fix
     step_t, step_index, known = _step_arg(step, x_t.device, tables.num_steps)
     needed = (sampler == "ddpm" or eta > 0) and known != 0
     noise, seed = noise_source(x_t, noise, generator, seed, needed)
+    offset, host = offset_arg(element_offset, offset_mod4, x_t.device)
     x_t, model_output, noise, out = _layouts(x_t, model_output, noise, out)
-    args = (x_t, model_output, tables.packed, step_t, step_index, noise, seed, element_offset, prediction,
+    args = (x_t, model_output, tables.packed, step_t, step_index, noise, seed, host, offset, prediction,
             variance, bool(clip), sampler == "ddim", float(eta), out)
     if backend is None and torch.compiler.is_compiling():
         torch.ops.ddpm_fast.p_step_(*args)
@@ -149,16 +151,18 @@ def _auto_backend(args):
 @torch.library.custom_op("ddpm_fast::p_step_", mutates_args=("out",), device_types=("cpu", "cuda"))
 def _p_step_op(x_t: torch.Tensor, model_output: torch.Tensor, table: torch.Tensor, step: Optional[torch.Tensor],
                step_index: int, noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], element_offset: int,
-               prediction: str, variance: str, clip: bool, ddim: bool, eta: float, out: torch.Tensor) -> None:
-    """Writes x_{t-1} into out. Arguments are validated by ``p_step``."""
-    args = (x_t, model_output, table, step, step_index, noise, seed, element_offset, prediction, variance, clip,
-            ddim, eta, out)
+               offset: Optional[torch.Tensor], prediction: str, variance: str, clip: bool, ddim: bool, eta: float,
+               out: torch.Tensor) -> None:
+    """Writes x_{t-1} into out. Arguments are validated by ``p_step``; element_offset and offset are what
+    ``ops.noise.offset_arg`` returns (the int offset, or the offset tensor with its residue mod 4)."""
+    args = (x_t, model_output, table, step, step_index, noise, seed, element_offset, offset, prediction, variance,
+            clip, ddim, eta, out)
     _P_STEP_BACKENDS[_auto_backend(args)](*args)
 
 
 @_p_step_op.register_fake
-def _p_step_fake(x_t, model_output, table, step, step_index, noise, seed, element_offset, prediction, variance,
-                 clip, ddim, eta, out):
+def _p_step_fake(x_t, model_output, table, step, step_index, noise, seed, element_offset, offset, prediction,
+                 variance, clip, ddim, eta, out):
     return None
 
 
@@ -215,8 +219,8 @@ def _host_step(table, step, step_index, prediction, variance, ddim, eta):
     return result[1]
 
 
-def _p_step_cpp(x_t, model_output, table, step, step_index, noise, seed, element_offset, prediction, variance,
-                clip, ddim, eta, out):
+def _p_step_cpp(x_t, model_output, table, step, step_index, noise, seed, element_offset, offset, prediction,
+                variance, clip, ddim, eta, out):
     """One C++ pass (fp32 CPU tensors, x_t/out/noise dense alike, model_output with mergeable spatial dims)."""
     ext = _ext.load()
     if ext is None or x_t.device.type != "cpu" or any(
@@ -231,11 +235,11 @@ def _p_step_cpp(x_t, model_output, table, step, step_index, noise, seed, element
                          out.data_ptr(), N, C, math.prod(x_t.shape[2:]), not x_t.is_contiguous(), mo_sn, mo_sc, mo_ss,
                          C * mo_sc, p, q, a, b, sigma, 0.5 * (hi + lo), 0.5 * (hi - lo), bool(clip), learned,
                          i > 0 and (not ddim or eta > 0), 0 if seed is None else int(seed) & _MASK64, i,
-                         STREAM_P_STEP, element_offset, torch.get_num_threads())
+                         STREAM_P_STEP, host_offset(offset, element_offset), torch.get_num_threads())
 
 
-def _p_step_torch(x_t, model_output, table, step, step_index, noise, seed, element_offset, prediction, variance,
-                  clip, ddim, eta, out):
+def _p_step_torch(x_t, model_output, table, step, step_index, noise, seed, element_offset, offset, prediction,
+                  variance, clip, ddim, eta, out):
     """In-place torch ops with Python-float coefficients (3-4 passes; reading them on CUDA syncs)."""
     i, c, p, q, a, b, sigma, learned = _host_step(table, step, step_index, prediction, variance, ddim, eta)
     C = x_t.shape[1]
@@ -249,7 +253,8 @@ def _p_step_torch(x_t, model_output, table, step, step_index, noise, seed, eleme
         res = torch.mul(xf, a * p + b, out=work) if work is not None else torch.mul(xf, a * p + b)
         res.add_(mf, alpha=a * q)
     if i > 0 and (not ddim or eta > 0):
-        z = noise.float() if noise is not None else philox_noise(x_t, seed, i, STREAM_P_STEP, element_offset)
+        z = noise.float() if noise is not None else \
+            philox_noise(x_t, seed, i, STREAM_P_STEP, host_offset(offset, element_offset))
         if learned:
             lo, hi = 0.5 * c["posterior_log_variance_clipped"], 0.5 * c["log_betas"]
             sig = torch.mul(model_output[:, C:].float(), 0.5 * (hi - lo)).add_(0.5 * (hi + lo)).exp_()

@@ -27,7 +27,7 @@ from .. import diffusion
 from ..diffusion import NoiseSchedule, solvers
 from . import _ext
 from .common import check_backend, check_float_tensor, is_dense, match_layout, nc_s_strides, warn_no_triton
-from .noise import STREAM_P_STEP, _MASK64, noise_source, philox_noise
+from .noise import STREAM_P_STEP, _MASK64, host_offset, noise_source, offset_arg, philox_noise
 from .p_step import _columns, _step_arg, step_coefs
 
 
@@ -83,7 +83,7 @@ def solver_step_ref(schedule, sampler, model_output, x, step, state, *, predicti
 # ---- public API -------------------------------------------------------------------------------------------
 
 def solver_step(schedule, sampler, model_output, x, step, state, *, prediction="eps", variance="fixed_small",
-                noise=None, seed=None, generator=None, element_offset=0, out=None, backend=None):
+                noise=None, seed=None, generator=None, element_offset=0, offset_mod4=None, out=None, backend=None):
     """One fused solver step; returns x after the step (``out`` when given) and updates ``state`` in place.
 
     :param schedule: the chain's NoiseSchedule (its solver table is computed once and cached per device; call
@@ -95,14 +95,17 @@ def solver_step(schedule, sampler, model_output, x, step, state, *, prediction="
         one-element tensor on x's device (read in the kernel: a captured graph can replay it with a new value).
     :param state: SolverState for this sampler (``SolverState.zeros_like(x, sampler)``), updated in place.
     :param noise, seed, generator: the SDE solver's noise source (see the module docstring); others take none.
-    :param element_offset: index of x's first element in the whole batch (sample index * C*H*W).
+    :param element_offset, offset_mod4: index of x's first element in the whole batch (sample index * C*H*W):
+        an int, or an int64 one-element tensor on x's device read in the kernel (then offset_mod4 = its value % 4
+        on the host, required on CUDA), as for ``p_step``.
     :param out: like x (same shape, dtype and strides); may be x itself for an in-place update.
     :param backend: None (automatic), "triton", "cpp" or "torch" (as for ``p_step``).
     """
     tables, coefs, step_t, step_index, known = _check(schedule, sampler, model_output, x, step, state, prediction,
-                                                      variance, element_offset, backend)
+                                                      variance, backend)
     needed = sampler in solvers.STOCHASTIC and known != 0
     noise, seed = noise_source(x, noise, generator, seed, needed)
+    offset, host = offset_arg(element_offset, offset_mod4, x.device)
     if sampler not in solvers.STOCHASTIC and noise is not None:
         raise ValueError(f"sampler {sampler!r} draws no noise: noise= applies to dpmpp_2m_sde only")
     if out is None:
@@ -114,7 +117,7 @@ def solver_step(schedule, sampler, model_output, x, step, state, *, prediction="
         noise = match_layout(noise, x)
     if nc_s_strides(model_output) is None:
         model_output = model_output.contiguous()  # the kernels need one stride for the spatial dims
-    args = (x, model_output, tables.packed, coefs.packed, step_t, step_index, noise, seed, element_offset,
+    args = (x, model_output, tables.packed, coefs.packed, step_t, step_index, noise, seed, host, offset,
             prediction, sampler, state.h1, state.h2, state.last, out)
     if backend is None and torch.compiler.is_compiling():
         torch.ops.ddpm_fast.solver_step_(*args)
@@ -123,14 +126,12 @@ def solver_step(schedule, sampler, model_output, x, step, state, *, prediction="
     return out
 
 
-def _check(schedule, sampler, model_output, x, step, state, prediction, variance, element_offset, backend):
+def _check(schedule, sampler, model_output, x, step, state, prediction, variance, backend):
     """Every argument check, before any work -> (tables, solver tables, step tensor, step index, known step)."""
     solvers.check_solver(sampler)
     diffusion.check_choice("prediction", prediction, diffusion.PREDICTIONS)
     diffusion.check_choice("variance", variance, diffusion.VARIANCES)
     check_backend(backend)
-    if isinstance(element_offset, bool) or not isinstance(element_offset, int) or element_offset < 0:
-        raise ValueError(f"element_offset must be an int >= 0, got {element_offset!r}")
     if not isinstance(schedule, NoiseSchedule):
         raise ValueError(f"schedule must be a NoiseSchedule (its float64 alphas give the solver's coefficients), "
                          f"got {type(schedule).__name__}")
@@ -177,18 +178,19 @@ def _auto_backend(x, model_output, noise):
                          device_types=("cpu", "cuda"))
 def _solver_step_op(x: torch.Tensor, model_output: torch.Tensor, table: torch.Tensor, coefs: torch.Tensor,
                     step: Optional[torch.Tensor], step_index: int, noise: Optional[torch.Tensor],
-                    seed: Optional[torch.Tensor], element_offset: int, prediction: str, sampler: str,
-                    h1: torch.Tensor, h2: Optional[torch.Tensor], last: Optional[torch.Tensor],
-                    out: torch.Tensor) -> None:
-    """Writes x after the step into out and updates the history. Arguments are validated by ``solver_step``."""
-    args = (x, model_output, table, coefs, step, step_index, noise, seed, element_offset, prediction, sampler, h1,
-            h2, last, out)
+                    seed: Optional[torch.Tensor], element_offset: int, offset: Optional[torch.Tensor],
+                    prediction: str, sampler: str, h1: torch.Tensor, h2: Optional[torch.Tensor],
+                    last: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """Writes x after the step into out and updates the history. Arguments are validated by ``solver_step``;
+    element_offset and offset are what ``ops.noise.offset_arg`` returns."""
+    args = (x, model_output, table, coefs, step, step_index, noise, seed, element_offset, offset, prediction,
+            sampler, h1, h2, last, out)
     _BACKENDS[_auto_backend(x, model_output, noise)](*args)
 
 
 @_solver_step_op.register_fake
-def _solver_step_fake(x, model_output, table, coefs, step, step_index, noise, seed, element_offset, prediction,
-                      sampler, h1, h2, last, out):
+def _solver_step_fake(x, model_output, table, coefs, step, step_index, noise, seed, element_offset, offset,
+                      prediction, sampler, h1, h2, last, out):
     return None
 
 
@@ -203,8 +205,8 @@ def _host_coefs(table, coefs, step, step_index, prediction):
     return i, p, q, _columns(coefs, solvers.ROWS)[i]
 
 
-def _solver_step_cpp(x, model_output, table, coefs, step, step_index, noise, seed, element_offset, prediction,
-                     sampler, h1, h2, last, out):
+def _solver_step_cpp(x, model_output, table, coefs, step, step_index, noise, seed, element_offset, offset,
+                     prediction, sampler, h1, h2, last, out):
     """One C++ pass (fp32 CPU tensors, x/out/noise/history dense alike, model output with mergeable spatial dims)."""
     ext = _ext.load()
     if ext is None or x.device.type != "cpu" or any(
@@ -219,12 +221,12 @@ def _solver_step_cpp(x, model_output, table, coefs, step, step_index, noise, see
     ext.solver_step_fused_cpu(ptr(x), ptr(model_output), ptr(noise), ptr(out), ptr(h1), ptr(h2), ptr(last), N, C,
                               math.prod(x.shape[2:]), not x.is_contiguous(), mo_sn, mo_sc, mo_ss, p, q,
                               *(c[name] for name in solvers.ROWS), sampler in solvers.STOCHASTIC and c["s"] != 0,
-                              0 if seed is None else int(seed) & _MASK64, i, STREAM_P_STEP, element_offset,
-                              torch.get_num_threads())
+                              0 if seed is None else int(seed) & _MASK64, i, STREAM_P_STEP,
+                              host_offset(offset, element_offset), torch.get_num_threads())
 
 
-def _solver_step_torch(x, model_output, table, coefs, step, step_index, noise, seed, element_offset, prediction,
-                       sampler, h1, h2, last, out):
+def _solver_step_torch(x, model_output, table, coefs, step, step_index, noise, seed, element_offset, offset,
+                       prediction, sampler, h1, h2, last, out):
     """torch ops with Python-float coefficients (several passes; reading them on CUDA syncs)."""
     i, p, q, c = _host_coefs(table, coefs, step, step_index, prediction)
     xf, mf = x.float(), model_output[:, :x.shape[1]].float()
@@ -238,7 +240,8 @@ def _solver_step_torch(x, model_output, table, coefs, step, step_index, noise, s
     if h2 is not None:
         res.add_(h2, alpha=c["b2"])
     if sampler in solvers.STOCHASTIC and c["s"] != 0:
-        z = noise.float() if noise is not None else philox_noise(x, seed, i, STREAM_P_STEP, element_offset)
+        z = noise.float() if noise is not None else philox_noise(x, seed, i, STREAM_P_STEP,
+                                                                 host_offset(offset, element_offset))
         res.add_(z, alpha=c["s"])
     if last is not None:
         last.copy_(xc)

@@ -1,18 +1,20 @@
 """CUDA graphs for ddpm_fast.sample: the whole reverse loop in one graph, or one step's graph replayed.
 
-"whole": x_T (Philox from the static seed tensor, or a copy of the caller's x_T from a static buffer) and every
-    step (model + the fused step: p_step, or solver_step with the solver's history in static buffers; each node
-    baking its own step index and coefficients) captured once; a call writes its seed (and x_T) into the static
-    tensors and replays: one launch for the entire chain.
+"whole": x_T (Philox from the static seed and offset tensors, or a copy of the caller's x_T from a static buffer)
+    and every step (model + the fused step: p_step, or solver_step with the solver's history in static buffers;
+    each node baking its own step index and coefficients) captured once; a chunk writes its seed, element offset
+    (and x_T) into the static tensors and replays: one launch for the entire chain.
 "step": one step (timesteps gathered by a static step-index tensor, model, the fused step reading the step index
     from device memory) captured once and replayed ``steps`` times after writing the index; x_T is drawn eagerly.
-The graph bakes the chunk's element offset (a kernel argument), so each chunk offset is its own graph: a single
-chunk (the latency case) reuses one whole-loop graph across calls; several chunks get cheap one-step graphs.
+The kernels read the chunk's element offset from device memory and take only its residue mod 4 as a launch
+argument, so ONE graph serves every chunk of a plan (a plan fixes the chunk's batch size) whose offset has the
+same residue: chunk k starts at k * B*C*H*W, a multiple of 4 whenever H and W are even (every real image size),
+so a 50,000-image run captures once per chunk size (at most 4 times for other sizes).
 
 Cache: up to MAX_PLANS (model, SamplePlan) entries, least recently used evicted; each holds the static buffers,
 one memory pool shared by its graphs (they never run concurrently and their outputs are the static buffers), and
-up to MAX_GRAPHS_PER_PLAN graphs keyed by (kind, offset). An entry is dropped when its model is garbage collected
-and recaptured when the model's parameters or buffers moved (different data pointers, e.g. after .to()).
+up to MAX_GRAPHS_PER_PLAN graphs keyed by (kind, offset % 4). An entry is dropped when its model is garbage
+collected and recaptured when the model's parameters or buffers moved (different data pointers, e.g. after .to()).
 In-place weight updates (training, load_state_dict) are seen by cached graphs: they read the same memory.
 """
 import contextlib
@@ -33,11 +35,13 @@ log = logging.getLogger("ddpm_fast")
 
 WHOLE_GRAPH_MAX = 2 ** 16   # "auto" captures the whole loop only while steps * batch <= this (see below)
 # Why steps * batch: the whole-loop graph removes per-launch CPU overhead, which matters when the GPU work per
-# step is small (small batch); its capture costs time roughly proportional to steps (~hundreds of nodes per
-# step). At large steps * batch the GPU is busy anyway and a one-step graph gets nearly all of the speed-up
-# with a capture that is `steps` times cheaper. 2**16 covers 1000 steps at batch 64 and 100 steps at batch 655.
+# step is small (small batch); its capture costs time and graph memory roughly proportional to steps (~hundreds
+# of nodes per step). At large steps * batch the GPU is busy anyway and a one-step graph gets nearly all of the
+# speed-up with a capture that is `steps` times cheaper. 2**16 covers 1000 steps at batch 64 and 100 steps at
+# batch 655. The number of chunks does not matter: one graph serves them all. The GPU suite measures capture
+# time and graph memory at 100 and 1000 steps (benchmarks/gpu_suite.sh), the data to revisit this bound with.
 MAX_PLANS = 4
-MAX_GRAPHS_PER_PLAN = 4
+MAX_GRAPHS_PER_PLAN = 8     # (kind, offset % 4): 2 kinds x 4 residues, the most one plan can need
 WARMUP_ITERS = 3            # eager iterations on a side stream before capture (Triton JIT, cuDNN/cuBLAS init)
 
 _CACHE = OrderedDict()      # (id(model), SamplePlan) -> _Entry
@@ -50,7 +54,7 @@ class _Entry:
         self.fingerprint = _fingerprint(model)
         self.statics = Statics(plan, schedule)
         self.pool = BACKEND.pool()
-        self.graphs = OrderedDict()   # (kind, offset) -> torch.cuda.CUDAGraph
+        self.graphs = OrderedDict()   # (kind, offset % 4) -> torch.cuda.CUDAGraph
 
 
 def _fingerprint(model):
@@ -99,38 +103,42 @@ def _entry(model, plan, schedule):
     return entry
 
 
-def _kinds(job, plan, n_chunks):
+def _kinds(job, plan):
     """The graph kinds to try, in order."""
     if job.graph == "whole":
         return ["whole", "step"]
     if job.graph == "step":
         return ["step"]
-    whole_ok = n_chunks == 1 and job.schedule.num_steps * plan.batch <= WHOLE_GRAPH_MAX
+    whole_ok = job.schedule.num_steps * plan.batch <= WHOLE_GRAPH_MAX
     return ["whole", "step"] if whole_ok else ["step"]
 
 
-def run_chunk_graph(job, model, plan, offset, n_chunks, bar, info, start=0):
-    """Runs one chunk of ``model`` (job.model or its channels_last twin), whose first sample is ``start``, from a
-    cached or new graph -> (mode, x), or (None, None) to run it eagerly."""
+def run_chunk_graph(job, model, plan, offset, bar, info, start=0):
+    """Runs one chunk (element ``offset``; ``start``: its first row of the call's x_T, if any) of ``model``
+    (job.model or its channels_last twin) from a cached or new graph -> (mode, x), or (None, None) to run it
+    eagerly."""
     try:
         weakref.ref(model)
     except TypeError:
         return _refuse(job, "the model cannot be weak-referenced, so its graphs cannot be cached")
     entry = _entry(model, plan, job.schedule)
-    load_x_T(entry.statics, job.x_T, start)
-    errors = []
-    for kind in _kinds(job, plan, n_chunks):
-        graph = entry.graphs.get((kind, offset))
+    st, errors = entry.statics, []
+    st.set_seed(job.seed)
+    st.set_offset(offset)  # before a capture too: warm-up and capture run with this chunk's offset
+    load_x_T(st, job.x_T, start)
+    for kind in _kinds(job, plan):
+        key = (kind, st.offset_mod4)
+        graph = entry.graphs.get(key)
         if graph is not None:
-            entry.graphs.move_to_end((kind, offset))
+            entry.graphs.move_to_end(key)
             info["cache_hits"] += 1
         else:
-            graph, err = _capture(model, entry, plan, kind, offset, info)
+            graph, err = _capture(model, entry, plan, kind, info)
             if graph is None:
                 errors.append(f"{kind}: {err}")
                 continue
-        _replay(graph, model, entry.statics, plan, kind, offset, job.seed, bar)
-        return f"graph-{kind}", entry.statics.x
+        _replay(graph, model, st, plan, kind, bar)
+        return f"graph-{kind}", st.x
     return _refuse(job, "; ".join(errors))
 
 
@@ -142,13 +150,14 @@ def _refuse(job, why):
     return None, None
 
 
-def _replay(graph, model, st, plan, kind, offset, seed, bar):
-    st.set_seed(seed)
+def _replay(graph, model, st, plan, kind, bar):
+    """Replays a graph for the chunk whose seed and offset are in st (written by the caller; a capture's warm-up
+    overwrote st.x and st.step, never those)."""
     if kind == "whole":
         graph.replay()
         bar.update(st.t.shape[0])
         return
-    init_x(st, offset)
+    init_x(st)
     refresh_time_proj(model, st, plan)
     for i in reversed(range(st.t.shape[0])):
         st.step.fill_(i)  # a device-side fill on the current stream: no sync
@@ -156,33 +165,33 @@ def _replay(graph, model, st, plan, kind, offset, seed, bar):
         bar.update(1)
 
 
-def _step_body(model, st, plan, offset):
+def _step_body(model, st, plan):
     torch.index_select(st.t, 0, st.step, out=st.t_step.view(1, -1))
-    model_step(model, st, plan, st.step, st.t_step, offset, {"seed": st.seed})
+    model_step(model, st, plan, st.step, st.t_step, {"seed": st.seed})
 
 
-def _warm_up(model, st, plan, kind, offset):
+def _warm_up(model, st, plan, kind):
     """Compiles the Triton kernels and initialises cuDNN/cuBLAS on a side stream, with the exact kernels the
     capture will record (step baked vs read from memory); also checks the model's output shape before capture."""
     with BACKEND.side_stream(st.x.device):
-        init_x(st, offset)
+        init_x(st)
         refresh_time_proj(model, st, plan)
         last = st.t.shape[0] - 1
         for it in range(WARMUP_ITERS):
             if kind == "whole":
-                model_step(model, st, plan, last if it % 2 == 0 else 0, st.t[last], offset, {"seed": st.seed})
+                model_step(model, st, plan, last if it % 2 == 0 else 0, st.t[last], {"seed": st.seed})
             else:
                 st.step.fill_(last if it % 2 == 0 else 0)
-                _step_body(model, st, plan, offset)
+                _step_body(model, st, plan)
         if kind == "whole":
-            _warm_up_baked_steps(model, st, plan, offset)
+            _warm_up_baked_steps(model, st, plan)
 
 
-def _warm_up_baked_steps(model, st, plan, offset):
+def _warm_up_baked_steps(model, st, plan):
     """Triton specialises integer arguments (== 1, divisible by 16): a graph that bakes every step index into its
-    fused-step nodes needs each variant compiled BEFORE capture. Running the step once per step index on a scratch copy
-    costs ~steps tiny launches and covers whatever rule the installed Triton applies (a solver's history: scratch
-copies too)."""
+    fused-step nodes needs each variant compiled BEFORE capture. Running the step once per step index on a scratch
+    copy (of x and of a solver's history) costs ~steps tiny launches and covers whatever rule the installed Triton
+    applies."""
     scratch = st.x.clone()
     state = None if st.state is None else SolverState(*(None if t is None else t.clone() for t in (
         st.state.h1, st.state.h2, st.state.last)))
@@ -190,18 +199,18 @@ copies too)."""
     with autocast_for(plan):
         out = check_model_output(model(inp, st.t[0]), plan)
     for i in range(st.t.shape[0]):
-        fused_step(st, plan, out, i, offset, {"seed": st.seed}, x=scratch, state=state)
+        fused_step(st, plan, out, i, {"seed": st.seed}, x=scratch, state=state)
 
 
-def _capture(model, entry, plan, kind, offset, info):
-    """(graph, None) or (None, error text). Records capture time and the device memory it took."""
+def _capture(model, entry, plan, kind, info):
+    """(graph, None) or (None, error text) for the offset residue in entry.statics. Records capture time and the
+    device memory it took."""
     st = entry.statics
-    _warm_up(model, st, plan, kind, offset)  # errors here (a wrong model output) are the caller's, not capture's
+    _warm_up(model, st, plan, kind)  # errors here (a wrong model output) are the caller's, not capture's
     dev = st.x.device
     BACKEND.synchronize(dev)
     (free0, pool0), t0 = BACKEND.memory(dev), time.perf_counter()
-    body = (lambda: run_loop(model, st, plan, offset)) if kind == "whole" else \
-        (lambda: _step_body(model, st, plan, offset))
+    body = (lambda: run_loop(model, st, plan)) if kind == "whole" else (lambda: _step_body(model, st, plan))
     try:
         graph = BACKEND.capture(body, entry.pool, kind)
     except Exception as err:  # noqa: BLE001 -- any capture failure falls back to the next kind
@@ -210,12 +219,12 @@ def _capture(model, entry, plan, kind, offset, info):
         return None, f"{type(err).__name__}: {err}"
     seconds = time.perf_counter() - t0
     free1, pool1 = BACKEND.memory(dev)
-    record = {"mode": kind, "offset": offset, "capture_s": seconds, "graph_bytes": free0 - free1,
-              "pool_bytes": pool1 - pool0}
+    record = {"mode": kind, "batch": plan.batch, "steps": st.t.shape[0], "offset_mod4": st.offset_mod4,
+              "capture_s": seconds, "graph_bytes": free0 - free1, "pool_bytes": pool1 - pool0}
     info["captures"].append(record)
-    log.debug("ddpm_fast.sample: captured a %s graph (batch %d, %d steps, offset %d) in %.3f s, %.1f MiB",
-              kind, plan.batch, st.t.shape[0], offset, seconds, record["graph_bytes"] / 2 ** 20)
-    entry.graphs[(kind, offset)] = graph
+    log.debug("ddpm_fast.sample: captured a %s graph (batch %d, %d steps, offset %% 4 = %d) in %.3f s, %.1f MiB",
+              kind, plan.batch, st.t.shape[0], st.offset_mod4, seconds, record["graph_bytes"] / 2 ** 20)
+    entry.graphs[(kind, st.offset_mod4)] = graph
     while len(entry.graphs) > MAX_GRAPHS_PER_PLAN:
         entry.graphs.popitem(last=False)
     return graph, None

@@ -57,7 +57,9 @@ class Statics:
     """The buffers one plan's loop reads and writes, allocated once: a captured graph holds their addresses.
 
     x: (B, C, H, W) float32 NCHW, the chain (updated in place). x_in: the model's input when it needs another
-    dtype or memory format, else None. seed: (1,) int64. t: (steps, B) int64 original timesteps per step index.
+    dtype or memory format, else None. seed: (1,) int64. offset: (1,) int64, the chunk's element offset (sample
+    index * C*H*W), with its residue mod 4 on the host in ``offset_mod4`` (the kernels' launch geometry; a
+    captured graph is specific to it, not to the offset). t: (steps, B) int64 original timesteps per step index.
     step, t_step: the step index (1,) and its timesteps (B,) for the one-step graph.
     time_proj, proj_step: see refresh_time_proj (ddpm_fast UNets only).
     state: a solver's history (float32, like x; ops.solver_step.SolverState), None for DDPM/DDIM.
@@ -79,6 +81,8 @@ class Statics:
         self.x_in = None if in_dtype == torch.float32 and not plan.channels_last else \
             torch.empty_like(self.x, dtype=in_dtype, memory_format=fmt)
         self.seed = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.offset = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.offset_mod4 = 0
         self.t = self.tables.timesteps[:, None].expand(-1, B).contiguous()
         self.step = torch.zeros(1, dtype=torch.int64, device=dev)
         self.t_step = torch.empty(B, dtype=torch.int64, device=dev)
@@ -88,6 +92,15 @@ class Statics:
     def set_seed(self, seed):
         value = seed & _MASK64  # the int64 with the seed's low 64 bits, as p_step.seed_tensor
         self.seed.fill_(value - 2 ** 64 if value >= 2 ** 63 else value)
+
+    def set_offset(self, offset):
+        """The chunk's element offset into the device tensor the loop reads (a device-side fill: no sync)."""
+        self.offset.fill_(offset)
+        self.offset_mod4 = offset % 4
+
+    def offset_kw(self):
+        """The element offset as the kernels take it: read from the tensor, its residue mod 4 from the host."""
+        return {"element_offset": self.offset, "offset_mod4": self.offset_mod4}
 
 
 def autocast_for(plan):
@@ -130,9 +143,10 @@ def refresh_time_proj(model, st, plan):
         st.time_proj.copy_(proj)
 
 
-def model_step(model, st, plan, step, t, offset, noise):
-    """x <- p_step(model(x, t), x, step) in place. step: int (baked into a graph) or st.step (read on device);
-    noise: {"seed": st.seed} or {"generator": g}."""
+def model_step(model, st, plan, step, t, noise):
+    """x <- the fused step (p_step or solver_step) of model(x, t) in place. step: int (baked into a graph) or
+    st.step (read on device);
+    noise: {"seed": st.seed} or {"generator": g}; the element offset is read from st.offset."""
     inp = st.x if st.x_in is None else st.x_in.copy_(st.x)
     with autocast_for(plan):
         if st.time_proj is None:
@@ -141,46 +155,49 @@ def model_step(model, st, plan, step, t, offset, noise):
             out = model(inp, t, time_proj=st.time_proj[step:step + 1])
         else:
             out = model(inp, t, time_proj=torch.index_select(st.time_proj, 0, step, out=st.proj_step))
-    fused_step(st, plan, check_model_output(out, plan), step, offset, noise)
+    fused_step(st, plan, check_model_output(out, plan), step, noise)
 
 
-def fused_step(st, plan, out, step, offset, noise, x=None, state=None):
+def fused_step(st, plan, out, step, noise, x=None, state=None):
     """x (default st.x) <- one fused step in place from the model output ``out``: p_step for DDPM/DDIM,
-    solver_step with the history ``state`` (default st.state) for the solvers."""
+    solver_step with the history ``state`` (default st.state) for the solvers; the element offset is read from
+    st.offset."""
     x = st.x if x is None else x
     if plan.sampler in SOLVERS:
         solver_step(st.schedule, plan.sampler, out, x, step, st.state if state is None else state,
-                    prediction=plan.prediction, variance=plan.variance, element_offset=offset, out=x, **noise)
+                    prediction=plan.prediction, variance=plan.variance, out=x, **st.offset_kw(), **noise)
     else:
         p_step(st.tables, out, x, step, prediction=plan.prediction, variance=plan.variance, clip=plan.clip,
-               sampler=plan.sampler, eta=plan.eta, element_offset=offset, out=x, **noise)
+               sampler=plan.sampler, eta=plan.eta, out=x, **st.offset_kw(), **noise)
 
 
 def load_x_T(st, x_T, start):
-    """Copies the chunk's rows of the caller's x_T (n, C, H, W) into st.x_init (before a run or a replay)."""
+    """Copies the chunk's rows of the caller's x_T (n, C, H, W; ``start``: the chunk's first row) into
+    st.x_init, before a run or a replay."""
     if st.x_init is not None:
         st.x_init.copy_(x_T[start:start + st.x.shape[0]])
 
 
-def init_x(st, offset, generator=None):
-    """x_T: the caller's (st.x_init), Philox from the seed tensor (graph-capturable), or torch.randn from a
-    generator (diffusers' way); a solver's history starts at zero."""
+def init_x(st, generator=None):
+    """x_T: the caller's (st.x_init), Philox from the seed and offset tensors (graph-capturable), or torch.randn
+    from a generator (diffusers' way); a solver's history starts at zero."""
     if st.x_init is not None:
         st.x.copy_(st.x_init)
     elif generator is None:
-        seeded_randn(None, st.seed, out=st.x, element_offset=offset)
+        seeded_randn(None, st.seed, out=st.x, **st.offset_kw())
     else:
         st.x.copy_(torch.randn(st.x.shape, generator=generator, device=generator.device))
     if st.state is not None:
         st.state.zero_()
 
 
-def run_loop(model, st, plan, offset, generator=None, bar=None):
-    """The whole chain of one chunk, eagerly (also the body the whole-loop graph captures, with bar=None)."""
-    init_x(st, offset, generator)
+def run_loop(model, st, plan, generator=None, bar=None):
+    """The whole chain of one chunk, eagerly (also the body the whole-loop graph captures, with bar=None). The
+    chunk is fixed by st.seed and st.offset (written before the call or the replay)."""
+    init_x(st, generator)
     refresh_time_proj(model, st, plan)
     noise = {"seed": st.seed} if generator is None else {"generator": generator}
     for i in reversed(range(st.t.shape[0])):
-        model_step(model, st, plan, i, st.t[i], offset, noise)
+        model_step(model, st, plan, i, st.t[i], noise)
         if bar is not None:
             bar.update(1)

@@ -5,8 +5,9 @@ One chunk of B samples whose first element is element ``offset`` of the whole (n
     for i = steps-1 .. 0:                                        step indices of the (respaced) schedule
         m = model(x, t[i])                                       t[i]: (B,) ORIGINAL training timesteps
         p_step(tables, m, x, i, seed=seed, element_offset=offset, out=x)     in place, noise Philox(seed, i, e)
-Tables, the (steps, B) timestep batches and the seed live on the device before the loop starts: no host sync, no
-Python branch on a tensor value, nothing allocated by the loop itself. On CUDA the loop is captured as a CUDA
+Tables, the (steps, B) timestep batches, the seed and the chunk's offset live on the device before the loop
+starts (the kernels read seed and offset from device memory): no host sync, no Python branch on a tensor value,
+nothing allocated by the loop itself, and one captured graph serves every chunk of the same size. On CUDA the loop is captured as a CUDA
 graph (graphs.py); on the CPU it runs eagerly with the fused C++ step.
 
 Reproducibility: the noise of element e (sample index * C*H*W + its index in NCHW order) at step i is a pure
@@ -35,7 +36,7 @@ _LAST_INFO = {}
 
 def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, variance=None, sampler="ddpm",
            eta=0.0, clip=None, seed=None, device=None, dtype=None, batch_size=None, cuda_graph="auto",
-           progress=True, spacing=None, graph="auto", memory_format="auto", generator=None, x_T=None):
+           progress=True, spacing=None, graph="auto", memory_format="auto", generator=None, start=0, x_T=None):
     """Draws ``n`` images from a diffusion model: returns (n, C, H, W) float32 on ``device``, in [-1, 1] when
     ``clip`` (the final x_0 is clipped); with clip=False the raw final x_0.
 
@@ -64,20 +65,29 @@ def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, 
     :param batch_size: samples per chunk (default min(n, 256)); chunk k starts at element k*batch_size*C*H*W.
     :param cuda_graph: "auto" (graphs on CUDA when no generator is given), True (must capture), False.
     :param graph: "auto" | "whole" (the whole loop in one graph) | "step" (one step's graph replayed).
-        "auto" captures the whole loop for a single chunk with steps * batch <= graphs.WHOLE_GRAPH_MAX,
-        one step otherwise, and falls back to the next kind (then eager) when a capture fails.
+        "auto" captures the whole loop when steps * batch <= graphs.WHOLE_GRAPH_MAX (one graph then serves
+        every chunk of that size), one step otherwise, and falls back to the next kind (then eager) when a
+        capture fails.
     :param memory_format: the model input's: "auto" (see ``choose_channels_last``), "contiguous", "channels_last".
     :param generator: a torch.Generator on ``device`` instead of ``seed``: diffusers' noise convention (x_T and
         each step's noise drawn with torch.randn), for parity with DDPMPipeline; eager only, and chunks continue
         one stream (so chunked != unchunked).
     :param progress: a tqdm bar over steps of all chunks; False silences it.
+    :param start: index of this call's first image in a longer run with the same seed: image i of the call is
+        image start + i of that run (element offset (start + i) * C*H*W). So the chunks of one run can be drawn
+        by separate calls, processes or machines: ``sample(m, 10, batch_size=4, seed=s)`` equals
+        ``sample(m, 4, start=0, batch_size=4, seed=s)``, ``sample(m, 4, start=4, ...)`` and
+        ``sample(m, 2, start=8, ...)`` concatenated, bitwise on one device and thread count (each chunk keeps the
+        batch size, so the model rounds the same way). Not with ``generator``. ``ddpm_fast.sample_to_dir``
+        draws a long run this way.
     """
     t_start = time.perf_counter()
     job = resolve(model, n, steps, shape=shape, schedule=schedule, prediction=prediction, variance=variance,
                   sampler=sampler, eta=eta, clip=clip, seed=seed, device=device, dtype=dtype,
                   batch_size=batch_size, cuda_graph=cuda_graph, progress=progress, spacing=spacing, graph=graph,
-                  memory_format=memory_format, generator=generator, x_T=x_T)
-    info = {"device": str(job.plan.device), "n": job.n, "batch_size": job.plan.batch, "chunks": len(job.chunks),
+                  memory_format=memory_format, generator=generator, start=start, x_T=x_T)
+    info = {"device": str(job.plan.device), "n": job.n, "start": job.start, "batch_size": job.plan.batch,
+            "chunks": len(job.chunks),
             "steps": job.schedule.num_steps, "sampler": job.plan.sampler, "seed": job.seed,
             "dtype": str(job.plan.dtype), "autocast": job.plan.autocast, "channels_last": job.plan.channels_last,
             "modes": [], "captures": [], "cache_hits": 0}
@@ -94,9 +104,10 @@ def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, 
 
 
 def last_run_info():
-    """What the last ``sample`` call did (a copy): device, n, batch_size, chunks, steps, seed, dtype, autocast,
-    channels_last, modes (per chunk: "eager" | "graph-whole" | "graph-step"), captures (per capture: mode,
-    offset, capture_s, graph_bytes = device memory the capture took, pool_bytes = its memory-pool growth),
+    """What the last ``sample`` call did (a copy): device, n, start, batch_size, chunks, steps, seed, dtype,
+    autocast, channels_last, modes (per chunk: "eager" | "graph-whole" | "graph-step"), captures (per capture:
+    mode, batch, steps, offset_mod4, capture_s, graph_bytes = device memory the capture took, pool_bytes = its
+    memory-pool growth),
     cache_hits (chunks that replayed a cached graph), wall_s (the call, synchronized)."""
     return json.loads(json.dumps(_LAST_INFO, default=str))
 
@@ -113,15 +124,16 @@ def _run(job, result, info):
     with tqdm(total=len(job.chunks) * steps, disable=not job.progress, desc="ddpm_fast.sample", unit="step",
               dynamic_ncols=True) as bar:
         for k, (start, b) in enumerate(job.chunks):
-            chunk_plan, offset = plan.with_batch(b), start * C * H * W
+            chunk_plan, offset = plan.with_batch(b), (job.start + start) * C * H * W
             mode, x = None, None
             if use_graphs:
-                mode, x = graphs.run_chunk_graph(job, model, chunk_plan, offset, len(job.chunks), bar, info, start)
+                mode, x = graphs.run_chunk_graph(job, model, chunk_plan, offset, bar, info, start)
             if mode is None:
                 st = statics.get(b) or statics.setdefault(b, Statics(chunk_plan, job.schedule))
                 st.set_seed(job.seed or 0)
+                st.set_offset(offset)
                 load_x_T(st, job.x_T, start)
-                run_loop(model, st, chunk_plan, offset, job.generator, bar)
+                run_loop(model, st, chunk_plan, job.generator, bar)
                 mode, x = "eager", st.x
             log.debug("ddpm_fast.sample: chunk %d/%d (samples %d..%d) ran %s", k + 1, len(job.chunks), start,
                       start + b - 1, mode)

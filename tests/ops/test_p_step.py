@@ -144,6 +144,41 @@ def test_chunks_draw_the_noise_of_the_full_batch(seed, backend, variance):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_element_offset_read_from_a_tensor(seed, backend):
+    """element_offset as an int64 tensor (what a captured graph replays with a new value) draws exactly the int
+    offset's noise, for every residue mod 4 and past 2^32 Philox groups; the value is read from the tensor at
+    each call, not remembered (the same tensor, rewritten, gives the next chunk's noise)."""
+    x, mo, _ = _inputs((2, 3, 5, 5), "fixed_small", torch.float32)
+    offset_t = torch.zeros(1, dtype=torch.int64)
+    s = seed % 2 ** 63
+    for offset in (0, 75, 150, 2 ** 34 + 3):
+        offset_t.fill_(offset)
+        want = p_step(SCHED, mo, x, 4, seed=s, element_offset=offset, backend=backend)
+        got = p_step(SCHED, mo, x, 4, seed=s, element_offset=offset_t, offset_mod4=offset % 4, backend=backend)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        init = seeded_randn((2, 3, 5, 5), s, element_offset=offset, backend=backend)
+        torch.testing.assert_close(seeded_randn((2, 3, 5, 5), s, element_offset=offset_t, backend=backend), init,
+                                   rtol=0, atol=0)
+
+
+@needs_triton
+def test_triton_reads_the_group_from_the_tensor_and_the_lead_from_the_host(seed):
+    """The Triton kernels take only offset % 4 from the host (the launch geometry) and the Philox group
+    (offset // 4) from device memory: a tensor holding offset + 4k with the host residue of offset draws the
+    noise of offset + 4k, so a graph captured for one chunk replays correctly for any chunk of the same residue."""
+    from ddpm_fast.ops.noise import offset_arg
+    from ddpm_fast.ops.triton.philox import seeded_randn_triton
+    s = seed % 2 ** 63
+    out = torch.empty(3, 5, 7)
+    for offset in (1, 2 ** 33 + 2):
+        for k in (0, 7, 2 ** 31):
+            tensor, host = offset_arg(torch.tensor([offset + 4 * k]), offset % 4, "cpu")
+            seeded_randn_triton(torch.tensor([s]), host, tensor, out, STREAM_INIT)
+            want = philox_randn_ref(s, 0, STREAM_INIT, np.arange(out.numel()) + offset + 4 * k)
+            np.testing.assert_allclose(out.flatten().numpy(), want, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("clip", [True, False])
 def test_non_finite_values_propagate(seed, backend, clip):
     """NaN in x_t or the model output and inf in x_t must reach x_{t-1} (clipping x0 must not hide a NaN, as
@@ -232,12 +267,14 @@ def test_generator_path_matches_diffusers(seed):
 def test_opcheck():
     x, mo, z = _inputs((2, 3, 4, 4), "learned_range", torch.float32)
     table = SCHED.tables().packed
-    for step, noise, seed_t in ((torch.tensor([4]), z, None), (None, None, torch.tensor([7]))):
+    for step, noise, seed_t, offset in ((torch.tensor([4]), z, None, None), (None, None, torch.tensor([7]), None),
+                                        (None, None, torch.tensor([7]), torch.tensor([9]))):
         torch.library.opcheck(torch.ops.ddpm_fast.p_step_.default,
-                              (x, mo, table, step, 4, noise, seed_t, 0, "v", "learned_range", True, False, 0.0,
-                               torch.empty_like(x)))
-    torch.library.opcheck(torch.ops.ddpm_fast.seeded_randn_.default, (torch.tensor([3]), 5, STREAM_INIT,
-                                                                       torch.empty(2, 3)))
+                              (x, mo, table, step, 4, noise, seed_t, 1 if offset is not None else 0, offset, "v",
+                               "learned_range", True, False, 0.0, torch.empty_like(x)))
+    for host, offset in ((5, None), (1, torch.tensor([5]))):
+        torch.library.opcheck(torch.ops.ddpm_fast.seeded_randn_.default, (torch.tensor([3]), host, offset,
+                                                                           STREAM_INIT, torch.empty(2, 3)))
 
 
 def test_bad_inputs():
@@ -278,6 +315,23 @@ def test_bad_inputs():
         args = [kw.pop(k) for k in ("schedule", "model_output", "x_t", "step")]
         with pytest.raises(ValueError, match=match):
             p_step(*args, **kw)
+    offset_cases = [
+        (dict(element_offset=torch.tensor([3.0])), "element_offset must be an int or an int64 tensor"),
+        (dict(element_offset=torch.tensor([1, 2])), "one element"),
+        (dict(element_offset=torch.tensor([-4])), "must be >= 0"),
+        (dict(element_offset=torch.tensor([5]), offset_mod4=2), "agree with offset_mod4=2"),
+        (dict(element_offset=torch.tensor([5]), offset_mod4=4), "offset_mod4 must be 0, 1, 2 or 3"),
+        (dict(element_offset=torch.tensor([5], device="meta"), offset_mod4=1), "is on meta but the data is on cpu"),
+        (dict(element_offset=1.5), "element_offset must be an int >= 0"),
+    ]
+    for kw, match in offset_cases:
+        with pytest.raises(ValueError, match=match):
+            p_step(SCHED, mo, x, 3, seed=1, **kw)
+        with pytest.raises(ValueError, match=match):
+            seeded_randn((3,), 1, **kw)
+    from ddpm_fast.ops.noise import offset_arg
+    with pytest.raises(ValueError, match="needs offset_mod4=element_offset % 4"):
+        offset_arg(torch.tensor([5], device="meta"), None, "meta")
     with pytest.raises(ValueError, match="seed"):
         seeded_randn((3,), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="dense"):

@@ -96,7 +96,7 @@ def test_large_tensors_take_every_code_path(seed, backend):
             from ddpm_fast.ops.triton.solver_step import solver_step_triton
             out = torch.empty_like(x)
             solver_step_triton(x, mo, SCHED.tables().packed, SCHED.solver_tables(sampler).packed, None, 4, z, None,
-                               0, "v", sampler, st.h1, st.h2, st.last, out, STREAM_P_STEP, block)
+                               0, None, "v", sampler, st.h1, st.h2, st.last, out, STREAM_P_STEP, block)
         else:
             out = solver_step(SCHED, sampler, mo, x, 4, st, prediction="v", backend=backend,
                               noise=z if sampler in solvers.STOCHASTIC else None)
@@ -213,8 +213,8 @@ def test_opcheck():
                                                                            torch.tensor([7]))):
         st = _state(sampler, x, gen)
         torch.library.opcheck(torch.ops.ddpm_fast.solver_step_.default,
-                              (x, mo, table, SCHED.solver_tables(sampler).packed, step, 4, noise, seed_t, 0, "v",
-                               sampler, st.h1, st.h2, st.last, torch.empty_like(x)))
+                              (x, mo, table, SCHED.solver_tables(sampler).packed, step, 4, noise, seed_t, 1,
+                               torch.tensor([5]), "v", sampler, st.h1, st.h2, st.last, torch.empty_like(x)))
 
 
 def test_bad_inputs():
@@ -258,22 +258,25 @@ from ddpm_fast.ops.triton import p_step as tp, solver_step as ts
 target = GPUTarget("cuda", 90, 32)
 i32, f32, ptr = "i32", "fp32", "*fp32"
 common = {"n_elements": i32, "C": i32, "S": i32, "mo_sn": i32, "mo_sc": i32, "mo_ss": i32, "num_steps": i32,
-          "lead": i32, "group_start": "i64"}
+          "lead": i32}
+ptrs = {"step_ptr": "*i64", "seed_ptr": "*i64", "offset_ptr": "*i64", "step_arg": i32, "offset_arg": "i64"}
 solver = {"x_ptr": "*bf16", "mo_ptr": "*bf16", "noise_ptr": ptr, "out_ptr": "*bf16", "h1_ptr": ptr, "h2_ptr": ptr,
-          "last_ptr": ptr, "tab_ptr": ptr, "coef_ptr": ptr, "step_ptr": "*i64", "seed_ptr": "*i64", "step_arg": i32,
-          **common}
-flags = ["PRED", "HIST", "CORRECTOR", "NOISE", "STREAM", "STEP_FROM_PTR", "CHANNELS_LAST", "MO_LIKE_X", "BLOCK"]
-for hist, corr, noise, from_ptr in ((1, False, 2, True), (2, True, 0, False), (2, False, 1, True)):
+          "last_ptr": ptr, "tab_ptr": ptr, "coef_ptr": ptr, **ptrs, **common}
+flags = ["PRED", "HIST", "CORRECTOR", "NOISE", "STREAM", "STEP_FROM_PTR", "OFFSET_FROM_PTR", "CHANNELS_LAST",
+         "MO_LIKE_X", "BLOCK"]
+for hist, corr, noise, from_ptr in ((1, False, 2, True), (2, True, 0, False), (2, False, 1, True), (1, False, 2, False)):
     const = dict(PRED=2, HIST=hist, CORRECTOR=corr, NOISE=noise, STREAM=0, STEP_FROM_PTR=from_ptr,
-                 CHANNELS_LAST=False, MO_LIKE_X=not corr, BLOCK=1024)
+                 OFFSET_FROM_PTR=from_ptr, CHANNELS_LAST=False, MO_LIKE_X=not corr, BLOCK=1024)
     src = ASTSource(ts._solver_step_kernel, {**solver, **{k: "constexpr" for k in flags}}, const)
     assert "ptx" in triton.compile(src, target=target).asm
-pstep = {"x_ptr": "*fp16", "mo_ptr": "*fp16", "noise_ptr": "*fp16", "out_ptr": "*fp16", "tab_ptr": ptr,
-         "step_ptr": "*i64", "seed_ptr": "*i64", "step_arg": i32, **common, "var_off": i32, "eta": f32}
-pflags = ["PRED", "VAR", "CLIP", "DDIM", "NOISE", "STREAM", "STEP_FROM_PTR", "CHANNELS_LAST", "MO_LIKE_X", "BLOCK"]
+pstep = {"x_ptr": "*fp16", "mo_ptr": "*fp16", "noise_ptr": "*fp16", "out_ptr": "*fp16", "tab_ptr": ptr, **ptrs,
+         "n_elements": i32, "C": i32, "S": i32, "mo_sn": i32, "mo_sc": i32, "mo_ss": i32, "var_off": i32,
+         "num_steps": i32, "lead": i32, "eta": f32}
+pflags = ["PRED", "VAR", "CLIP", "DDIM", "NOISE", "STREAM", "STEP_FROM_PTR", "OFFSET_FROM_PTR", "CHANNELS_LAST",
+          "MO_LIKE_X", "BLOCK"]
 for var, ddim in ((2, False), (0, True)):
-    const = dict(PRED=0, VAR=var, CLIP=True, DDIM=ddim, NOISE=2, STREAM=0, STEP_FROM_PTR=True, CHANNELS_LAST=True,
-                 MO_LIKE_X=False, BLOCK=1024)
+    const = dict(PRED=0, VAR=var, CLIP=True, DDIM=ddim, NOISE=2, STREAM=0, STEP_FROM_PTR=True, OFFSET_FROM_PTR=True,
+                 CHANNELS_LAST=True, MO_LIKE_X=False, BLOCK=1024)
     src = ASTSource(tp._p_step_kernel, {**pstep, **{k: "constexpr" for k in pflags}}, const)
     assert "ptx" in triton.compile(src, target=target).asm
 print("compiled")

@@ -105,6 +105,25 @@ def test_unet_seed_determinism_chunks_and_memory_format(seed):
     assert (ddpm_fast.sample(model, 5, 8, seed=seed + 1, progress=False) - a).abs().mean() > 0.05
 
 
+def test_start_places_a_call_in_a_longer_run(seed):
+    """Image i of sample(start=s) is image s + i of the longer run: chunks of one run drawn by separate calls
+    concatenate to it bitwise (same batch size per chunk, so the U-Net rounds the same way)."""
+    model = tiny_unet()
+    kw = dict(seed=seed, progress=False, batch_size=4)
+    whole = ddpm_fast.sample(model, 10, 5, **kw)
+    parts = [ddpm_fast.sample(model, b, 5, start=s, **kw) for s, b in ((0, 4), (4, 4), (8, 2))]
+    assert torch.equal(torch.cat(parts), whole)
+    assert last_run_info()["start"] == 8 and last_run_info()["n"] == 2
+    assert (ddpm_fast.sample(model, 4, 5, start=1, **kw) - whole[:4]).abs().mean() > 0.05  # start moves the noise
+    # any start, also one whose element offset is not a multiple of Philox's 4-element groups (C*H*W = 27),
+    # for a model whose output does not depend on the batch it sees
+    foreign = dict(shape=(3, 3, 3), schedule=SCHED, seed=seed, progress=False)
+    run = ddpm_fast.sample(Recorder(channels=3), 9, 6, **foreign)
+    for start, n in ((1, 3), (5, 4), (8, 1)):
+        got = ddpm_fast.sample(Recorder(channels=3), n, 6, start=start, batch_size=2, **foreign)
+        assert torch.equal(got, run[start:start + n]), (start, n)
+
+
 def test_seed_none_follows_torch_manual_seed():
     model = Recorder()
     kw = dict(shape=(2, 4, 4), schedule=SCHED, progress=False)
@@ -165,6 +184,10 @@ BAD = [
     (dict(graph="loop"), "graph must be 'auto', 'whole' or 'step'"),
     (dict(memory_format="nhwc"), "memory_format must be"),
     (dict(progress=None), "progress must be True or False"),
+    (dict(start=-1), "start must satisfy 0 <= start"),
+    (dict(start=1.0), "start must be an int"),
+    (dict(start=2 ** 63 // 32 - 1), r"start \+ n = .* images of 32 elements exceed the noise's element index"),
+    (dict(start=1, seed=None, generator=torch.Generator()), "start= places the call in a longer seed= run"),
 ]
 
 
@@ -316,12 +339,18 @@ def test_graph_policy_chunks_and_fallbacks(seed, fake_graphs):
     kw = dict(shape=shape, schedule=base, clip=False, progress=False, seed=seed)
     backend = fake_graphs()
     whole = ddpm_fast.sample(model, 7, **kw)
-    assert last_run_info()["modes"] == ["graph-whole"]  # one chunk, steps * batch small: the whole loop
-    chunked = ddpm_fast.sample(model, 7, batch_size=3, **kw)  # chunks: one-step graphs, one per offset
-    assert last_run_info()["modes"] == ["graph-step"] * 3 and torch.equal(chunked, whole)
-    assert backend.captured == ["whole", "step", "step", "step"]
-    forced = ddpm_fast.sample(model, 7, batch_size=3, graph="whole", **kw)  # asked for: one per chunk offset
-    assert last_run_info()["modes"] == ["graph-whole"] * 3 and torch.equal(forced, whole)
+    assert last_run_info()["modes"] == ["graph-whole"]  # steps * batch small: the whole loop
+    # 105 elements per sample: chunks of 3 start at offsets 0, 315 (3 mod 4) and 630 (a batch-1 plan); a graph
+    # is specific to (plan, offset % 4), so three captures (a second run replays them all from the cache)
+    for hits in (0, 3):
+        chunked = ddpm_fast.sample(model, 7, batch_size=3, **kw)
+        assert last_run_info()["modes"] == ["graph-whole"] * 3 and torch.equal(chunked, whole)
+        assert last_run_info()["cache_hits"] == hits
+        if hits == 0:
+            assert [c["offset_mod4"] for c in last_run_info()["captures"]] == [0, 3, 2]
+    assert backend.captured == ["whole"] * 4
+    stepped = ddpm_fast.sample(model, 7, batch_size=3, graph="step", **kw)
+    assert last_run_info()["modes"] == ["graph-step"] * 3 and torch.equal(stepped, whole)
     backend = fake_graphs(fail={"whole"})
     with caplog_debug() as logs:
         x = ddpm_fast.sample(model, 7, **kw)
@@ -331,6 +360,39 @@ def test_graph_policy_chunks_and_fallbacks(seed, fake_graphs):
     with pytest.warns(RuntimeWarning, match="capture failed, sampling eagerly.*simulated step capture failure"):
         x = ddpm_fast.sample(model, 7, **kw)
     assert last_run_info()["modes"] == ["eager"] and torch.equal(x, whole)
+
+
+@pytest.mark.parametrize("graph", ["whole", "step"])
+def test_one_graph_serves_every_chunk(seed, fake_graphs, graph):
+    """The kernels read each chunk's element offset from the static tensor: with B*C*H*W a multiple of 4, ONE
+    captured graph replays every chunk of a plan and gives the unchunked (eager) images bitwise. A graph that
+    baked its first chunk's offset would repeat that chunk's noise in every chunk."""
+    backend = fake_graphs()
+    model, base, shape = _oracle("cpu", shape=(3, 4, 6), T=20)
+    kw = dict(shape=shape, schedule=base, clip=False, progress=False, seed=seed)
+    eager = ddpm_fast.sample(model, 12, cuda_graph=False, **kw)
+    chunked = ddpm_fast.sample(model, 12, batch_size=3, graph=graph, **kw)
+    info = last_run_info()
+    assert info["modes"] == [f"graph-{graph}"] * 4 and info["cache_hits"] == 3 and backend.captured == [graph]
+    assert torch.equal(chunked, eager)
+    assert not torch.equal(chunked[:3], chunked[3:6])
+
+
+def test_the_loop_reads_the_offset_from_the_statics_tensor(seed):
+    """run_loop has no offset argument: writing a chunk's element offset into Statics.offset alone makes the loop
+    draw that chunk's noise (the same code runs eagerly and inside a captured graph)."""
+    from ddpm_fast.sampling.args import resolve
+    from ddpm_fast.sampling.loop import Statics, run_loop
+    model, base, shape = _oracle("cpu", shape=(3, 4, 6), T=20)
+    kw = dict(shape=shape, schedule=base, clip=False, seed=seed, progress=False)
+    full = ddpm_fast.sample(model, 8, cuda_graph=False, **kw)
+    job = resolve(model, 2, **kw)
+    st = Statics(job.plan, job.schedule)
+    st.set_seed(seed)
+    for first in (0, 2, 6):
+        st.offset.fill_(first * 72)  # a multiple of 4, so offset_mod4 stays 0
+        run_loop(model, st, job.plan)
+        assert torch.equal(st.x, full[first:first + 2])
 
 
 def test_graph_cache_is_bounded_follows_the_model_and_sees_moved_weights(seed, fake_graphs):
@@ -429,12 +491,17 @@ def test_cuda_unet_graph_equals_eager_bf16_autocast_and_channels_last(seed):
 
 @pytest.mark.gpu
 def test_cuda_chunked_equals_unchunked_and_matches_the_cpu(seed):
+    from ddpm_fast.sampling import clear_graph_cache
+    clear_graph_cache()
     model, base, shape = _oracle()
     kw = dict(shape=shape, schedule=base, clip=False, seed=seed, progress=False)
     whole = ddpm_fast.sample(model, 21, **kw)
-    chunked = ddpm_fast.sample(model, 21, batch_size=8, **kw)
-    assert last_run_info()["modes"] == ["graph-step"] * 3
-    assert torch.equal(whole, chunked)
+    for graph in ("whole", "step"):
+        # 105 elements per sample: chunks of 8 start at 0 and 840 (same residue mod 4: one graph) and 1680
+        chunked = ddpm_fast.sample(model, 21, batch_size=8, graph=graph, **kw)
+        info = last_run_info()
+        assert info["modes"] == [f"graph-{graph}"] * 3 and len(info["captures"]) == 2 and info["cache_hits"] == 1
+        assert torch.equal(whole, chunked), graph
     cpu = ddpm_fast.sample(model.cpu(), 21, **kw)
     torch.testing.assert_close(whole.cpu(), cpu, rtol=0, atol=1e-4)  # same Philox noise, float rounding only
 

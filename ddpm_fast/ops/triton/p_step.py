@@ -5,7 +5,8 @@ sampler (DDPM, DDIM with eta) is one specialisation (constexpr flags). Both samp
     x0  = data_prediction(x_t, model output)   (model_output.py, shared by every sampler; clipped if CLIP)
     out = a * x0 + b * x_t + [step > 0] * sigma * z
 with a, b, sigma and the x0 coefficients gathered from the packed schedule table at a step index read from device
-memory (or passed as an argument, for graphs whose every node bakes its own step).
+memory (or passed as an argument, for graphs whose every node bakes its own step). The element offset of the
+noise likewise comes from device memory or an argument (ops/triton/philox.py).
 """
 import math
 
@@ -15,7 +16,7 @@ import triton.language as tl
 from ...diffusion.schedule import ROW
 from ..common import nc_s_strides
 from .model_output import PRED_CODES, data_prediction, model_output_offsets, table_row as _row
-from .philox import launch_geometry, randn_block
+from .philox import first_group, launch_geometry, randn_block
 
 VAR_CODES = {"fixed_small": 0, "fixed_large": 1, "learned_range": 2}
 NOISE_NONE, NOISE_INPUT, NOISE_PHILOX = 0, 1, 2
@@ -62,14 +63,15 @@ def _p_step_kernel(
         tab_ptr,      # packed float32 schedule table (len(ROWS), num_steps)
         step_ptr,     # int64 step index in device memory (read when STEP_FROM_PTR)
         seed_ptr,     # int64 Philox key in device memory (read when NOISE == 2)
+        offset_ptr,   # int64 element offset in device memory (read when OFFSET_FROM_PTR)
         step_arg,     # the step index when not STEP_FROM_PTR
+        offset_arg,   # the element offset when not OFFSET_FROM_PTR
         n_elements, C, S, mo_sn, mo_sc, mo_ss, var_off, num_steps,
         lead,         # element_offset % 4: the launch starts this many elements early so Philox groups align
-        group_start,  # element_offset // 4: the first Philox group of this launch
         eta,
         PRED: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, DDIM: tl.constexpr, NOISE: tl.constexpr,
-        STREAM: tl.constexpr, STEP_FROM_PTR: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-        MO_LIKE_X: tl.constexpr, BLOCK: tl.constexpr):
+        STREAM: tl.constexpr, STEP_FROM_PTR: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr, MO_LIKE_X: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     local = pid * BLOCK + tl.arange(0, BLOCK) - lead
     mask = (local >= 0) & (local < n_elements)
@@ -91,7 +93,8 @@ def _p_step_kernel(
         if NOISE == 1:
             z = tl.load(noise_ptr + local, mask=mask, other=0.0).to(tl.float32)
         else:
-            z = randn_block(tl.load(seed_ptr), group_start + pid * (BLOCK // 4), step, STREAM, BLOCK)
+            group = first_group(offset_ptr, offset_arg, OFFSET_FROM_PTR) + pid * (BLOCK // 4)
+            z = randn_block(tl.load(seed_ptr), group, step, STREAM, BLOCK)
         if VAR == 2 and not DDIM:
             # learned_range: v in [-1, 1] interpolates log variance between the posterior's and log beta.
             frac = (tl.load(mo_ptr + mo_off + var_off, mask=mask, other=0.0).to(tl.float32) + 1.0) * 0.5
@@ -103,24 +106,26 @@ def _p_step_kernel(
     tl.store(out_ptr + local, res.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def p_step_triton(x_t, model_output, table, step, step_index, noise, seed, element_offset, prediction, variance,
-                  clip, ddim, eta, out, stream=0, block=None):
-    """Launch the fused step. Arguments as ``torch.ops.ddpm_fast.p_step_`` (validated there), plus the Philox
-    stream id and an optional block size (tests). x_t/out/noise dense with equal strides; model_output any layout
-    whose spatial dims merge into one stride (the caller makes it contiguous otherwise)."""
+def p_step_triton(x_t, model_output, table, step, step_index, noise, seed, element_offset, offset, prediction,
+                  variance, clip, ddim, eta, out, stream=0, block=None):
+    """Launch the fused step. Arguments as ``torch.ops.ddpm_fast.p_step_`` (validated there; element_offset and
+    offset as ``ops.noise.offset_arg`` returns them), plus the Philox stream id and an optional block size (tests).
+    x_t/out/noise dense with equal strides; model_output any layout whose spatial dims merge into one stride (the
+    caller makes it contiguous otherwise)."""
     N, C = x_t.shape[:2]
     S = math.prod(x_t.shape[2:])
     mo_sn, mo_sc, mo_ss = nc_s_strides(model_output)
     like_x = model_output.shape == x_t.shape and model_output.stride() == x_t.stride()
     need_noise = (not ddim) or eta > 0
     noise_mode = NOISE_NONE if not need_noise else NOISE_INPUT if noise is not None else NOISE_PHILOX
-    grid, lead, group_start, block = launch_geometry(x_t.numel(), element_offset, block)
+    grid, lead, offset_ptr, offset_arg, block = launch_geometry(x_t.numel(), element_offset, offset, block)
     channels_last = not x_t.is_contiguous()
     dummy = table  # any valid pointer for arguments a specialisation never reads
     _p_step_kernel[grid](
         x_t, model_output, noise if noise is not None else dummy, out, table,
-        step if step is not None else dummy, seed if seed is not None else dummy, step_index,
-        x_t.numel(), C, S, mo_sn, mo_sc, mo_ss, C * mo_sc, table.shape[1], lead, group_start, float(eta),
+        step if step is not None else dummy, seed if seed is not None else dummy,
+        offset_ptr if offset_ptr is not None else dummy, step_index, offset_arg,
+        x_t.numel(), C, S, mo_sn, mo_sc, mo_ss, C * mo_sc, table.shape[1], lead, float(eta),
         PRED=PRED_CODES[prediction], VAR=VAR_CODES[variance], CLIP=bool(clip), DDIM=bool(ddim),
-        NOISE=noise_mode, STREAM=stream, STEP_FROM_PTR=step is not None, CHANNELS_LAST=channels_last,
-        MO_LIKE_X=like_x and variance != "learned_range", BLOCK=block)
+        NOISE=noise_mode, STREAM=stream, STEP_FROM_PTR=step is not None, OFFSET_FROM_PTR=offset_ptr is not None,
+        CHANNELS_LAST=channels_last, MO_LIKE_X=like_x and variance != "learned_range", BLOCK=block)

@@ -8,6 +8,12 @@ The step has its own counter word, so n * steps > 2^32 cannot wrap and seed s at
 s+1 at step k (as ``tl.randn(seed + step, offset)`` would); the stream word separates p_step noise, the initial
 x_T and q_sample. "element" is the global index in the tensor's memory order plus the caller's element_offset, so
 a chunk of a batch draws exactly the noise the unchunked run would.
+
+The element offset comes either as an integer argument or from an int64 tensor in device memory (so one captured
+graph serves every chunk of a batch: the sampler writes each chunk's offset before replaying). Only its residue
+mod 4, the "lead", is a host-side launch argument: it fixes where the launch's first element sits in its Philox
+group (the launch starts ``lead`` elements early), and keeping it on the host lets Triton specialise the common
+lead 0 (16-divisible: aligned vector loads). A launch's first Philox group, offset // 4, is computed in the kernel.
 """
 import triton
 import triton.language as tl
@@ -37,34 +43,51 @@ def randn_block(seed, first_group, step, stream, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def first_group(offset_ptr, offset_arg, OFFSET_FROM_PTR: tl.constexpr):
+    """The launch's first Philox group (element_offset // 4) from device memory or from the integer argument."""
+    if OFFSET_FROM_PTR:
+        group = tl.load(offset_ptr) // 4
+    else:
+        group = offset_arg // 4  # an int argument (Triton may specialise it to a constant)
+    return group
+
+
+@triton.jit
 def _seeded_randn_kernel(
         out_ptr,       # output, n_elements in memory order; fp32/fp16/bf16
         seed_ptr,      # int64 Philox key in device memory
+        offset_ptr,    # int64 element offset in device memory (read when OFFSET_FROM_PTR)
+        offset_arg,    # the element offset when not OFFSET_FROM_PTR
         n_elements,
         lead,          # element_offset % 4: the launch starts this many elements early so Philox groups align
-        group_start,   # element_offset // 4
-        STREAM: tl.constexpr, BLOCK: tl.constexpr):
+        STREAM: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     local = pid * BLOCK + tl.arange(0, BLOCK) - lead
     mask = (local >= 0) & (local < n_elements)
     seed = tl.load(seed_ptr)
-    z = randn_block(seed, group_start + pid * (BLOCK // 4), pid * 0, STREAM, BLOCK)
+    group = first_group(offset_ptr, offset_arg, OFFSET_FROM_PTR) + pid * (BLOCK // 4)
+    z = randn_block(seed, group, pid * 0, STREAM, BLOCK)
     tl.store(out_ptr + local, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def launch_geometry(n_elements, element_offset, block=None):
-    """(grid, lead, group_start, BLOCK) for an elementwise launch over n_elements starting at element_offset.
+def launch_geometry(n_elements, host, offset=None, block=None):
+    """(grid, lead, offset_ptr, offset_arg, BLOCK) for an elementwise launch over n_elements.
 
-    On a GPU 1024-element blocks; under TRITON_INTERPRET one large block (each interpreted program costs ~30 ms).
+    host, offset: the element offset as ``ops.noise.offset_arg`` returns it (the int offset, or a device tensor
+    with its residue mod 4). On a GPU 1024-element blocks; under TRITON_INTERPRET one large block (each
+    interpreted program costs ~30 ms).
     """
-    lead, group_start = element_offset % 4, element_offset // 4
+    lead = host % 4
     if block is None:
         block = min(triton.next_power_of_2(n_elements + lead), 16384) if triton_interpret() else 1024
     block = max(int(block), 16)
-    return (triton.cdiv(n_elements + lead, block),), lead, group_start, block
+    grid = (triton.cdiv(n_elements + lead, block),)
+    return grid, lead, offset, (0 if offset is not None else host), block
 
 
-def seeded_randn_triton(seed, element_offset, out, stream, block=None):
-    """Fill ``out`` (dense, any float dtype) with N(0, 1) noise of (seed, step 0, stream, element)."""
-    grid, lead, group_start, block = launch_geometry(out.numel(), element_offset, block)
-    _seeded_randn_kernel[grid](out, seed, out.numel(), lead, group_start, STREAM=stream, BLOCK=block)
+def seeded_randn_triton(seed, host, offset, out, stream, block=None):
+    """Fill ``out`` (dense, any float dtype) with N(0, 1) noise of (seed, step 0, stream, element); the element
+    offset as ``ops.noise.offset_arg`` returns it."""
+    grid, lead, offset_ptr, offset_arg, block = launch_geometry(out.numel(), host, offset, block)
+    _seeded_randn_kernel[grid](out, seed, seed if offset_ptr is None else offset_ptr, offset_arg, out.numel(),
+                               lead, STREAM=stream, OFFSET_FROM_PTR=offset_ptr is not None, BLOCK=block)

@@ -4,7 +4,7 @@ import triton
 import triton.language as tl
 
 from ...diffusion.schedule import ROW
-from .philox import launch_geometry, randn_block
+from .philox import first_group, launch_geometry, randn_block
 
 _SAB = tl.constexpr(ROW["sqrt_alphas_cumprod"])
 _S1MAB = tl.constexpr(ROW["sqrt_one_minus_alphas_cumprod"])
@@ -20,8 +20,8 @@ def _q_sample_kernel(
         tab_ptr,      # packed float32 schedule table (len(ROWS), num_steps)
         seed_ptr,     # int64 Philox key in device memory (read when not INJECTED)
         n_elements, per_sample, num_steps,
+        offset_arg,   # the element offset
         lead,         # element_offset % 4: the launch starts this many elements early so Philox groups align
-        group_start,  # element_offset // 4
         INJECTED: tl.constexpr, STREAM: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     local = pid * BLOCK + tl.arange(0, BLOCK) - lead
@@ -35,7 +35,8 @@ def _q_sample_kernel(
     if INJECTED:
         z = tl.load(noise_ptr + local, mask=mask, other=0.0).to(tl.float32)
     else:
-        z = randn_block(tl.load(seed_ptr), group_start + pid * (BLOCK // 4), pid * 0, STREAM, BLOCK)
+        group = first_group(seed_ptr, offset_arg, False) + pid * (BLOCK // 4)
+        z = randn_block(tl.load(seed_ptr), group, pid * 0, STREAM, BLOCK)
         tl.store(eps_ptr + local, z.to(eps_ptr.dtype.element_ty), mask=mask)
     tl.store(xt_ptr + local, (sab * x + s1mab * z).to(xt_ptr.dtype.element_ty), mask=mask)
 
@@ -43,9 +44,9 @@ def _q_sample_kernel(
 def q_sample_triton(x_start, t, table, noise, seed, element_offset, x_t_out, eps_out, stream, block=None):
     """Launch the fused q_sample. Arguments as ``torch.ops.ddpm_fast.q_sample_`` (validated there): x_start,
     noise, x_t_out and eps_out dense with equal strides and the batch outermost."""
-    grid, lead, group_start, block = launch_geometry(x_start.numel(), element_offset, block)
+    grid, lead, _, offset_arg, block = launch_geometry(x_start.numel(), element_offset, None, block)
     dummy = table  # a valid pointer for arguments a specialisation never reads
     _q_sample_kernel[grid](
         x_start, t, noise if noise is not None else dummy, x_t_out, eps_out if eps_out is not None else dummy,
         table, seed if seed is not None else dummy, x_start.numel(), x_start[0].numel(), table.shape[1],
-        lead, group_start, INJECTED=noise is not None, STREAM=stream, BLOCK=block)
+        offset_arg, lead, INJECTED=noise is not None, STREAM=stream, BLOCK=block)

@@ -16,7 +16,7 @@ import triton.language as tl
 from ...diffusion import solvers
 from ..common import nc_s_strides
 from .model_output import PRED_CODES, data_prediction, model_output_offsets, table_row
-from .philox import launch_geometry, randn_block
+from .philox import first_group, launch_geometry, randn_block
 
 NOISE_NONE, NOISE_INPUT, NOISE_PHILOX = 0, 1, 2
 _CX, _CL, _C0, _C1, _C2 = (tl.constexpr(solvers.ROW[n]) for n in ("cx", "cl", "c0", "c1", "c2"))
@@ -36,13 +36,14 @@ def _solver_step_kernel(
         coef_ptr,     # packed float32 solver table (len(solvers.ROWS), num_steps)
         step_ptr,     # int64 step index in device memory (read when STEP_FROM_PTR)
         seed_ptr,     # int64 Philox key in device memory (read when NOISE == 2)
+        offset_ptr,   # int64 element offset in device memory (read when OFFSET_FROM_PTR)
         step_arg,     # the step index when not STEP_FROM_PTR
+        offset_arg,   # the element offset when not OFFSET_FROM_PTR
         n_elements, C, S, mo_sn, mo_sc, mo_ss, num_steps,
         lead,         # element_offset % 4: the launch starts this many elements early so Philox groups align
-        group_start,  # element_offset // 4: the first Philox group of this launch
         PRED: tl.constexpr, HIST: tl.constexpr, CORRECTOR: tl.constexpr, NOISE: tl.constexpr,
-        STREAM: tl.constexpr, STEP_FROM_PTR: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-        MO_LIKE_X: tl.constexpr, BLOCK: tl.constexpr):
+        STREAM: tl.constexpr, STEP_FROM_PTR: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr, MO_LIKE_X: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     local = pid * BLOCK + tl.arange(0, BLOCK) - lead
     mask = (local >= 0) & (local < n_elements)
@@ -78,28 +79,31 @@ def _solver_step_kernel(
         if NOISE == 1:
             z = tl.load(noise_ptr + local, mask=mask, other=0.0).to(tl.float32)
         else:
-            z = randn_block(tl.load(seed_ptr), group_start + pid * (BLOCK // 4), step, STREAM, BLOCK)
+            group = first_group(offset_ptr, offset_arg, OFFSET_FROM_PTR) + pid * (BLOCK // 4)
+            z = randn_block(tl.load(seed_ptr), group, step, STREAM, BLOCK)
         res += table_row(coef_ptr, _S, num_steps, step) * z  # s = 0 at the last step (to sigma 0): no noise
     tl.store(h1_ptr + local, m, mask=mask)
     tl.store(out_ptr + local, res.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def solver_step_triton(x, model_output, table, coefs, step, step_index, noise, seed, element_offset, prediction,
-                       sampler, h1, h2, last, out, stream=0, block=None):
-    """Launch the fused solver step. Arguments as ``torch.ops.ddpm_fast.solver_step_`` (validated there), plus
-    the Philox stream id and an optional block size (tests)."""
+def solver_step_triton(x, model_output, table, coefs, step, step_index, noise, seed, element_offset, offset,
+                       prediction, sampler, h1, h2, last, out, stream=0, block=None):
+    """Launch the fused solver step. Arguments as ``torch.ops.ddpm_fast.solver_step_`` (validated there;
+    element_offset and offset as ``ops.noise.offset_arg`` returns them), plus the Philox stream id and an optional
+    block size (tests)."""
     N, C = x.shape[:2]
     S = math.prod(x.shape[2:])
     mo_sn, mo_sc, mo_ss = nc_s_strides(model_output)
     like_x = model_output.shape == x.shape and model_output.stride() == x.stride()
     stochastic = sampler in solvers.STOCHASTIC
     noise_mode = NOISE_NONE if not stochastic else NOISE_INPUT if noise is not None else NOISE_PHILOX
-    grid, lead, group_start, block = launch_geometry(x.numel(), element_offset, block)
+    grid, lead, offset_ptr, offset_arg, block = launch_geometry(x.numel(), element_offset, offset, block)
     dummy = table  # any valid pointer for arguments a specialisation never reads
     _solver_step_kernel[grid](
         x, model_output, noise if noise is not None else dummy, out, h1, h2 if h2 is not None else dummy,
         last if last is not None else dummy, table, coefs, step if step is not None else dummy,
-        seed if seed is not None else dummy, step_index, x.numel(), C, S, mo_sn, mo_sc, mo_ss, table.shape[1],
-        lead, group_start, PRED=PRED_CODES[prediction], HIST=solvers.HISTORY[sampler],
-        CORRECTOR=sampler in solvers.CORRECTOR, NOISE=noise_mode, STREAM=stream, STEP_FROM_PTR=step is not None,
-        CHANNELS_LAST=not x.is_contiguous(), MO_LIKE_X=like_x, BLOCK=block)
+        seed if seed is not None else dummy, offset_ptr if offset_ptr is not None else dummy, step_index,
+        offset_arg, x.numel(), C, S, mo_sn, mo_sc, mo_ss, table.shape[1], lead, PRED=PRED_CODES[prediction],
+        HIST=solvers.HISTORY[sampler], CORRECTOR=sampler in solvers.CORRECTOR, NOISE=noise_mode, STREAM=stream,
+        STEP_FROM_PTR=step is not None, OFFSET_FROM_PTR=offset_ptr is not None, CHANNELS_LAST=not x.is_contiguous(),
+        MO_LIKE_X=like_x, BLOCK=block)
