@@ -175,6 +175,23 @@ def test_chunks_equal_the_full_batch_bitwise(seed, backend):
                 assert a is None or torch.equal(a, b[lo:hi])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_element_offset_from_a_tensor(seed, backend):
+    """element_offset as an int64 tensor (what a captured graph reads) draws what the int draws; its residue mod 4
+    must agree when given."""
+    gen = torch.Generator().manual_seed(seed)
+    x, mo, _ = _inputs((2, 3, 5, 5), "fixed_small", torch.float32, gen)
+    st0 = _state("dpmpp_2m_sde", x, gen)
+    want = solver_step(SCHED, "dpmpp_2m_sde", mo, x, 6, _clone(st0), seed=seed, element_offset=83, backend=backend)
+    for mod4 in (None, 3):
+        got = solver_step(SCHED, "dpmpp_2m_sde", mo, x, 6, _clone(st0), seed=seed, backend=backend,
+                          element_offset=torch.tensor([83]), offset_mod4=mod4)
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="agree with offset_mod4"):
+        solver_step(SCHED, "dpmpp_2m_sde", mo, x, 6, _clone(st0), seed=seed, element_offset=torch.tensor([83]),
+                    offset_mod4=1, backend=backend)
+
+
 @needs_ext
 def test_cpu_result_is_independent_of_thread_count(seed):
     gen = torch.Generator().manual_seed(seed)

@@ -242,6 +242,23 @@ def test_solver_graph_replays_equal_eager(seed, fake_graphs, graph):
     assert len(graphs._CACHE) <= graphs.MAX_PLANS
 
 
+@pytest.mark.parametrize("graph", ["whole", "step"])
+def test_one_solver_graph_serves_every_chunk_with_its_noise_and_x_T_rows(seed, fake_graphs, graph):
+    """The element offset is read from device memory: one captured graph replays every chunk, the SDE solver's
+    noise of chunk k is chunk k's, and with x_T= each replay starts from that chunk's rows."""
+    backend = fake_graphs()
+    model, base, shape = _oracle(T=40, shape=(3, 4, 6))
+    kw = dict(shape=shape, schedule=base, clip=False, progress=False, seed=seed, steps=7, sampler="dpmpp_2m_sde")
+    x_T = torch.randn(12, *shape, generator=torch.Generator().manual_seed(seed))
+    for extra in ({}, {"x_T": x_T}):
+        eager = ddpm_fast.sample(model, 12, cuda_graph=False, **kw, **extra)
+        chunked = ddpm_fast.sample(model, 12, batch_size=3, graph=graph, **kw, **extra)
+        info = last_run_info()
+        assert info["modes"] == [f"graph-{graph}"] * 4 and info["cache_hits"] == 3
+        assert torch.equal(chunked, eager) and not torch.equal(chunked[:3], chunked[3:6])
+    assert backend.captured == [graph, graph]  # drawn x_T and given x_T are two plans
+
+
 def test_history_is_reset_for_every_chain(seed, fake_graphs):
     """The static history of a cached plan is zeroed when a chain starts (inside the graph too): a NaN left by a
     failed run never reaches the next one (0 * NaN is NaN, so zero coefficients alone would not do)."""
