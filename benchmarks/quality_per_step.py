@@ -46,7 +46,7 @@ N, BATCH = 355, 128
 
 # ---- measuring ----------------------------------------------------------------------------------------------
 
-def measure(model, sampler, spacing, steps, seed):
+def measure(model, sampler, spacing, steps, seed, commit):
     """One row: sample N images, score them (FD against the fixed reference of evaluate(seed=0))."""
     import ddpm_fast
     from ddpm_fast.eval.metrics import evaluate
@@ -59,7 +59,7 @@ def measure(model, sampler, spacing, steps, seed):
     used = last_run_info()["steps"]
     scores = evaluate(x, "digits", n=N, seed=0, floor_draws=0)
     return dict(sampler=sampler, spacing=spacing, steps=steps, used_steps=used, seed=seed, fd=scores["fd"],
-                kid=scores["kid"], wall_s=wall, s_per_image=wall / N, load1=load, commit=_commit())
+                kid=scores["kid"], wall_s=wall, s_per_image=wall / N, load1=load, commit=commit)
 
 
 def floor_scores():
@@ -83,6 +83,7 @@ def settings_few(samplers, steps):
 
 def run(args, result, save):
     import ddpm_fast
+    commit = _commit()  # the code this process imports now and runs throughout (it never reloads)
     torch.set_num_threads(1)
     model = ddpm_fast.load(None)
     done = {(r["sampler"], r["spacing"], r["steps"], r["seed"]) for r in result["rows"]}
@@ -95,7 +96,7 @@ def run(args, result, save):
             for sampler, spacing, k in settings:
                 if (sampler, spacing, k, seed) in done:
                     continue
-                row = measure(model, sampler, spacing, k, seed)
+                row = measure(model, sampler, spacing, k, seed, commit)
                 result["rows"].append(row)
                 done.add((sampler, spacing, k, seed))
                 save()

@@ -13,10 +13,11 @@ STEP_SAMPLERS = ("ddpm", "ddim")       # one fused p_step per step (ops/p_step.p
 SAMPLERS = STEP_SAMPLERS + SOLVERS     # + the few-step solvers (diffusion/solvers.py, ops/solver_step.py)
 SCHEDULES = ("linear", "cosine", "sigmoid", "scaled_linear", "custom")
 # What ``sample(steps=None, spacing=None)`` uses per sampler (None steps: the schedule as given, i.e. all T steps
-# of a training schedule). Chosen by measurement: docs/solvers.md, "Choosing a sampler".
-DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpmpp_2m": 20, "dpmpp_3m": 20, "dpmpp_2m_sde": 50, "unipc": 20}
-DEFAULT_SPACING = {"ddpm": "linspace", "ddim": "linspace", "dpmpp_2m": "logsnr", "dpmpp_3m": "logsnr",
-                   "dpmpp_2m_sde": "logsnr", "unipc": "logsnr"}
+# of a training schedule). Chosen by measurement with the rule stated before it: docs/solvers.md, "Choosing a
+# sampler" (benchmarks/quality_per_step.py; benchmarks/results/quality-digits.json).
+DEFAULT_STEPS = {"ddpm": None, "ddim": 100, "dpmpp_2m": 100, "dpmpp_3m": 10, "dpmpp_2m_sde": 10, "unipc": 10}
+DEFAULT_SPACING = {"ddpm": "linspace", "ddim": "trailing", "dpmpp_2m": "trailing", "dpmpp_3m": "logsnr",
+                   "dpmpp_2m_sde": "trailing", "unipc": "logsnr"}
 LOSSES = ("simple",)
 
 
