@@ -130,7 +130,8 @@ def default_setting(med, sampler, ref_max):
     if matching:
         k, _, sp = min(matching)  # the fewest steps, then the lowest median
         return sp, k
-    geo = {sp: statistics.geometric_mean([m for k, m, s in few if s == sp]) for sp in {s for _, _, s in few}}
+    geo = {sp: statistics.geometric_mean([m for _, m, s in few if s == sp]) for sp in SPACINGS
+           if any(s == sp for _, _, s in few)}  # in SPACINGS order: a tie goes to the first
     sp = min(geo, key=geo.get) if geo else "logsnr"
     many = [k for k in MANY if (sampler, sp, k) in med]
     ok = [k for k in many if ref_max is not None and med[(sampler, sp, k)]["median"] <= ref_max]
