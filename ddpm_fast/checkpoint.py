@@ -8,9 +8,10 @@ Training checkpoint (written by ddpm_fast.train), format "ddpm_fast.train/1": ON
     tensors   "model.<name>", "ema.<name>", "optim.<param index>.<state key>", "rng.<name>"
     metadata  format, unet_config, diffusion_config, and "state": JSON of the step, the TrainConfig, the
               optimizer's hyperparameters and parameter order, the GradScaler and the non-tensor RNG states.
-``load`` reads both (a training checkpoint gives its EMA weights) and a run directory (its model.safetensors,
-else its checkpoint.safetensors). Every problem (missing, truncated, not safetensors, wrong format, weights that
-do not fit the config) raises an error naming the file and the problem, before a model is built.
+``load`` reads both (a training checkpoint gives its EMA weights), a run directory (its model.safetensors,
+else its checkpoint.safetensors) and bundled models by name (``BUNDLED_MODELS``). Every problem (missing,
+truncated, not safetensors, wrong format, weights that do not fit the config) raises an error naming the file
+and the problem, before a model is built.
 """
 import json
 import os
@@ -23,6 +24,9 @@ from .files import ASSETS, read_safetensors, write_safetensors
 MODEL_FORMAT = "ddpm_fast.model/1"
 TRAIN_FORMAT = "ddpm_fast.train/1"
 DEFAULT_MODEL = os.path.join(ASSETS, "default_digits.safetensors")
+# Bundled models by name: load("digits-cond"), --checkpoint digits-cond. A name is used only when no file or
+# directory of that name exists (a path always wins).
+BUNDLED_MODELS = {"digits": "default_digits.safetensors", "digits-cond": "digits_cond.safetensors"}
 RUN_MODEL, RUN_CHECKPOINT = "model.safetensors", "checkpoint.safetensors"  # names inside a run directory
 
 
@@ -62,14 +66,22 @@ def save(model, path: str, info: Optional[dict] = None) -> str:
     return os.fspath(path)
 
 
+def bundled_model_path(name: str) -> str:
+    """The file of the bundled model ``name`` (a key of BUNDLED_MODELS); FileNotFoundError if it is missing."""
+    path = DEFAULT_MODEL if name == "digits" else os.path.join(ASSETS, BUNDLED_MODELS[name])
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"the bundled {'default ' if name == 'digits' else ''}model {name!r} ({path}) is missing (not "
+            f"trained yet, or the install left out package data); pass a path to a model file or a run directory")
+    return path
+
+
 def _resolve_path(path) -> str:
     if path is None:
-        if not os.path.isfile(DEFAULT_MODEL):
-            raise FileNotFoundError(
-                f"the bundled default model {DEFAULT_MODEL} is missing (not trained yet, or the install left "
-                f"out package data); pass a path to a model file or a run directory")
-        return DEFAULT_MODEL
+        return bundled_model_path("digits")
     path = os.fspath(path)
+    if isinstance(path, str) and path in BUNDLED_MODELS and not os.path.exists(path):
+        return bundled_model_path(path)
     if os.path.isdir(path):
         for name in (RUN_MODEL, RUN_CHECKPOINT):
             if os.path.isfile(os.path.join(path, name)):
@@ -117,7 +129,9 @@ def load(path=None, device="cpu", fused: bool = True):
 
     path: a model file written by ``save``, a training checkpoint (its EMA weights), a run directory, or None
         for the bundled default model (ddpm_fast/assets/default_digits.safetensors: the tiny preset trained on
-        scikit-learn's 8x8 digits). fused: use the fused GroupNorm+SiLU op (same weights either way).
+        scikit-learn's 8x8 digits), or the name of a bundled model when no such path exists: "digits" (the
+        default) or "digits-cond" (the same recipe, class-conditional: labels 0-9 and the null label 10).
+        fused: use the fused GroupNorm+SiLU op (same weights either way).
     """
     device = torch.device(device)
     path = _resolve_path(path)

@@ -36,7 +36,8 @@ def _add_sample(sub):
     p = sub.add_parser("sample", help="draw images from a trained model (PNG grid, optional .npz)",
                        description="Draw images with ddpm_fast.sample and write them as a PNG grid (and an .npz).")
     p.add_argument("--checkpoint", metavar="PATH", help="a model file (ddpm_fast.save), a training checkpoint "
-                   "(its EMA weights) or a run directory; default: the bundled model, when this install has one")
+                   "(its EMA weights), a run directory, or a bundled model's name (digits, digits-cond) when no "
+                   "such path exists; default: the bundled model, when this install has one")
     p.add_argument("-n", "--n", type=_positive_int, default=64, help="number of images (default 64; under torchrun "
                    "write -n: torchrun reads --n as an abbreviation of its own options)")
     _add_sampler_flags(p, _positive_int)
@@ -245,8 +246,8 @@ def _add_eval(sub):
                        description="Sample n images from a model and score them with ddpm_fast.metrics.evaluate "
                        "against the dataset's train split; prints the held-out real floor and the noise score "
                        "beside them.")
-    p.add_argument("--checkpoint", metavar="PATH", help="a model file, a training checkpoint (its EMA weights) "
-                   "or a run directory (default: the bundled model)")
+    p.add_argument("--checkpoint", metavar="PATH", help="a model file, a training checkpoint (its EMA weights), "
+                   "a run directory or a bundled model's name (digits, digits-cond) (default: the bundled model)")
     p.add_argument("--dataset", required=True, help="the dataset the model was trained on (digits, "
                    "fashion-mnist, folder:DIR, npz:FILE)")
     p.add_argument("--n", type=int, default=None, help="images to sample and score (default: the held-out "

@@ -135,3 +135,32 @@ def test_bundled_default_model_loads_and_samples():
     x = ddpm_fast.sample(ddpm_fast.load(), 4, steps=10, seed=0, progress=False)
     assert x.shape == (4, 1, 8, 8) and x.dtype == torch.float32
     assert torch.isfinite(x).all() and x.min() >= -1 and x.max() <= 1 and x.std() > 0.1
+
+
+def test_bundled_models_by_name(tmp_path, monkeypatch, capsys):
+    """load("digits-cond") is the bundled class-conditional model, load() and load("digits") the unconditional
+    default; a file or directory of that name, when one exists, wins over the name."""
+    cond = ddpm_fast.load("digits-cond")
+    assert cond.config.num_classes == 10 and cond.null_label == 10 and not cond.training
+    assert cond.config.image_size == 8 and cond.diffusion.image_shape == (1, 8, 8)
+    default = ddpm_fast.load()
+    assert default.config.num_classes is None
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(),
+                                                  ddpm_fast.load("digits").state_dict().values()))
+    x = ddpm_fast.sample(cond, 3, steps=5, seed=0, progress=False)  # unconditional: the null label
+    assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
+    monkeypatch.chdir(tmp_path)
+    local = _tiny()
+    ddpm_fast.save(local, "digits-cond")
+    assert ddpm_fast.load("digits-cond").config == local.config
+    os.remove("digits-cond")
+    from ddpm_fast.cli import main
+    assert main(["sample", "--checkpoint", "digits-cond", "--n", "2", "--steps", "3", "--seed", "0",
+                 "--device", "cpu", "--out", "s.png", "--no-progress"]) == 0
+    assert "wrote 2 samples" in capsys.readouterr().out and os.path.isfile("s.png")
+    monkeypatch.setattr(checkpoint, "ASSETS", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"bundled model 'digits-cond' \(.*digits_cond.safetensors\) is "
+                                                r"missing"):
+        ddpm_fast.load("digits-cond")
+    with pytest.raises(FileNotFoundError, match="digits-cnd: no such file"):
+        ddpm_fast.load("digits-cnd")

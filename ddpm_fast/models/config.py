@@ -15,6 +15,9 @@ class UNetConfig:
     time_embed_dim: width of the timestep MLP; None = 4 * ch.
     downsample_padding: 1 = conv3x3/2 with padding 1; 0 = pad right/bottom by 1, then conv3x3/2 unpadded (the
         TF "SAME" padding of the DDPM release, diffusers' downsample_padding=0).
+    num_classes: K for a class-conditional U-Net (None: unconditional). It learns K + 1 class embeddings
+        (diffusers' ``num_class_embeds=K+1``): labels 0..K-1 are the classes, label K (``null_label``) is
+        "no class", which classifier-free guidance samples as the unconditional model.
     """
     image_size: int = 32
     in_channels: int = 3
@@ -32,6 +35,7 @@ class UNetConfig:
     flip_sin_to_cos: bool = False
     freq_shift: float = 1.0
     downsample_padding: int = 0
+    num_classes: Optional[int] = None
     fused: bool = True
 
     def __post_init__(self):
@@ -53,6 +57,11 @@ class UNetConfig:
     @property
     def temb_dim(self) -> int:
         return self.time_embed_dim or 4 * self.ch
+
+    @property
+    def null_label(self) -> Optional[int]:
+        """The label meaning "no class" (= num_classes), or None for an unconditional U-Net."""
+        return self.num_classes
 
     def _validate(self):
         def bad(field, value, why):
@@ -85,6 +94,9 @@ class UNetConfig:
             bad("downsample_padding", self.downsample_padding, "must be 0 (asymmetric, as diffusers) or 1")
         if self.time_embed_dim is not None and self.time_embed_dim < 1:
             bad("time_embed_dim", self.time_embed_dim, "must be a positive int or None (= 4 * ch)")
+        if self.num_classes is not None and (not isinstance(self.num_classes, int) or
+                                             isinstance(self.num_classes, bool) or self.num_classes < 1):
+            bad("num_classes", self.num_classes, "must be a positive int (the number of classes) or None")
         if self.temb_dim < 1 or self.ch < 2:
             bad("ch", self.ch, "the sinusoidal timestep embedding needs ch >= 2")
 

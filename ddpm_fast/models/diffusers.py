@@ -2,6 +2,8 @@
 
 Both networks use the same parameter names, so the weights move unchanged; only diffusers files written before
 2023 name the attention projections query/key/value/proj_attn, which ``convert_diffusers_state_dict`` renames.
+A class-conditional UNet2DModel (class_embed_type None, ``num_class_embeds`` = M) is a U-Net with
+num_classes = M - 1: its ``class_embedding.weight`` rows are labels 0..M-1, the last one the null label.
 Reading a checkpoint directory needs safetensors or torch only; diffusers is needed for ``to_diffusers`` alone.
 """
 import json
@@ -33,7 +35,6 @@ _FIXED = {
     "center_input_sample": (False,), "time_embedding_type": ("positional",), "mid_block_type": ("UNetMidBlock2D",),
     "mid_block_scale_factor": (1,), "downsample_type": ("conv",), "upsample_type": ("conv",),
     "act_fn": ("silu", "swish"), "resnet_time_scale_shift": ("default",), "class_embed_type": (None,),
-    "num_class_embeds": (None,),
 }
 _DDPM_SCHEDULER_DEFAULTS = {
     "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
@@ -92,6 +93,17 @@ def _square_size(size):
     raise _unsupported("sample_size", size, "a square size (an int, or [S, S])")
 
 
+def _num_classes(num_class_embeds):
+    """UNetConfig.num_classes of diffusers' num_class_embeds: its LAST row is the null label, so M embeddings
+    make M - 1 classes (a model trained without a null row keeps all M rows usable as labels 0..M-1)."""
+    if num_class_embeds is None:
+        return None
+    if not isinstance(num_class_embeds, int) or isinstance(num_class_embeds, bool) or num_class_embeds < 2:
+        raise _unsupported("num_class_embeds", num_class_embeds, "None or an int >= 2 (K classes + the null "
+                           "label)")
+    return num_class_embeds - 1
+
+
 def unet_config_from_diffusers(config: Mapping, fused: bool = True) -> UNetConfig:
     """UNetConfig of a UNet2DModel config (``model.config`` or a parsed config.json); raises ValueError naming
     the field and value of anything ddpm_fast does not implement."""
@@ -120,6 +132,7 @@ def unet_config_from_diffusers(config: Mapping, fused: bool = True) -> UNetConfi
     if c["sample_size"] is None:
         raise _unsupported("sample_size", None, "an int (attention levels are placed by resolution)")
     size = _square_size(c["sample_size"])
+    num_classes = _num_classes(c["num_class_embeds"])
     attn_levels = _attention_levels(c["down_block_types"], c["up_block_types"])
     try:
         return UNetConfig(
@@ -129,7 +142,7 @@ def unet_config_from_diffusers(config: Mapping, fused: bool = True) -> UNetConfi
             attn_head_dim=c["attention_head_dim"], dropout=float(c["dropout"]), num_groups=c["norm_num_groups"],
             norm_eps=float(c["norm_eps"]), time_embed_dim=c["time_embedding_dim"],
             flip_sin_to_cos=bool(c["flip_sin_to_cos"]), freq_shift=float(c["freq_shift"]),
-            downsample_padding=c["downsample_padding"], fused=fused)
+            downsample_padding=c["downsample_padding"], num_classes=num_classes, fused=fused)
     except ValueError as err:
         ours = re.match(r"UNetConfig\.(\w+)=", str(err))
         field = _DIFFUSERS_NAME.get(ours[1], ours[1]) if ours else "?"
@@ -150,7 +163,8 @@ def diffusers_config_from_unet(config: UNetConfig) -> dict:
         block_out_channels=config.channels, layers_per_block=config.num_res_blocks, mid_block_scale_factor=1,
         downsample_padding=config.downsample_padding, dropout=config.dropout, act_fn="silu",
         attention_head_dim=config.attn_head_dim, norm_num_groups=config.num_groups, norm_eps=config.norm_eps,
-        resnet_time_scale_shift="default", add_attention=config.mid_attention)
+        resnet_time_scale_shift="default", add_attention=config.mid_attention, class_embed_type=None,
+        num_class_embeds=None if config.num_classes is None else config.num_classes + 1)
 
 
 def diffusion_config_from_diffusers(scheduler_config, image_shape) -> DiffusionConfig:

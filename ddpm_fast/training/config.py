@@ -48,6 +48,9 @@ class TrainConfig:
     resume: bool = _f(False, "continue the run in RUN_DIR from its checkpoint")
     seed: int = _f(0, "seed of every random draw (data order, flips, timesteps, noise, dropout, init)")
     flip: bool = _f(False, "random horizontal flips of the training images")
+    class_dropout: Optional[float] = _f(None, "train a class-conditional model on the dataset's labels, "
+                                        "replacing this fraction of them by the null label (classifier-free "
+                                        "guidance; 0.1 is usual); unset: an unconditional model")
     data_dir: Optional[str] = _f(None, "directory of the dataset files (fashion-mnist IDX files, ...)")
     num_workers: int = _f(0, "DataLoader worker processes preparing batches (0: in the training process)")
     log_every: int = _f(50, "log the mean loss and steps/s every K steps")
@@ -85,6 +88,11 @@ class TrainConfig:
             bad("grad_clip", "must be >= 0 (0: no clipping)")
         if not (isinstance(self.ema, (int, float)) and 0 <= self.ema < 1):
             bad("ema", "must be in [0, 1)")
+        if self.class_dropout is not None and not (isinstance(self.class_dropout, (int, float)) and
+                                                   not isinstance(self.class_dropout, bool) and
+                                                   0 <= self.class_dropout < 1):
+            bad("class_dropout", "must be in [0, 1) (the fraction of labels replaced by the null label) or None "
+                "(an unconditional model)")
         if self.amp not in AMP_MODES:
             bad("amp", f"must be one of {AMP_MODES}")
         if not isinstance(self.dataset, str) or not self.dataset:

@@ -4,9 +4,10 @@
 Every random draw of step ``s`` on rank ``r`` is a pure function of (seed, r, s): the data order is
 DistributedSampler's permutation of epoch s // steps_per_epoch, flips and timesteps come from a generator
 seeded with mix(seed, r, s), the q_sample noise from the Philox key mix(seed, r) + s, dropout from the global
-RNG reseeded with mix(seed, r, s) before the step. So a resumed run draws exactly what the straight run drew
-(no generator state to carry), batches can be made by DataLoader workers, and a CUDA graph replays the same
-draws as eager steps.
+RNG reseeded with mix(seed, r, s) before the step, and (class-conditional runs) which labels become the null
+label from a generator of its own seeded with mix(seed, r, s), so unconditional runs draw what they always
+did. So a resumed run draws exactly what the straight run drew (no generator state to carry), batches can be
+made by DataLoader workers, and a CUDA graph replays the same draws as eager steps.
 """
 import contextlib
 from typing import Dict, List, Optional
@@ -18,6 +19,7 @@ from ..ops.q_sample import q_sample
 
 # Stream tags that keep the per-step seeds of different uses apart.
 STREAM_BATCH, STREAM_DROPOUT, STREAM_NOISE, STREAM_INIT = 1, 2, 3, 4
+STREAM_LABELS = 5
 _M64 = (1 << 64) - 1
 
 
@@ -36,12 +38,20 @@ def mix(*values: int) -> int:
 
 class StepBatches(torch.utils.data.Dataset):
     """Item i = the (x0, t) batch of step ``start + i`` for one rank: x0 (b, C, H, W) float32 in [-1, 1] (flipped
-    when the dataset flips), t (b,) int64 timesteps in [0, T). A pure function of the step (see module doc)."""
+    when the dataset flips), t (b,) int64 timesteps in [0, T). A pure function of the step (see module doc).
+
+    With ``class_dropout`` (a float in [0, 1)) items are (x0, t, y): y (b,) int64 the images' labels, each
+    replaced by ``null_label`` with probability class_dropout.
+    """
 
     def __init__(self, dataset, rank: int, world_size: int, batch: int, T: int, seed: int, start: int,
-                 stop: int):
+                 stop: int, class_dropout: Optional[float] = None, null_label: Optional[int] = None):
         self.dataset, self.rank, self.batch, self.T, self.seed = dataset, rank, batch, T, seed
         self.start, self.stop = start, stop
+        if class_dropout is not None and (dataset.labels is None or null_label is None):
+            raise ValueError(f"class_dropout needs a dataset with labels and a null label; {dataset.name!r} has "
+                             f"{'no labels' if dataset.labels is None else 'labels, but no null label was given'}")
+        self.class_dropout, self.null_label = class_dropout, null_label
         self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
                                                            shuffle=True, seed=seed, drop_last=True)
         self.steps_per_epoch = len(self.sampler) // batch
@@ -63,9 +73,20 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         step = self.start + i
+        indices = self.indices(step)
         g = torch.Generator().manual_seed(mix(self.seed, self.rank, step, STREAM_BATCH))
-        x0 = self.dataset.batch(self.indices(step), generator=g)
-        return x0, torch.randint(0, self.T, (self.batch,), generator=g)
+        x0 = self.dataset.batch(indices, generator=g)
+        t = torch.randint(0, self.T, (self.batch,), generator=g)
+        if self.class_dropout is None:
+            return x0, t
+        return x0, t, self.labels(indices, step)
+
+    def labels(self, indices: torch.Tensor, step: int) -> torch.Tensor:
+        """The labels of ``indices`` with the null label in place of a class_dropout fraction (Bernoulli per
+        label), drawn from a generator seeded by (seed, rank, step) alone."""
+        g = torch.Generator().manual_seed(mix(self.seed, self.rank, step, STREAM_LABELS))
+        drop = torch.rand(len(indices), generator=g) < self.class_dropout
+        return self.dataset.labels[indices].masked_fill(drop, self.null_label)
 
 
 class EMA:
@@ -115,8 +136,9 @@ class TrainStep:
     """One optimizer step on static buffers: q_sample (fused, noise drawn in the op from ``seed``) -> U-Net ->
     loss -> backward -> grad clip -> AdamW -> EMA -> seed += 1, adding the loss to ``loss_sum``.
 
-    Inputs are written into ``x0`` (B, C, H, W) float32, ``t`` (B,) int64, ``ema_weight`` (0-dim) and the
-    optimizer's lr before each ``run()``, so the same code runs eagerly or as a replayed CUDA graph.
+    Inputs are written into ``x0`` (B, C, H, W) float32, ``t`` (B,) int64, ``y`` (B,) int64 class labels (a
+    conditional ``net`` only; else None), ``ema_weight`` (0-dim) and the optimizer's lr before each ``run()``,
+    so the same code runs eagerly or as a replayed CUDA graph.
     model: the module to call (a DDP wrapper under torchrun); net: the UNet inside it.
     """
 
@@ -127,6 +149,8 @@ class TrainStep:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.x0 = torch.zeros(batch_shape, device=device).contiguous(memory_format=fmt)
         self.t = torch.zeros(batch_shape[0], dtype=torch.int64, device=device)
+        conditional = getattr(net, "null_label", None) is not None
+        self.y = torch.zeros(batch_shape[0], dtype=torch.int64, device=device) if conditional else None
         self.seed = torch.zeros(1, dtype=torch.int64, device=device)
         self.ema_weight = torch.zeros((), dtype=torch.float32, device=device)
         self.loss_sum = torch.zeros((), dtype=torch.float32, device=device)
@@ -146,7 +170,8 @@ class TrainStep:
         diffusion = self.net.diffusion
         with self._autocast():
             x_t, eps = q_sample(self.tables, self.x0, self.t, seed=self.seed)
-            out = self.model(x_t, self.t)  # t is a step index == the timestep (no respacing in training)
+            # t is a step index == the timestep (no respacing in training)
+            out = self.model(x_t, self.t) if self.y is None else self.model(x_t, self.t, self.y)
         terms = training_losses(self.tables, out.float(), self.x0, x_t, self.t, eps,
                                 prediction=diffusion.prediction, variance=diffusion.variance,
                                 min_snr_gamma=diffusion.min_snr_gamma)
@@ -176,6 +201,10 @@ class TrainStep:
         else:
             self._body()
 
-    def load_batch(self, x0: torch.Tensor, t: torch.Tensor) -> None:
+    def load_batch(self, x0: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> None:
+        if (y is None) != (self.y is None):
+            raise ValueError("a conditional model's steps need class labels y, an unconditional model's none")
         self.x0.copy_(x0, non_blocking=True)
         self.t.copy_(t, non_blocking=True)
+        if y is not None:
+            self.y.copy_(y, non_blocking=True)

@@ -47,6 +47,7 @@ class Trainer:
         self.dist = distributed.setup(cfg.device)
         self.device = self.dist.device
         self._check_batch()
+        self.num_classes = self._check_labels()
         self.net = self._build_model()
         self.tables = self.net.diffusion.make_schedule().tables(self.device)
         self.ema = EMA(self.net)
@@ -91,12 +92,22 @@ class Trainer:
             raise ValueError(f"{self.config.dataset} images are {h}x{w}; the U-Net presets need square images "
                              f"(folder datasets: pass an image size when loading)")
 
+    def _check_labels(self) -> Optional[int]:
+        """The class count of a conditional run (--class-dropout set): the dataset must have labels."""
+        if self.config.class_dropout is None:
+            return None
+        if self.dataset.labels is None:
+            raise ValueError(f"--class-dropout trains a class-conditional model, but dataset "
+                             f"{self.config.dataset!r} has no labels (folder: one sub-directory per class; npz: a "
+                             f"'labels' or 'y' array)")
+        return self.dataset.num_classes
+
     def _build_model(self):
         from ..models import UNet
         c, h, _ = self.dataset.shape
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix(self.config.seed, STREAM_INIT))  # the same initial weights on every rank
-            net = UNet.preset(self.config.preset, image_size=h, in_channels=c)
+            net = UNet.preset(self.config.preset, image_size=h, in_channels=c, num_classes=self.num_classes)
         net = net.to(self.device)
         return net.to(memory_format=torch.channels_last) if self.device.type == "cuda" else net
 
@@ -152,10 +163,12 @@ class Trainer:
     # ---- training -----------------------------------------------------------------------------------------
 
     def _batches(self):
-        """An iterator over the (x0, t) CPU batches of steps self.step .. steps-1 of this rank."""
+        """An iterator over the (x0, t) (conditional runs: (x0, t, y)) CPU batches of steps self.step .. steps-1
+        of this rank."""
         cfg = self.config
         ds = StepBatches(self.dataset, self.dist.rank, self.dist.world_size, cfg.batch_size // self.dist.world_size,
-                         self.tables.num_steps, cfg.seed, self.step, cfg.steps)
+                         self.tables.num_steps, cfg.seed, self.step, cfg.steps, cfg.class_dropout,
+                         self.net.null_label)
         if cfg.num_workers == 0:
             return (ds[i] for i in range(len(ds)))
         loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
@@ -176,10 +189,11 @@ class Trainer:
         torch.manual_seed(mix(cfg.seed, self.dist.rank, step, STREAM_DROPOUT))
         return lr
 
-    def train_step(self, x0: torch.Tensor, t: torch.Tensor) -> None:
-        """One step on a given batch (x0 (b, C, H, W) float32 in [-1, 1], t (b,) int64), eager or graphed."""
+    def train_step(self, x0: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> None:
+        """One step on a given batch (x0 (b, C, H, W) float32 in [-1, 1], t (b,) int64, and for a conditional
+        model y (b,) int64 labels, the null label included), eager or graphed."""
         self._prepare_step()
-        self.stepper.load_batch(x0, t)
+        self.stepper.load_batch(x0, t, y)
         if self.config.cuda_graph and self.stepper.graph is None:
             from .graph import capture
             capture(self.stepper)
@@ -195,8 +209,8 @@ class Trainer:
         if self.dist.is_main:
             self._write_config()
         last_log = self.step
-        for x0, t in self._batches():
-            self.train_step(x0, t)
+        for batch in self._batches():
+            self.train_step(*batch)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 loss_sum = distributed.mean_over_ranks(self.stepper.loss_sum, self.dist).item()
                 loss, last_log = loss_sum / (self.step - last_log), self.step

@@ -38,10 +38,10 @@ def diffusers_model(config):
     return model.eval()
 
 
-def assert_parity(ours, ref, x, t, rel=1e-4):
+def assert_parity(ours, ref, x, t, rel=1e-4, y=None):
     with torch.no_grad():
-        expected = ref(x, t).sample
-        out = ours(x, t)
+        expected = ref(x, t, class_labels=y).sample
+        out = ours(x, t, y)
     err = (out - expected).abs().max() / expected.abs().max()
     assert err <= rel, f"relative error {err:.3g} > {rel}"
 
@@ -97,6 +97,37 @@ def test_to_diffusers_round_trip(seed):
     assert back.config == ours.config
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_class_conditional_parity(seed, fused):
+    """num_class_embeds = K + 1: K classes and the null label K, for random labels (every row used)."""
+    ref = diffusers_model({**SMALL, "num_class_embeds": 11})
+    ours = UNet.from_diffusers(ref, fused=fused)
+    assert ours.config.num_classes == 10 and ours.null_label == 10
+    assert torch.equal(ours.class_embedding.weight, ref.class_embedding.weight)
+    x, t = torch.randn(6, 3, 32, 32), torch.randint(0, 1000, (6,))
+    y = torch.randint(0, 11, (6,))
+    y[int(torch.randint(0, 6, ()))] = 10
+    assert_parity(ours, ref, x, t, y=y)
+    with torch.no_grad():  # y = None is the null label
+        torch.testing.assert_close(ours(x, t), ours(x, t, torch.full((6,), 10)), rtol=0, atol=0)
+        assert_parity(ours, ref, x[:2], t[:2], y=torch.full((2,), 10))
+
+
+def test_class_conditional_round_trip(seed, tmp_path):
+    ours = UNet.preset("tiny", image_size=8, num_classes=3).eval()
+    with torch.no_grad():
+        ours.class_embedding.weight.add_(torch.randn_like(ours.class_embedding.weight))
+    ref = ours.to_diffusers()
+    assert (ref.config.num_class_embeds, ref.config.class_embed_type) == (4, None)
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([5, 600, 999, 0]), torch.tensor([0, 1, 2, 3])
+    assert_parity(ours, ref, x, t, y=y)
+    assert UNet.from_diffusers(ref).config == ours.config
+    ref.save_pretrained(tmp_path)
+    back = UNet.from_diffusers_checkpoint(tmp_path)
+    assert back.config == ours.config
+    assert_parity(back, ref, x, t, y=y)
+
+
 @pytest.mark.parametrize("safe", [True, False])
 @pytest.mark.parametrize("layout", ["unet_dir", "pipeline"])
 def test_checkpoint_round_trip(seed, tmp_path, safe, layout):
@@ -149,7 +180,8 @@ def test_defaults_table_matches_installed_diffusers():
     ("upsample_type", "resnet"),
     ("act_fn", "gelu"),
     ("class_embed_type", "timestep"),
-    ("num_class_embeds", 10),
+    ("num_class_embeds", 1),
+    ("num_class_embeds", 2.5),
     ("mid_block_type", None),
     ("norm_num_groups", None),
     ("attn_norm_num_groups", 4),

@@ -1,4 +1,5 @@
-"""DDP on the CPU: torchrun launches 2 processes with gloo; ranks stay in sync, only rank 0 writes, resume works."""
+"""DDP on the CPU: torchrun launches 2 processes with gloo; ranks stay in sync, only rank 0 writes, resume works
+(for an unconditional and a class-conditional model)."""
 import json
 import os
 import subprocess
@@ -35,6 +36,21 @@ SCRIPT = textwrap.dedent('''
     result = {"rank": rank, "world": dist.get_world_size(), "start": start, "step": resumed.step,
               "resume_equal": torch.equal(a, b), "ranks_equal": all(torch.equal(g, a) for g in gathered),
               "batch": resumed.stepper.x0.shape[0]}
+    # a class-conditional run: 2 steps + resume + 2 steps against 4 straight steps, labels dropped per rank
+    cond = dict(common, class_dropout=0.5)
+    Trainer(TrainConfig(steps=2, out=out + "/csplit", **cond)).fit()
+    resumed = Trainer(TrainConfig(steps=4, out=out + "/csplit", resume=True, **cond))
+    resumed.fit()
+    straight = Trainer(TrainConfig(steps=4, out=out + "/cstraight", **cond))
+    labels = torch.cat([batch[2] for batch in straight._batches()])
+    straight.fit()
+    a, b = flat(resumed), flat(straight)
+    gathered = [torch.zeros_like(a) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, a)
+    seen = [torch.zeros_like(labels) for _ in range(dist.get_world_size())]
+    dist.all_gather(seen, labels)
+    result.update(cond_resume_equal=torch.equal(a, b), cond_ranks_equal=all(torch.equal(g, a) for g in gathered),
+                  cond_labels_differ=not torch.equal(seen[0], seen[1]))
     json.dump(result, open(f"{out}/rank{rank}.json", "w"))
     dist.destroy_process_group()
 ''')
@@ -54,6 +70,7 @@ def test_ddp_two_processes_gloo(tmp_path):
         assert res["start"] == 3 and res["step"] == 6
         assert res["ranks_equal"], "ranks drifted apart"
         assert res["resume_equal"], "3 + resume + 3 steps differ from 6 straight steps"
+        assert res["cond_ranks_equal"] and res["cond_resume_equal"] and res["cond_labels_differ"], res
     run = tmp_path / "split"
     files = sorted(os.listdir(run))
     assert files == ["checkpoint.safetensors", "config.json", "loss.png", "metrics.jsonl", "model.safetensors"]

@@ -204,24 +204,24 @@ def test_train_function(tmp_path):
     assert os.path.isfile(path)
 
 
-@pytest.mark.parametrize("warm_at", [0, 2])
-def test_graph_warmup_is_undone(tmp_path, warm_at):
+@pytest.mark.parametrize("warm_at, class_dropout", [(0, None), (2, None), (2, 0.5)])
+def test_graph_warmup_is_undone(tmp_path, warm_at, class_dropout):
     """The CUDA-graph capture warms up with real steps and then restores weights, EMA, AdamW state and seed;
     on the CPU the same undo (at a fresh start and with AdamW state present) must leave the run bitwise as if
-    the warm-up never happened."""
+    the warm-up never happened (also for a class-conditional model, whose labels sit in a static buffer)."""
     from ddpm_fast.training.graph import _restore, _snapshot
     runs = []
     for name, warm in (("plain", False), ("warmed", True)):
-        trainer = Trainer(_cfg(tmp_path, name, steps=4, save_every=0))
-        for x0, t in trainer._batches():
+        trainer = Trainer(_cfg(tmp_path, name, steps=4, save_every=0, class_dropout=class_dropout))
+        for batch in trainer._batches():
             if warm and trainer.step == warm_at:
                 trainer._prepare_step()
-                trainer.stepper.load_batch(x0, t)
+                trainer.stepper.load_batch(*batch)
                 snap = _snapshot(trainer.stepper)
                 for _ in range(3):
                     trainer.stepper._body()
                 _restore(trainer.stepper, snap)
-            trainer.train_step(x0, t)
+            trainer.train_step(*batch)
         runs.append(trainer)
     a, b = runs
     assert all(torch.equal(p, q) for p, q in zip(a.net.parameters(), b.net.parameters()))
@@ -232,13 +232,14 @@ def test_graph_warmup_is_undone(tmp_path, warm_at):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("amp", ["none", "bf16"])
-def test_cuda_graph_matches_eager(tmp_path, amp):
-    """Same seed: the graphed step gives the eager loss curve and weights within fp tolerance."""
+@pytest.mark.parametrize("amp, class_dropout", [("none", None), ("bf16", None), ("none", 0.3)])
+def test_cuda_graph_matches_eager(tmp_path, amp, class_dropout):
+    """Same seed: the graphed step gives the eager loss curve and weights within fp tolerance (a conditional
+    model too: its labels are copied into a static buffer that every replay reads)."""
     runs = {}
     for graph in (False, True):
         trainer = Trainer(_cfg(tmp_path, f"graph{graph}", steps=30, batch_size=32, amp=amp, log_every=1,
-                               save_every=0, device="cuda", cuda_graph=graph))
+                               save_every=0, device="cuda", cuda_graph=graph, class_dropout=class_dropout))
         trainer.fit()
         runs[graph] = (torch.tensor([r["loss"] for r in read_metrics(os.path.join(trainer.run_dir,
                                                                                    "metrics.jsonl"))]),
