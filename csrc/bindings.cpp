@@ -90,6 +90,16 @@ void philox_randn_fill_cpu(uintptr_t out, int64_t n, uint64_t seed, uint32_t ste
 }  // namespace ddpm_fast
 // ---- end p_step bindings ----
 
+// ---- solver_step bindings (owner: diffusion ops) ----
+namespace ddpm_fast {  // csrc/solver_step_cpu.cpp
+void solver_step_fused_cpu(uintptr_t x, uintptr_t mo, uintptr_t noise, uintptr_t out, uintptr_t h1, uintptr_t h2,
+                           uintptr_t last, int64_t N, int64_t C, int64_t S, bool channels_last, int64_t mo_sn,
+                           int64_t mo_sc, int64_t mo_ss, double p, double q, double cx, double cl, double c0,
+                           double c1, double c2, double a, double b0, double b1, double b2, double s, bool add_noise,
+                           uint64_t seed, uint32_t step, uint32_t stream, int64_t element_offset, int threads);
+}  // namespace ddpm_fast
+// ---- end solver_step bindings ----
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ddpm_fast compiled kernels (CPU always; CUDA when built with nvcc)";
 #ifdef DDPM_FAST_WITH_CUDA
@@ -147,4 +157,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out"), py::arg("n"), py::arg("seed"), py::arg("step"), py::arg("stream"),
         py::arg("element_offset"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
   // ---- end p_step defs ----
+  // ---- solver_step defs ----
+  m.def("solver_step_fused_cpu", &ddpm_fast::solver_step_fused_cpu,
+        "one few-step solver step: x, model output and history in, x and history out, one pass; fp32 (CPU)",
+        py::arg("x"), py::arg("mo"), py::arg("noise"), py::arg("out"), py::arg("h1"), py::arg("h2"),
+        py::arg("last"), py::arg("N"), py::arg("C"), py::arg("S"), py::arg("channels_last"), py::arg("mo_sn"),
+        py::arg("mo_sc"), py::arg("mo_ss"), py::arg("p"), py::arg("q"), py::arg("cx"), py::arg("cl"),
+        py::arg("c0"), py::arg("c1"), py::arg("c2"), py::arg("a"), py::arg("b0"), py::arg("b1"), py::arg("b2"),
+        py::arg("s"), py::arg("add_noise"), py::arg("seed"), py::arg("step"), py::arg("stream"),
+        py::arg("element_offset"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+  // ---- end solver_step defs ----
 }

@@ -13,20 +13,14 @@
 #include <stdexcept>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define DDPM_FAST_X86 1
-#include <immintrin.h>
-#endif
-#ifdef DDPM_FAST_OPENMP
-#include <omp.h>
-#endif
+#include "cpu_kernels.h"
+#include "data_prediction.h"
 
 namespace ddpm_fast {
 namespace {
 
 constexpr uint32_t kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u, kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;
 constexpr float kTwoPi = 6.283185307179586f;
-constexpr int64_t kTile = 2048;  // elements per work item (a multiple of 32: whole 8-group AVX2 batches)
 
 // uint32 -> [0, 1) exactly as triton's uint_to_uniform_float: as int32, negatives folded by bitwise not.
 inline float to_uniform(uint32_t r) {
@@ -59,8 +53,6 @@ void randn_groups_scalar(float* dst, uint64_t g0, int64_t ng, uint64_t seed, uin
 }
 
 #ifdef DDPM_FAST_X86
-#define AVX2 __attribute__((target("avx2,fma")))
-
 AVX2 inline void mulhilo(__m256i a, __m256i m, __m256i* hi, __m256i* lo) {
   __m256i even = _mm256_mul_epu32(a, m);                        // 64-bit products of lanes 0, 2, 4, 6
   __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);  // and of lanes 1, 3, 5, 7
@@ -168,22 +160,22 @@ AVX2 void randn_groups_avx2(float* dst, uint64_t g0, int64_t ng, uint64_t seed, 
 
 // The common step (model output laid out like x, no learned variance):
 // o = a * clip(p x + q m) + b x + sigma z, 8 lanes at a time; z may be null (no noise).
-AVX2 void step_run_avx2(const float* x, const float* m, const float* z, float* o, int64_t len, float p, float q,
-                        float a, float b, float sigma, bool clip) {
-  const __m256 vp = _mm256_set1_ps(p), vq = _mm256_set1_ps(q), va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+AVX2 void step_run_avx2(const float* x, const float* m, const float* z, float* o, int64_t len,
+                        const DataPrediction& dp, float a, float b, float sigma, bool clip) {
+  const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
   const __m256 vs = _mm256_set1_ps(sigma), lo = _mm256_set1_ps(clip ? -1.0f : -INFINITY);
   const __m256 hi = _mm256_set1_ps(clip ? 1.0f : INFINITY);
   int64_t i = 0;
   for (; i + 8 <= len; i += 8) {
     __m256 xv = _mm256_loadu_ps(x + i);
-    __m256 x0 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(m + i), _mm256_mul_ps(vp, xv));
+    __m256 x0 = data_prediction8(dp, xv, m + i);
     x0 = _mm256_min_ps(hi, _mm256_max_ps(lo, x0));  // operand order keeps NaN (max/min return the 2nd)
     __m256 r = _mm256_fmadd_ps(va, x0, _mm256_mul_ps(vb, xv));
     if (z) r = _mm256_fmadd_ps(vs, _mm256_loadu_ps(z + i), r);
     _mm256_storeu_ps(o + i, r);
   }
   for (; i < len; ++i) {  // the same fused roundings as the vector lanes: a tail element equals its vector twin
-    float x0 = std::fma(q, m[i], p * x[i]);
+    float x0 = data_prediction(dp, x[i], m + i);
     if (clip) x0 = x0 < -1.0f ? -1.0f : (x0 > 1.0f ? 1.0f : x0);
     float r = std::fma(a, x0, b * x[i]);
     o[i] = z ? std::fma(sigma, z[i], r) : r;
@@ -209,15 +201,6 @@ AVX2 void exp_inplace_avx2(float* v, int64_t n) {
   for (; i < n; ++i) v[i] = std::exp(v[i]);
 }
 #endif  // DDPM_FAST_X86
-
-bool use_avx2() {
-#ifdef DDPM_FAST_X86
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
 
 void randn_groups(float* dst, int64_t g_lo, int64_t ng, uint64_t seed, uint32_t step, uint32_t stream) {
 #ifdef DDPM_FAST_X86
@@ -249,22 +232,20 @@ void exp_inplace(float* v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) v[i] = std::exp(v[i]);
 }
 
-// Work per thread >= kGrain elements (~30 us): smaller parallel regions cost more in fork/join than they save,
-// and much more when the machine is oversubscribed.
-constexpr int64_t kGrain = 16384;
+}  // namespace
 
-template <typename F> void parallel_tiles(int64_t n, int threads, F body) {
-  int64_t tiles = (n + kTile - 1) / kTile;
-  int use = static_cast<int>(std::min<int64_t>(std::max(1, threads), std::max<int64_t>(1, n / kGrain)));
-#ifdef DDPM_FAST_OPENMP
-#pragma omp parallel for schedule(static) num_threads(use) if (use > 1)
+bool use_avx2() {
+#ifdef DDPM_FAST_X86
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
 #else
-  (void)use;
+  return false;
 #endif
-  for (int64_t t = 0; t < tiles; ++t) body(t * kTile, std::min(n, (t + 1) * kTile));
 }
 
-}  // namespace
+void philox_randn_range(float* dst, int64_t e0, int64_t e1, uint64_t seed, uint32_t step, uint32_t stream) {
+  randn_range(dst, e0, e1, seed, step, stream);
+}
 
 void philox_randn_cpu(float* out, int64_t n, uint64_t seed, uint32_t step, uint32_t stream, int64_t element_offset,
                       int threads) {
@@ -280,7 +261,8 @@ struct PStepCpuArgs {
   float* out;
   int64_t N, C, S, mo_sn, mo_sc, mo_ss, var_off, element_offset;
   bool channels_last, clip, learned, add_noise;
-  float p, q, a, b, sigma, lv_lo, lv_hi;  // learned sigma = exp(lv_lo + lv_hi * v)
+  DataPrediction dp;  // x0 = dp.p * x + dp.q * m
+  float a, b, sigma, lv_lo, lv_hi;  // learned sigma = exp(lv_lo + lv_hi * v)
   uint64_t seed;
   uint32_t step, stream;
 };
@@ -294,12 +276,12 @@ void apply_run(const PStepCpuArgs& A, int64_t l, int64_t len, int64_t base, int6
   float* o = A.out + l;
 #ifdef DDPM_FAST_X86
   if (st == 1 && !A.learned && use_avx2()) {
-    step_run_avx2(x, m, A.add_noise ? z : nullptr, o, len, A.p, A.q, A.a, A.b, A.sigma, A.clip);
+    step_run_avx2(x, m, A.add_noise ? z : nullptr, o, len, A.dp, A.a, A.b, A.sigma, A.clip);
     return;
   }
 #endif
   for (int64_t i = 0; i < len; ++i) {
-    float x0 = A.p * x[i] + A.q * m[i * st];
+    float x0 = data_prediction(A.dp, x[i], m + i * st);
     if (A.clip) x0 = x0 < -1.0f ? -1.0f : (x0 > 1.0f ? 1.0f : x0);
     o[i] = A.a * x0 + A.b * x[i];
   }
@@ -353,7 +335,7 @@ void p_step_fused_cpu(uintptr_t x, uintptr_t mo, uintptr_t noise, uintptr_t out,
   A.N = N, A.C = C, A.S = S, A.mo_sn = mo_sn, A.mo_sc = mo_sc, A.mo_ss = mo_ss, A.var_off = var_off;
   A.element_offset = element_offset, A.channels_last = channels_last, A.clip = clip, A.learned = learned;
   A.add_noise = add_noise, A.seed = seed, A.step = step, A.stream = stream;
-  A.p = static_cast<float>(p), A.q = static_cast<float>(q), A.a = static_cast<float>(a);
+  A.dp = DataPrediction{static_cast<float>(p), static_cast<float>(q)}, A.a = static_cast<float>(a);
   A.b = static_cast<float>(b), A.sigma = static_cast<float>(sigma);
   A.lv_lo = static_cast<float>(lv_lo), A.lv_hi = static_cast<float>(lv_hi);
   p_step_cpu(A, threads);

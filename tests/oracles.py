@@ -53,3 +53,88 @@ def exact_moments(schedule, mu, s, sampler="ddpm", variance="fixed_small", eta=0
             B = r["sqrt_alphas_cumprod_prev"][i] * B0 - d * B0 / srm1
         m, v = A * m + B, A * A * v + (var if i > 0 else 0.0)
     return m, v
+
+
+def exact_solver_moments(schedule, mu, s, sampler):
+    """Per-pixel mean and variance (float64) of a few-step solver's output for the Gaussian oracle (clip=False).
+
+    With the exact data prediction x0*(x) = A0 x + B0 every solver update is affine in its inputs, so every
+    quantity of the chain (x, the history, UniPC's corrected sample) is an affine function of x_T and of the
+    SDE solver's step noises z_k, all independent N(0, 1). The recursion runs the solver's own update formulas
+    (diffusion.solvers.solver_update_ref) on those coefficient vectors: rows [x_T, 1, z_0, ..., z_{N-1}]."""
+    from ddpm_fast.diffusion import solvers
+    mu, s2 = mu.double().flatten(), s.double().flatten() ** 2
+    n = schedule.num_steps
+    points = solvers.chain_points(schedule.alphas_cumprod)
+    x = torch.zeros(n + 2, mu.numel(), dtype=torch.float64)
+    x[0] = 1.0
+    h1 = h2 = last = torch.zeros_like(x)
+    for k in range(n):
+        p = points[k]
+        gain = p.alpha * s2 / (p.alpha ** 2 * s2 + p.sigma ** 2)
+        m = gain * x
+        m[1] += mu - gain * p.alpha * mu
+        z = torch.zeros_like(x)
+        z[2 + k] = 1.0
+        x_next, xc = solvers.solver_update_ref(sampler, points, k, x, m, h1, h2, last, z)
+        last, h2, h1, x = xc, h1, m, x_next
+    shape = tuple(s.shape)
+    return x[1].view(shape).numpy(), (x[0] ** 2 + (x[2:] ** 2).sum(0)).view(shape).numpy()
+
+
+class MixtureOracle(nn.Module):
+    """The optimal model for x0 ~ w N(mu1, s1^2) + (1 - w) N(mu2, s2^2), independently per pixel: the posterior
+    mean of x0 given x_t mixes the two components' Gaussian posterior means by their responsibilities,
+        r_j(x_t) ~ w_j N(x_t; sqrt(abar) mu_j, abar s_j^2 + 1 - abar),
+    and eps* = (x_t - sqrt(abar) E[x0 | x_t]) / sqrt(1 - abar). Computed in float64 (CPU tensors, not buffers:
+    the sampler then runs the model in float32, its default), returned as float32."""
+
+    def __init__(self, base, mu1, s1, mu2, s2, w=0.5, prediction="eps"):
+        super().__init__()
+        self.abar = torch.tensor(base.alphas_cumprod, dtype=torch.float64)
+        self.mu1, self.s1, self.mu2, self.s2 = (torch.as_tensor(v, dtype=torch.float64) for v in (mu1, s1, mu2, s2))
+        self.w, self.prediction, self.calls = w, prediction, 0
+
+    def forward(self, x, t):
+        self.calls += 1
+        ab = self.abar[t].view(-1, 1, 1, 1)
+        a, x64 = ab.sqrt(), x.double()
+        logs, means = [], []
+        for w, mu, s in ((self.w, self.mu1, self.s1), (1 - self.w, self.mu2, self.s2)):
+            var = ab * s ** 2 + 1 - ab
+            logs.append(math.log(w) - 0.5 * var.log() - 0.5 * (x64 - a * mu) ** 2 / var)
+            means.append(mu + a * s ** 2 * (x64 - a * mu) / var)
+        r = torch.softmax(torch.stack(logs), dim=0)
+        x0 = r[0] * means[0] + r[1] * means[1]
+        eps = (x64 - a * x0) / (1 - ab).sqrt()
+        out = {"eps": eps, "x0": x0, "v": a * eps - (1 - ab).sqrt() * x0}[self.prediction]
+        return out.float()
+
+    def sample_data(self, n, generator):
+        """n exact draws of x0, float64 (n, *pixel shape)."""
+        shape = (n, *self.mu1.shape)
+        first = torch.rand(shape, generator=generator, dtype=torch.float64) < self.w
+        z = torch.randn(shape, generator=generator, dtype=torch.float64)
+        return torch.where(first, self.mu1 + self.s1 * z, self.mu2 + self.s2 * z)
+
+    def quantiles(self, n):
+        """The exact law's (i - 1/2) / n quantiles per pixel, float64 (n, *pixel shape): W1 to the law is then
+        mean |sorted samples - quantiles| (1-D optimal transport)."""
+        lo = torch.minimum(self.mu1 - 8 * self.s1, self.mu2 - 8 * self.s2)
+        hi = torch.maximum(self.mu1 + 8 * self.s1, self.mu2 + 8 * self.s2)
+        probs = ((torch.arange(n, dtype=torch.float64) + 0.5) / n).view(-1, *([1] * self.mu1.dim()))
+        for _ in range(60):  # bisection on the mixture CDF, all quantiles and pixels at once
+            mid = (lo + hi) / 2
+            below = self.cdf(mid) < probs
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        return (lo + hi) / 2
+
+    def cdf(self, x):
+        phi = torch.special.ndtr
+        return self.w * phi((x - self.mu1) / self.s1) + (1 - self.w) * phi((x - self.mu2) / self.s2)
+
+
+def w1_to_law(samples, oracle):
+    """Mean over pixels of the 1-D Wasserstein-1 distance between each pixel's samples and the exact law."""
+    q = oracle.quantiles(samples.shape[0])
+    return (samples.double().sort(dim=0).values - q).abs().mean().item()

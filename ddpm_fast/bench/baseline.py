@@ -9,6 +9,7 @@ kept on the device), or diffusers' ``DDPMScheduler.step`` in its place. None of 
 Also the plain training step (q_sample as torch ops, eps-MSE, AdamW), the baseline of benchmarks/bench_train.py.
 """
 import contextlib
+import inspect
 from typing import Optional
 
 import torch
@@ -115,14 +116,16 @@ def plain_sample(model, n, steps=None, *, diffusion: Optional[PlainDiffusion] = 
     :param diffusion: the tables (default ``PlainDiffusion.for_model(model, steps)``).
     The model runs in its own parameter dtype (cast the model, e.g. ``.to(torch.bfloat16)``, as diffusers users
     do); x and the posterior math stay fp32.
-    :param scheduler: None for the hand-written step, or a diffusers DDPMScheduler (configured like the model,
-        ``set_timesteps`` is called here) whose ``step`` replaces it.
+    :param scheduler: None for the hand-written step, or a diffusers scheduler (DDPMScheduler, or that of another
+        sampler; configured like the model, ``set_timesteps`` is called here) whose ``step`` replaces it.
     """
     device, dtype = _device_dtype(model)
     shape = tuple(shape or model.diffusion.image_shape)
     if scheduler is not None:
         scheduler.set_timesteps(steps or scheduler.config.num_train_timesteps, device=device)
         plan = [(None, int(t)) for t in scheduler.timesteps]
+        # diffusers' step() takes generator= when it draws noise (DDPM, SDE solvers); UniPC's takes none
+        extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     else:
         diffusion = diffusion or PlainDiffusion.for_model(model, steps, device)
         plan = [(i, diffusion.timesteps[i]) for i in reversed(range(diffusion.num_steps))]
@@ -131,7 +134,7 @@ def plain_sample(model, n, steps=None, *, diffusion: Optional[PlainDiffusion] = 
         t = torch.full((n,), timestep, device=device, dtype=torch.long)
         out = model(x.to(dtype), t)
         if scheduler is not None:
-            x = scheduler.step(out.float(), timestep, x, generator=generator).prev_sample
+            x = scheduler.step(out.float(), timestep, x, **extra).prev_sample
         else:
             noise = torch.randn(x.shape, generator=generator, device=device)
             x = diffusion.p_sample(out, x, torch.full((n,), i, device=device, dtype=torch.long), noise)

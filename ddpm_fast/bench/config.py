@@ -11,6 +11,10 @@ Variants (each a full sampling call of ``batch`` images x ``steps`` steps):
     ddpm_fast              ddpm_fast.sample (CPU: the fused eager path)
     ddpm_fast-whole, ddpm_fast-step, ddpm_fast-eager   (GPU) the whole loop as one CUDA graph / one step's graph
                            replayed / no graph
+With ``--sampler`` other than ddpm (ddim or a few-step solver) every variant uses that sampler: the baselines
+(eager, compile, diffusers) step with diffusers' scheduler of that sampler (DDIMScheduler,
+DPMSolverMultistepScheduler, UniPCMultistepScheduler) on its own default grid of ``steps`` steps, ddpm_fast with
+``spacing``: the same number of model evaluations either way.
 The configuration is a dataclass (BenchConfig); the command line is derived from it. This module imports only
 the standard library, so `ddpm-fast --help` stays fast; the measuring lives in bench/sampling.py.
 """
@@ -41,6 +45,8 @@ DEFAULT_BATCHES = {"cpu": {"tiny": (1, 16), "ddpm_cifar10": (1,)},
                    "cuda": {"tiny": (1, 16, 128, 512), "ddpm_cifar10": (1, 16, 128, 512)}}
 DEFAULT_STEPS = {"cpu": (20,), "cuda": (100, 1000)}
 DEFAULT_DTYPES = {"cpu": ("fp32",), "cuda": ("fp32", "bf16")}
+BENCH_SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")  # = diffusion.SAMPLERS
+BENCH_SPACINGS = ("linspace", "leading", "trailing", "logsnr")                   # = diffusion SPACINGS
 
 
 def _f(default, help, **kw):
@@ -76,6 +82,9 @@ class BenchConfig:
     time_budget: Optional[float] = _f(None, "seconds: cases not started by then are skipped (listed in the JSON)")
     quick: bool = _f(False, "dry run: tiny preset, batches 1,2, 3 steps, 2 repeats (results file *-quick.json)")
     seed: int = _f(0, "seed of the model weights and of ddpm_fast.sample")
+    sampler: str = _f("ddpm", "the sampler of every variant (baselines: diffusers' scheduler of it)",
+                      choices=BENCH_SAMPLERS)
+    spacing: Optional[str] = _f(None, "ddpm_fast's timestep spacing (default: the sampler's)", choices=BENCH_SPACINGS)
 
     def resolved(self) -> "BenchConfig":
         """A copy with the device's defaults filled in and every value checked (ValueError names the field)."""
@@ -121,6 +130,10 @@ class BenchConfig:
             bad("variants", "on a GPU choose ddpm_fast-whole, ddpm_fast-step or ddpm_fast-eager")
         if self.threads is not None and self.threads < 1:
             bad("threads", "must be >= 1")
+        if self.sampler not in BENCH_SAMPLERS:
+            bad("sampler", f"choose from {', '.join(BENCH_SAMPLERS)}")
+        if self.spacing is not None and self.spacing not in BENCH_SPACINGS:
+            bad("spacing", f"choose from {', '.join(BENCH_SPACINGS)}")
 
     def batches_for(self, preset):
         return self.batches or DEFAULT_BATCHES[self.device][preset]

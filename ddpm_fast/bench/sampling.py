@@ -47,22 +47,40 @@ class Models:
             self._compiled[mode] = torch.compile(self.plain, mode=mode, dynamic=False)
         return self._compiled[mode]
 
-    def scheduler(self):
-        from diffusers import DDPMScheduler
+    def scheduler(self, sampler="ddpm"):
+        """diffusers' scheduler of ``sampler`` (DDPMScheduler for ddpm), configured like the model."""
+        if self._scheduler is None or self._scheduler[0] != sampler:
+            self._scheduler = (sampler, diffusers_scheduler(sampler, self.plain.diffusion))
+        return self._scheduler[1]
 
-        from ..models.diffusers import diffusers_scheduler_config
-        if self._scheduler is None:
-            self._scheduler = DDPMScheduler.from_config(diffusers_scheduler_config(self.plain.diffusion))
-        return self._scheduler
-
-    def pipeline(self):
+    def pipeline(self, sampler="ddpm"):
+        """DDPMPipeline with the same weights and a fresh scheduler of ``sampler``."""
         from diffusers import DDPMPipeline
-        if self._pipeline is None:
-            from diffusers import DDPMScheduler
-            scheduler = DDPMScheduler.from_config(self.scheduler().config)
-            self._pipeline = DDPMPipeline(unet=self.plain.to_diffusers().eval(), scheduler=scheduler)
-            self._pipeline.set_progress_bar_config(disable=True)
-        return self._pipeline
+        if self._pipeline is None or self._pipeline[0] != sampler:
+            pipe = DDPMPipeline(unet=self.plain.to_diffusers().eval(),
+                                scheduler=diffusers_scheduler(sampler, self.plain.diffusion))
+            pipe.set_progress_bar_config(disable=True)
+            self._pipeline = (sampler, pipe)
+        return self._pipeline[1]
+
+
+def diffusers_scheduler(sampler, diffusion):
+    """The diffusers scheduler a user would pair with ``sampler`` (their defaults otherwise), from the model's
+    training config (DDPM's config keys; the others ignore those they lack, e.g. clip_sample)."""
+    import diffusers
+
+    from ..models.diffusers import diffusers_scheduler_config
+    config = diffusers_scheduler_config(diffusion)
+    if sampler == "ddpm":
+        return diffusers.DDPMScheduler.from_config(config)
+    config.pop("variance_type")  # the solvers' variance_type means "the output has a variance half"
+    if sampler == "ddim":
+        return diffusers.DDIMScheduler.from_config(config)
+    if sampler == "unipc":
+        return diffusers.UniPCMultistepScheduler.from_config(config)
+    extra = {"dpmpp_2m": {}, "dpmpp_3m": {"solver_order": 3},
+             "dpmpp_2m_sde": {"algorithm_type": "sde-dpmsolver++"}}[sampler]
+    return diffusers.DPMSolverMultistepScheduler.from_config({**config, **extra})
 
 
 class FastSample:
@@ -81,27 +99,34 @@ class FastSample:
         return out
 
 
-def make_variant(name, models: Models, n, steps, seed):
-    """A zero-argument callable doing one full sampling call, or a string saying why it cannot run here."""
-    if name in ("eager", "compile", "compile-ro"):
+def make_variant(name, models: Models, n, steps, seed, sampler="ddpm", spacing=None):
+    """A zero-argument callable doing one full sampling call, or a string saying why it cannot run here.
+    With a sampler other than ddpm, the baselines step with diffusers' scheduler of that sampler."""
+    if name.startswith("ddpm_fast"):
+        kw = {"ddpm_fast": {}, "ddpm_fast-whole": {"cuda_graph": True, "graph": "whole"},
+              "ddpm_fast-step": {"cuda_graph": True, "graph": "step"}, "ddpm_fast-eager": {"cuda_graph": False}}[name]
+        return FastSample(models.fused, n, steps, seed, sampler=sampler, spacing=spacing, **kw)
+    if name in ("eager", "compile", "compile-ro") and sampler == "ddpm":
         model = models.plain if name == "eager" else models.compiled(
             None if name == "compile" else "reduce-overhead")
         tables = PlainDiffusion.for_model(models.plain, steps, models.device)  # computed once, as a user would
         shape = models.plain.diffusion.image_shape
         return lambda: plain_sample(model, n, steps, diffusion=tables, shape=shape)
-    if name in ("eager+diffusers-step", "diffusers"):
-        try:
-            import diffusers  # noqa: F401
-        except ImportError:
-            return "diffusers is not installed"
-        if name == "diffusers":
-            pipe = models.pipeline()
-            return lambda: pipe(batch_size=n, num_inference_steps=steps, output_type="pt").images
-        scheduler = models.scheduler()
-        return lambda: plain_sample(models.plain, n, steps, scheduler=scheduler)
-    kw = {"ddpm_fast": {}, "ddpm_fast-whole": {"cuda_graph": True, "graph": "whole"},
-          "ddpm_fast-step": {"cuda_graph": True, "graph": "step"}, "ddpm_fast-eager": {"cuda_graph": False}}[name]
-    return FastSample(models.fused, n, steps, seed, **kw)
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        return "diffusers is not installed" + ("" if sampler == "ddpm" else f" (the {sampler} baselines use it)")
+    if name == "diffusers":
+        if sampler == "unipc":
+            return "DDPMPipeline passes generator= to step(), which UniPCMultistepScheduler does not take"
+        pipe = models.pipeline(sampler)
+        return lambda: pipe(batch_size=n, num_inference_steps=steps, output_type="pt").images
+    if name == "eager+diffusers-step" and sampler != "ddpm":
+        return f"the same as eager for sampler {sampler} (both step with diffusers' scheduler)"
+    model = models.plain if name in ("eager", "eager+diffusers-step") else models.compiled(
+        None if name == "compile" else "reduce-overhead")
+    scheduler = models.scheduler(sampler)
+    return lambda: plain_sample(model, n, steps, scheduler=scheduler)
 
 
 def _flops_per_call(gflops_per_image, n, steps):
@@ -164,7 +189,7 @@ def run_case(config: BenchConfig, models: Models, case, gflops, matmul, results)
     fns, skipped = {}, {}
     for name in config.variants_for(preset, n):
         try:
-            made = make_variant(name, models, n, steps, config.seed)
+            made = make_variant(name, models, n, steps, config.seed, config.sampler, config.spacing)
         except Exception as err:  # noqa: BLE001 -- e.g. a conversion that fails: record, go on
             made = None
             results["failures"].append({"case": list(case), "variant": name, "error": f"{type(err).__name__}: {err}"})
@@ -267,7 +292,8 @@ def run(config: BenchConfig) -> int:
     """Measures every case, prints the tables, writes the JSON; returns 1 when any variant failed, else 0."""
     config = config.resolved()
     device = bc.bench_device(config.device, config.threads, "bench")
-    path = bc.result_path(config.out_dir, "", device, config.quick)
+    path = bc.result_path(config.out_dir, "" if config.sampler == "ddpm" else f"{config.sampler}-", device,
+                          config.quick)
     results = {"meta": bc.environment(device), "config": {k: v for k, v in vars(config).items()},
                "variants": VARIANTS, "gflops_per_image": {}, "rows": [], "failures": [], "profiles": [],
                "targets": [], "complete": False}

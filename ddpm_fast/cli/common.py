@@ -102,3 +102,17 @@ def _argparse_type(parse):
 def given_values(args, cls) -> dict:
     """{field: value} of the dataclass fields whose flags were given on the command line."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+
+
+# diffusion.SAMPLERS and SPACINGS, spelled out so `--help` needs no torch import (tests/test_cli_sample.py checks)
+SAMPLER_CHOICES = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")
+SPACING_CHOICES = ("linspace", "leading", "trailing", "logsnr")
+
+
+def add_sampler_flags(parser, steps_type=positive_int):
+    """--steps, --sampler, --spacing: shared by sample, eval and bench (ddpm_fast.sample's arguments)."""
+    parser.add_argument("--steps", type=steps_type, help="sampling steps (default: the sampler's, docs/solvers.md; "
+                        "ddpm: all T training steps); fewer than T respace the schedule")
+    parser.add_argument("--sampler", choices=SAMPLER_CHOICES, default="ddpm", help="ddpm (default), ddim, or a "
+                        "few-step solver: dpmpp_2m, dpmpp_3m, dpmpp_2m_sde (DPM-Solver++), unipc")
+    parser.add_argument("--spacing", choices=SPACING_CHOICES, help="timestep spacing (default: the sampler's)")

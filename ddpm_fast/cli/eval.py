@@ -4,7 +4,7 @@ import json
 import os
 import sys
 
-from .common import UsageError, add_threads, usage_errors
+from .common import UsageError, add_sampler_flags, add_threads, usage_errors
 
 
 def add(sub):
@@ -20,8 +20,7 @@ def add(sub):
                    "fashion-mnist, folder:DIR, npz:FILE)")
     p.add_argument("--n", type=int, default=None, help="images to sample and score (default: the held-out "
                    "split's size, which is also the maximum)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: all T)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    add_sampler_flags(p, int)
     p.add_argument("--seed", type=int, default=0, help="sampling and metric seed (default 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--batch-size", type=int, default=None, help="images per sampling chunk")
@@ -82,7 +81,7 @@ def run(args):
     from ..files import atomic_write
     from ..sampling.args import resolve
     sample_kw = dict(steps=args.steps, sampler=args.sampler, seed=args.seed, batch_size=args.batch_size,
-                     threads=args.threads)
+                     threads=args.threads, spacing=args.spacing)
     try:
         model, net, n, holdout = _prepare(args)
         resolve(model, n, **sample_kw)
@@ -91,10 +90,12 @@ def run(args):
     except usage_errors() as err:
         raise UsageError(str(err)) from None
     samples = ddpm_fast.sample(model, n, progress=sys.stderr.isatty(), **sample_kw)
+    from ..sampling import last_run_info
+    used_steps = last_run_info()["steps"]
     scores = evaluate(samples, args.dataset, n=n, data_dir=args.data_dir, seed=args.seed, feature_net=net,
                       holdout=holdout)
-    scores.update(checkpoint=args.checkpoint or "bundled default", steps=args.steps or model.diffusion.T,
-                  sampler=args.sampler, seed=args.seed)
+    scores.update(checkpoint=args.checkpoint or "bundled default", steps=used_steps, sampler=args.sampler,
+                  spacing=args.spacing, seed=args.seed)
     print(format_eval(scores))
     if args.json:
         text = json.dumps(scores, indent=2) + "\n"

@@ -1,7 +1,7 @@
 """`ddpm-fast sample`: images from a model (default: the bundled digits model) as a grid picture and/or .npz."""
 import os
 
-from .common import UsageError, add_threads, positive_int, usage_errors
+from .common import UsageError, add_sampler_flags, add_threads, positive_int, usage_errors
 
 
 def add(sub):
@@ -13,9 +13,7 @@ def add(sub):
                    "such path exists; default: the bundled model, when this install has one")
     p.add_argument("-n", "--n", type=positive_int, default=64, help="number of images (default 64; under torchrun "
                    "write -n: torchrun reads --n as an abbreviation of its own options)")
-    p.add_argument("--steps", type=positive_int, help="sampling steps (default: all T training steps; fewer "
-                   "respace the schedule: linspace rule, see docs/diffusion.md)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    add_sampler_flags(p)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (sampler ddim only; default 0)")
     p.add_argument("--seed", type=int, help="same seed and thread count -> same images on a device (default: a "
                    "fresh one, printed)")
@@ -94,7 +92,8 @@ def run(args):
     model = _load(args, device)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     kwargs = dict(sampler=args.sampler, eta=args.eta, seed=args.seed, device=device, dtype=dtype,
-                  batch_size=args.batch_size, progress=not args.no_progress, threads=args.threads)
+                  batch_size=args.batch_size, progress=not args.no_progress, threads=args.threads,
+                  spacing=args.spacing)
     try:
         job = resolve(model, args.n, args.steps, **kwargs)  # every check, before any work
         check_image_path(args.out, job.plan.shape[0])
@@ -133,7 +132,7 @@ def run_dir(args):
         run = ddpm_fast.sample_to_dir(model, args.n, args.out_dir, png_dir=args.png_dir, overwrite=args.overwrite,
                                       progress=not args.no_progress, steps=args.steps, sampler=args.sampler,
                                       eta=args.eta, seed=args.seed, dtype=dtype, batch_size=args.batch_size,
-                                      threads=args.threads)
+                                      threads=args.threads, spacing=args.spacing)
     except (ValueError, TypeError) as err:  # sample_to_dir checks everything before drawing
         raise UsageError(str(err)) from None
     if rank == 0:

@@ -6,11 +6,19 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 from .schedule import DIFFUSERS_SCHEDULES, NoiseSchedule, diffusers_config
+from .solvers import SOLVERS
 
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
-SAMPLERS = ("ddpm", "ddim")
+STEP_SAMPLERS = ("ddpm", "ddim")       # one fused p_step per step (ops/p_step.py)
+SAMPLERS = STEP_SAMPLERS + SOLVERS     # + the few-step solvers (diffusion/solvers.py, ops/solver_step.py)
 SCHEDULES = ("linear", "cosine", "sigmoid", "scaled_linear", "custom")
+# What ``sample(steps=None, spacing=None)`` uses per sampler (None steps: the schedule as given, i.e. all T steps
+# of a training schedule). Chosen by measurement with the rule stated before it: docs/solvers.md, "Choosing a
+# sampler" (benchmarks/quality_per_step.py; benchmarks/results/quality-digits.json).
+DEFAULT_STEPS = {"ddpm": None, "ddim": 100, "dpmpp_2m": 100, "dpmpp_3m": 10, "dpmpp_2m_sde": 10, "unipc": 10}
+DEFAULT_SPACING = {"ddpm": "linspace", "ddim": "trailing", "dpmpp_2m": "trailing", "dpmpp_3m": "logsnr",
+                   "dpmpp_2m_sde": "trailing", "unipc": "logsnr"}
 LOSSES = ("simple",)
 
 # diffusers' scheduler config fields (DDPMScheduler's defaults) and their ddpm_fast names.

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-SPACINGS = ("linspace", "leading", "trailing")
+from . import solvers
+
+SPACINGS = ("linspace", "leading", "trailing", "logsnr")
 
 # Rows of ScheduleTables.packed (float, shape (len(ROWS), num_steps)). Fused kernels take the packed table as
 # one pointer and read row r of step i at ``r * num_steps + i``; the row numbers are part of their contract.
@@ -71,7 +73,23 @@ def _linspace_timesteps(T, steps):
     return np.linspace(0, T - 1, steps).round().astype(np.int64)
 
 
-def spaced_timesteps(T, steps, spacing="linspace", offset=0):
+def logsnr_timesteps(alphas_cumprod, steps):
+    """Integer timesteps uniform in lambda = log(alpha / sigma) = 0.5 log(abar / (1 - abar)), ascending.
+
+    ``steps`` targets linspace(lambda(T-1), lambda(0), steps) (both ends kept), each mapped to the timestep
+    whose lambda it equals (linear between integer neighbours, as diffusers' ``_sigma_to_t``), rounded, and
+    duplicates removed: near t = 0 a lambda step can be shorter than one timestep, so neighbours merge and the
+    chain has FEWER than ``steps`` steps (never a zero-length one). The chain then uses the alphas of these
+    integer timesteps.
+    """
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    lam = 0.5 * (np.log(abar) - np.log1p(-abar))  # strictly decreasing in t
+    targets = np.linspace(lam[-1], lam[0], steps)
+    t = np.interp(targets, lam[::-1], np.arange(abar.size, dtype=np.float64)[::-1])
+    return np.unique(np.round(t).astype(np.int64))
+
+
+def spaced_timesteps(T, steps, spacing="linspace", offset=0, alphas_cumprod=None):
     """The original timesteps kept when sampling with ``steps`` of the ``T`` training steps, ascending.
 
     Same rule as diffusers' ``set_timesteps`` with ``timestep_spacing=spacing`` and ``steps_offset=0``:
@@ -81,6 +99,8 @@ def spaced_timesteps(T, steps, spacing="linspace", offset=0):
       timestep -1, e.g. T=1000, steps=13; we keep the first ``steps``: the same values whenever diffusers' are valid.)
     offset: added to the "leading" timesteps (diffusers' ``steps_offset``, which diffusers applies to "leading"
       only; other spacings require 0).
+      logsnr: uniform in log-SNR of ``alphas_cumprod`` (the training schedule's, required), see
+      ``logsnr_timesteps``: possibly fewer than ``steps`` values.
     """
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
         raise ValueError(f"steps must be an int, got {steps!r}")
@@ -92,6 +112,10 @@ def spaced_timesteps(T, steps, spacing="linspace", offset=0):
         ts = np.arange(steps, dtype=np.int64) * (T // steps) + _check_offset(offset, T, steps)
     elif spacing == "trailing":
         ts = np.round(T - np.arange(steps) * (T / steps)).astype(np.int64)[::-1] - 1
+    elif spacing == "logsnr":
+        if alphas_cumprod is None or len(alphas_cumprod) != T:
+            raise ValueError("spacing='logsnr' needs the training schedule's alphas_cumprod (T values)")
+        ts = logsnr_timesteps(alphas_cumprod, steps)
     else:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     if offset and spacing != "leading":
@@ -123,6 +147,28 @@ def diffusers_config(scheduler):
                         f"{type(scheduler).__name__}") from None
     name = given.get("_class_name") or (type(scheduler).__name__ if hasattr(scheduler, "config") else None)
     return {k: v for k, v in given.items() if not k.startswith("_")}, name
+
+
+def _explicit_timesteps(timesteps, T):
+    """A user's list of original timesteps -> ascending int64 array, checked: integers in [0, T), strictly
+    monotone (either direction, e.g. diffusers' ``scheduler.timesteps``), at least one."""
+    if isinstance(timesteps, torch.Tensor):
+        timesteps = timesteps.detach().cpu().tolist()
+    try:
+        arr = np.asarray(timesteps)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"timesteps must be a 1-D sequence of ints: {err}") from None
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"timesteps must be a non-empty 1-D sequence of ints, got shape {arr.shape}")
+    if arr.dtype.kind not in "iu" and not (arr.dtype.kind == "f" and np.all(arr == np.round(arr))):
+        raise ValueError(f"timesteps must be integers (original training timesteps), got {arr[:4].tolist()}")
+    arr = arr.astype(np.int64)
+    if arr.min() < 0 or arr.max() >= T:
+        raise ValueError(f"timesteps must lie in [0, T) = [0, {T}), got values from {arr.min()} to {arr.max()}")
+    d = np.diff(arr)
+    if arr.size > 1 and not (np.all(d > 0) or np.all(d < 0)):
+        raise ValueError("timesteps must be strictly increasing or strictly decreasing (no repeats)")
+    return np.ascontiguousarray(np.sort(arr))
 
 
 def _cosine_alpha_bar(t, s):
@@ -231,22 +277,34 @@ class NoiseSchedule:
             raise ValueError(f"T (the number of training steps) must be an int >= 1, got {T!r}")
 
     # ---- respacing ----------------------------------------------------------------------------------------
-    def respace(self, steps, spacing="linspace", offset=0):
+    def respace(self, steps=None, spacing="linspace", offset=0, *, timesteps=None):
         """The chain over ``steps`` of the T training timesteps (rule: ``spaced_timesteps``; ``offset``: diffusers'
-        steps_offset, "leading" spacing only).
+        steps_offset, "leading" spacing only), or over the given original ``timesteps`` (any strictly increasing
+        or decreasing list in [0, T), e.g. another scheduler's ``timesteps``, to reproduce its grid exactly;
+        ``steps``, ``spacing`` and ``offset`` are then not used).
 
         improved-diffusion's construction: keep abar at the kept timesteps and recompute
         beta_i = 1 - abar[t_i] / abar[t_{i-1}] (abar[t_{-1}] = 1), so the respaced chain is itself a DDPM.
         Always starts from the full training schedule, also when called on a respaced one.
         """
         base = self._base
-        ts = spaced_timesteps(base.T, steps, spacing, offset)
-        if steps == base.T:
+        if timesteps is not None:
+            if steps is not None and steps != len(timesteps):
+                raise ValueError(f"steps={steps} but {len(timesteps)} timesteps were given: give one of them")
+            if offset:
+                raise ValueError("offset applies to a spacing rule, not to explicit timesteps")
+            ts = _explicit_timesteps(timesteps, base.T)
+            how = {"timesteps": ts.tolist()}
+        else:
+            if steps is None:
+                raise ValueError("respace needs steps (with a spacing) or timesteps=[...]")
+            ts = spaced_timesteps(base.T, steps, spacing, offset, base._alphas_cumprod)
+            how = {"steps": int(steps), "spacing": spacing, **({"offset": int(offset)} if offset else {})}
+        if ts.size == base.T:
             return base  # every timestep kept: the training chain itself
         abar = base._alphas_cumprod[ts]
         betas = 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
-        spec = dict(base._spec, respace={"steps": int(steps), "spacing": spacing, **({"offset": int(offset)}
-                                                                                     if offset else {})})
+        spec = dict(base._spec, respace=how)
         return NoiseSchedule(betas, _timesteps=ts, _base=base, _spec=spec)
 
     # ---- properties ---------------------------------------------------------------------------------------
@@ -297,7 +355,7 @@ class NoiseSchedule:
         spec = {k: v for k, v in self._spec.items() if k not in ("betas", "respace")}
         text = ", ".join(f"{k}={v}" for k, v in spec.items())
         if self.is_respaced:
-            text += f", steps={self.num_steps} ({self._spec['respace']['spacing']})"
+            text += f", steps={self.num_steps} ({self._spec['respace'].get('spacing', 'given timesteps')})"
         return f"NoiseSchedule({text})"
 
     # ---- tables -------------------------------------------------------------------------------------------
@@ -331,6 +389,23 @@ class NoiseSchedule:
             self._tables[(device, dtype)] = self._tables[key]
         return self._tables[key]
 
+    def solver_tables(self, sampler, device="cpu", dtype=torch.float32):
+        """SolverTables of a few-step solver (diffusion/solvers.py) on ``device``: its per-step coefficients,
+        computed once in float64 from this chain's alphas_cumprod and cached per (sampler, device, dtype)."""
+        solvers.check_solver(sampler)
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"tables dtype must be torch.float32 or torch.float64, got {dtype}")
+        key = ("solver", sampler, str(dev), dtype)
+        hit = self._tables.get(key)
+        if hit is None:
+            rows = solvers.solver_rows(self._alphas_cumprod, sampler)
+            packed = torch.from_numpy(np.stack([rows[name] for name in solvers.ROWS])).to(dtype)
+            hit = self._tables[key] = solvers.SolverTables(packed=packed.to(dev).contiguous(), sampler=sampler)
+        return hit
+
     # ---- serialisation ------------------------------------------------------------------------------------
     def to_dict(self):
         """A JSON-serialisable description from which ``from_dict`` rebuilds an equal schedule."""
@@ -356,6 +431,8 @@ class NoiseSchedule:
             raise ValueError(f"unknown schedule kind {kind!r}: expected custom, linear, scaled_linear, "
                              "cosine or sigmoid")
         if respace is not None:
+            if "timesteps" in respace:
+                return sched.respace(timesteps=respace["timesteps"])
             sched = sched.respace(respace["steps"], respace.get("spacing", "linspace"), respace.get("offset", 0))
         return sched
 

@@ -66,7 +66,7 @@ def _step_arg(step, device, num_steps):
 def check_options(prediction, variance, sampler, eta):
     diffusion.check_choice("prediction", prediction, diffusion.PREDICTIONS)
     diffusion.check_choice("variance", variance, diffusion.VARIANCES)
-    diffusion.check_choice("sampler", sampler, diffusion.SAMPLERS)
+    diffusion.check_choice("sampler", sampler, diffusion.STEP_SAMPLERS)
     if not (isinstance(eta, (int, float)) and eta >= 0 and eta < float("inf")):
         raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
     if sampler == "ddpm" and eta != 0:
@@ -185,12 +185,13 @@ def step_coefs(c, prediction, ddim, eta):
 _HOST_COLUMNS = {}  # id(packed table) -> (weak reference to it, its columns as dicts of Python floats)
 
 
-def _columns(table):
+def _columns(table, rows=ROWS):
+    """The columns of a packed table as dicts row name -> Python float (``rows``: its row names)."""
     entry = _HOST_COLUMNS.get(id(table))
     if entry is None or entry[0]() is not table:  # tables are read-only: convert once per table
         if len(_HOST_COLUMNS) > 64:
             _HOST_COLUMNS.clear()
-        entry = _HOST_COLUMNS[id(table)] = (weakref.ref(table), [dict(zip(ROWS, c)) for c in table.t().tolist()])
+        entry = _HOST_COLUMNS[id(table)] = (weakref.ref(table), [dict(zip(rows, c)) for c in table.t().tolist()])
     return entry[1]
 
 

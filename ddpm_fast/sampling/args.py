@@ -2,7 +2,9 @@
 
 Defaults: a ddpm_fast UNet (also inside DDP / torch.compile wrappers) supplies shape, schedule, prediction,
 variance and clip from ``model.diffusion``; other modules need ``shape`` and ``schedule`` and get "eps",
-"fixed_small", clip=True. ``steps`` respaces the training schedule (``NoiseSchedule.respace(steps, spacing)``).
+"fixed_small", clip=True. ``steps`` respaces the training schedule (``NoiseSchedule.respace(steps, spacing)``);
+``steps=None`` / ``spacing=None`` take the sampler's defaults (diffusion.config.DEFAULT_STEPS / DEFAULT_SPACING),
+except that a schedule that is already respaced is used as given.
 """
 import functools
 import itertools
@@ -15,7 +17,9 @@ import torch
 from torch import nn
 
 from .. import diffusion as _diffusion
+from ..diffusion.config import DEFAULT_SPACING, DEFAULT_STEPS
 from ..diffusion.schedule import SPACINGS, NoiseSchedule
+from ..diffusion.solvers import ORDER, SOLVERS
 from ..distributed import check_device
 from ..threads import model_work, resolve_threads
 from .pipelines import from_pipeline, is_pipeline
@@ -44,6 +48,7 @@ class SamplePlan:
     dtype: torch.dtype
     autocast: bool
     channels_last: bool
+    x_T_given: bool = False
 
     def with_batch(self, batch):
         return SamplePlan(**{**self.__dict__, "batch": batch})
@@ -63,6 +68,7 @@ class SampleJob:
     progress: bool
     start: int = 0         # the call's first image is image ``start`` of a longer run (element offset start*C*H*W)
     threads: Optional[int] = None  # CPU threads while sampling (None: torch's setting)
+    x_T: Optional[torch.Tensor] = None   # (n, C, H, W) starting noise, or None to draw it from the seed
 
     @property
     def chunks(self):
@@ -75,7 +81,7 @@ class SampleJob:
 def resolve(model, n, steps=None, *, shape=None, schedule=None, prediction=None, variance=None, sampler=None,
             eta=None, clip=None, seed=None, device=None, dtype=None, batch_size=None, cuda_graph="auto",
             progress=True, spacing=None, graph="auto", memory_format="auto", generator=None, start=0,
-            threads="auto"):
+            threads="auto", x_T=None):
     """Validates a ``sample`` call and resolves its defaults (arguments as ``sample``) -> SampleJob.
     Wrong types raise TypeError, wrong values ValueError, both before any work."""
     pipe = from_pipeline(model) if is_pipeline(model) else None
@@ -86,14 +92,15 @@ def resolve(model, n, steps=None, *, shape=None, schedule=None, prediction=None,
     unet = as_unet(model)
     trained = pipe.diffusion if pipe else unet.diffusion if unet is not None else None
     shape = _resolve_shape(shape, unet, pipe.shape if pipe else None)
+    sampler = _choice("sampler", sampler, pipe.sampler if pipe else "ddpm", _diffusion.SAMPLERS)
+    eta = _check_eta((pipe.eta if pipe else 0.0) if eta is None else eta, sampler)
     offset = pipe.offset if pipe and spacing is None else 0
-    spacing = (pipe.spacing if pipe else "linspace") if spacing is None else spacing
-    schedule = _resolve_schedule(schedule, steps, spacing, trained, unet, offset)
+    grid = pipe.grid if pipe and spacing is None and schedule is None else None
+    spacing = pipe.spacing if pipe and spacing is None else spacing  # None: the sampler's default
+    schedule = _resolve_schedule(schedule, steps, spacing, trained, unet, sampler, offset, grid)
     prediction = _choice("prediction", prediction, trained.prediction if trained else "eps", _diffusion.PREDICTIONS)
     variance = _choice("variance", variance, trained.variance if trained else "fixed_small", _diffusion.VARIANCES)
     clip = bool(trained.clip if trained else True) if clip is None else _check_bool("clip", clip)
-    sampler = _choice("sampler", sampler, pipe.sampler if pipe else "ddpm", _diffusion.SAMPLERS)
-    eta = _check_eta((pipe.eta if pipe else 0.0) if eta is None else eta, sampler)
     if unet is not None and variance == "learned_range" and unet.config.out_channels != 2 * shape[0]:
         raise ValueError(f"variance='learned_range' needs a model that returns 2C = {2 * shape[0]} channels "
                          f"(prediction and variance); this UNet returns {unet.config.out_channels}")
@@ -105,11 +112,12 @@ def resolve(model, n, steps=None, *, shape=None, schedule=None, prediction=None,
     channels_last = _resolve_memory_format(memory_format, unet, dev, compute_dtype)
     seed = _resolve_seed(seed, generator, dev)
     start = _check_start(start, n, shape, generator)
+    x_T = _check_x_T(x_T, n, shape)
     plan = SamplePlan(dev, batch, shape, schedule.key, prediction, variance, clip, sampler, eta, compute_dtype,
-                      autocast, channels_last)
+                      autocast, channels_last, x_T is not None)
     threads = resolve_threads(threads, model_work(model, shape[1:], batch), dev)
     return SampleJob(model, n, schedule, plan, seed, generator, cuda_graph, graph, _check_bool("progress", progress),
-                     start, threads)
+                     start=start, threads=threads, x_T=x_T)
 
 
 def _check_int(name, value, low, high=None):
@@ -155,9 +163,26 @@ def _check_eta(eta, sampler):
         raise TypeError(f"eta must be a finite float >= 0, got {eta!r}")
     if not 0 <= eta < math.inf:
         raise ValueError(f"eta must be a finite float >= 0, got {eta!r}")
-    if sampler == "ddpm" and eta != 0:
-        raise ValueError(f"eta applies to sampler='ddim' only (got eta={eta} with sampler='ddpm')")
+    if sampler != "ddim" and eta != 0:
+        raise ValueError(f"eta applies to sampler='ddim' only (got eta={eta} with sampler={sampler!r}"
+                         + (", which has no eta: dpmpp_2m_sde is the stochastic solver)" if sampler in SOLVERS
+                            else ")"))
     return float(eta)
+
+
+def _check_x_T(x_T, n, shape):
+    """The caller's starting noise: a finite float tensor of shape (n, C, H, W), on any device (copied per chunk)."""
+    if x_T is None:
+        return None
+    if not isinstance(x_T, torch.Tensor):
+        raise ValueError(f"x_T must be a tensor of shape {(n, *shape)} or None, got {type(x_T).__name__}")
+    if tuple(x_T.shape) != (n, *shape):
+        raise ValueError(f"x_T must have shape (n, C, H, W) = {(n, *shape)}, got {tuple(x_T.shape)}")
+    if not x_T.is_floating_point():
+        raise ValueError(f"x_T must be a floating-point tensor, got {x_T.dtype}")
+    if not bool(torch.isfinite(x_T).all()):
+        raise ValueError("x_T must be finite (found NaN or inf)")
+    return x_T
 
 
 def as_unet(model):
@@ -197,7 +222,7 @@ def _trained_schedule(config_json):
     return _diffusion.DiffusionConfig.from_dict(json.loads(config_json)).make_schedule()
 
 
-def _resolve_schedule(schedule, steps, spacing, trained, unet, offset=0):
+def _resolve_schedule(schedule, steps, spacing, trained, unet, sampler, offset=0, grid=None):
     if schedule is None:
         if trained is None:
             what = "a UNet without .diffusion" if unet is not None else "a model that is not a ddpm_fast UNet"
@@ -205,17 +230,35 @@ def _resolve_schedule(schedule, steps, spacing, trained, unet, offset=0):
         schedule = _trained_schedule(json.dumps(trained.to_dict(), sort_keys=True))
     elif not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be a ddpm_fast.NoiseSchedule, got {type(schedule).__name__}")
+    spacing = DEFAULT_SPACING[sampler] if spacing is None else spacing
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-    if steps is None:
-        return schedule
-    steps = _check_int("steps", steps, 1, schedule.T)
-    return _respaced(schedule, steps, spacing, offset)
+    if grid is not None:  # a solver scheduler's own grid for this many steps (a pipeline's)
+        steps = min(DEFAULT_STEPS[sampler], schedule.T) if steps is None else \
+            _check_int("steps", steps, 1, schedule.T)
+        chain = _respaced_timesteps(schedule, tuple(grid(steps)))
+    elif steps is None and (schedule.is_respaced or DEFAULT_STEPS[sampler] is None):
+        chain = schedule  # as given: a respaced chain, or every step of the training schedule
+    else:
+        steps = min(DEFAULT_STEPS[sampler], schedule.T) if steps is None else \
+            _check_int("steps", steps, 1, schedule.T)
+        chain = _respaced(schedule, steps, spacing, offset)
+    if sampler in SOLVERS and chain.num_steps < ORDER[sampler]:
+        merged = f" ({steps} logsnr steps merge into {chain.num_steps} distinct timesteps)" \
+            if spacing == "logsnr" and steps is not None and steps != chain.num_steps else ""
+        raise ValueError(f"sampler {sampler!r} is a multistep solver of order {ORDER[sampler]}: it needs at least "
+                         f"{ORDER[sampler]} steps, got {chain.num_steps}{merged}")
+    return chain
 
 
 @functools.lru_cache(maxsize=32)
 def _respaced(schedule, steps, spacing, offset=0):
     return schedule.respace(steps, spacing, offset)
+
+
+@functools.lru_cache(maxsize=32)
+def _respaced_timesteps(schedule, timesteps):
+    return schedule.respace(timesteps=list(timesteps))
 
 
 def _model_tensor(model):

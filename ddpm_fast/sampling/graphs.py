@@ -1,10 +1,11 @@
 """CUDA graphs for ddpm_fast.sample: the whole reverse loop in one graph, or one step's graph replayed.
 
-"whole": x_T (Philox from the static seed and offset tensors) and every step (model + p_step, each node baking its
-    own step index and coefficients) captured once; a chunk writes its seed and element offset into the static
-    tensors and replays: one launch for the entire chain.
-"step": one step (timesteps gathered by a static step-index tensor, model, p_step reading the step index from
-    device memory) captured once and replayed ``steps`` times after writing the index; x_T is drawn eagerly.
+"whole": x_T (Philox from the static seed and offset tensors, or a copy of the caller's x_T from a static buffer)
+    and every step (model + the fused step: p_step, or solver_step with the solver's history in static buffers;
+    each node baking its own step index and coefficients) captured once; a chunk writes its seed, element offset
+    (and x_T) into the static tensors and replays: one launch for the entire chain.
+"step": one step (timesteps gathered by a static step-index tensor, model, the fused step reading the step index
+    from device memory) captured once and replayed ``steps`` times after writing the index; x_T is drawn eagerly.
 The kernels read the chunk's element offset from device memory and take only its residue mod 4 as a launch
 argument, so ONE graph serves every chunk of a plan (a plan fixes the chunk's batch size) whose offset has the
 same residue: chunk k starts at k * B*C*H*W, a multiple of 4 whenever H and W are even (every real image size),
@@ -26,8 +27,9 @@ from collections import OrderedDict
 
 import torch
 
-from ..ops.p_step import p_step
-from .loop import Statics, autocast_for, check_model_output, init_x, model_step, refresh_time_proj, run_loop
+from ..ops.solver_step import SolverState
+from .loop import (Statics, autocast_for, check_model_output, fused_step, init_x, load_x_T, model_step,
+                   refresh_time_proj, run_loop)
 
 log = logging.getLogger("ddpm_fast")
 
@@ -111,9 +113,10 @@ def _kinds(job, plan):
     return ["whole", "step"] if whole_ok else ["step"]
 
 
-def run_chunk_graph(job, model, plan, offset, bar, info):
-    """Runs one chunk (element ``offset``) of ``model`` (job.model or its channels_last twin) from a cached or new
-    graph -> (mode, x), or (None, None) to run it eagerly."""
+def run_chunk_graph(job, model, plan, offset, bar, info, start=0):
+    """Runs one chunk (element ``offset``; ``start``: its first row of the call's x_T, if any) of ``model``
+    (job.model or its channels_last twin) from a cached or new graph -> (mode, x), or (None, None) to run it
+    eagerly."""
     try:
         weakref.ref(model)
     except TypeError:
@@ -122,6 +125,7 @@ def run_chunk_graph(job, model, plan, offset, bar, info):
     st, errors = entry.statics, []
     st.set_seed(job.seed)
     st.set_offset(offset)  # before a capture too: warm-up and capture run with this chunk's offset
+    load_x_T(st, job.x_T, start)
     for kind in _kinds(job, plan):
         key = (kind, st.offset_mod4)
         graph = entry.graphs.get(key)
@@ -185,15 +189,17 @@ def _warm_up(model, st, plan, kind):
 
 def _warm_up_baked_steps(model, st, plan):
     """Triton specialises integer arguments (== 1, divisible by 16): a graph that bakes every step index into its
-    p_step nodes needs each variant compiled BEFORE capture. Running p_step once per step index on a scratch copy
-    costs ~steps tiny launches and covers whatever rule the installed Triton applies."""
+    fused-step nodes needs each variant compiled BEFORE capture. Running the step once per step index on a scratch
+    copy (of x and of a solver's history) costs ~steps tiny launches and covers whatever rule the installed Triton
+    applies."""
     scratch = st.x.clone()
+    state = None if st.state is None else SolverState(*(None if t is None else t.clone() for t in (
+        st.state.h1, st.state.h2, st.state.last)))
     inp = scratch if st.x_in is None else st.x_in.copy_(scratch)
     with autocast_for(plan):
         out = check_model_output(model(inp, st.t[0]), plan)
     for i in range(st.t.shape[0]):
-        p_step(st.tables, out, scratch, i, prediction=plan.prediction, variance=plan.variance, clip=plan.clip,
-               sampler=plan.sampler, eta=plan.eta, seed=st.seed, out=scratch, **st.offset_kw())
+        fused_step(st, plan, out, i, {"seed": st.seed}, x=scratch, state=state)
 
 
 def _capture(model, entry, plan, kind, info):

@@ -1,6 +1,8 @@
 """The sampling loop of one chunk, shared by eager runs and CUDA-graph captures: the static buffers a plan's loop
 reads and writes (``Statics``), the model call with its dtype/memory-format handling, and the chain
-x_T -> x_0 as fused steps (``run_loop``). Nothing here decides between graph and eager (sample.py, graphs.py).
+x_T -> x_0 as fused steps (``run_loop``): ``p_step`` for DDPM/DDIM, ``solver_step`` (with the solver's history in
+static buffers) for the few-step solvers; which one is fixed by the plan, never decided per step. Nothing here
+decides between graph and eager (sample.py, graphs.py).
 """
 import contextlib
 import copy
@@ -10,9 +12,11 @@ import weakref
 import torch
 from torch import nn
 
+from ..diffusion.solvers import SOLVERS
 from ..models import UNet
 from ..ops.noise import seeded_randn
 from ..ops.p_step import p_step
+from ..ops.solver_step import SolverState, solver_step
 from .args import as_unet
 
 _MASK64 = (1 << 64) - 1
@@ -58,12 +62,20 @@ class Statics:
     captured graph is specific to it, not to the offset). t: (steps, B) int64 original timesteps per step index.
     step, t_step: the step index (1,) and its timesteps (B,) for the one-step graph.
     time_proj, proj_step: see refresh_time_proj (ddpm_fast UNets only).
+    state: a solver's history (float32, like x; ops.solver_step.SolverState), None for DDPM/DDIM.
+    x_init: the caller's x_T for this chunk (plan.x_T_given), copied in before each run or replay.
     """
 
     def __init__(self, plan, schedule):
         dev, B = plan.device, plan.batch
+        self.schedule = schedule
         self.tables = schedule.tables(dev)  # before any capture: the first call copies to the device
         self.x = torch.empty((B, *plan.shape), device=dev)
+        self.state = None
+        if plan.sampler in SOLVERS:
+            schedule.solver_tables(plan.sampler, dev)  # before any capture, as the tables
+            self.state = SolverState.zeros_like(self.x, plan.sampler)
+        self.x_init = torch.empty_like(self.x) if plan.x_T_given else None
         in_dtype = torch.float32 if plan.autocast else plan.dtype
         fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
         self.x_in = None if in_dtype == torch.float32 and not plan.channels_last else \
@@ -148,7 +160,8 @@ def refresh_time_proj(model, st, plan):
 
 
 def model_step(model, st, plan, step, t, noise):
-    """x <- p_step(model(x, t), x, step) in place. step: int (baked into a graph) or st.step (read on device);
+    """x <- the fused step (p_step or solver_step) of model(x, t) in place. step: int (baked into a graph) or
+    st.step (read on device);
     noise: {"seed": st.seed} or {"generator": g}; the element offset is read from st.offset."""
     inp = st.x if st.x_in is None else st.x_in.copy_(st.x)
     with autocast_for(plan):
@@ -158,18 +171,40 @@ def model_step(model, st, plan, step, t, noise):
             out = model(inp, t, time_proj=st.time_proj[step:step + 1])
         else:
             out = model(inp, t, time_proj=torch.index_select(st.time_proj, 0, step, out=st.proj_step))
-    out = check_model_output(out, plan)
-    p_step(st.tables, out, st.x, step, prediction=plan.prediction, variance=plan.variance, clip=plan.clip,
-           sampler=plan.sampler, eta=plan.eta, out=st.x, **st.offset_kw(), **noise)
+    fused_step(st, plan, check_model_output(out, plan), step, noise)
+
+
+def fused_step(st, plan, out, step, noise, x=None, state=None):
+    """x (default st.x) <- one fused step in place from the model output ``out``: p_step for DDPM/DDIM,
+    solver_step with the history ``state`` (default st.state) for the solvers; the element offset is read from
+    st.offset."""
+    x = st.x if x is None else x
+    if plan.sampler in SOLVERS:
+        solver_step(st.schedule, plan.sampler, out, x, step, st.state if state is None else state,
+                    prediction=plan.prediction, variance=plan.variance, out=x, **st.offset_kw(), **noise)
+    else:
+        p_step(st.tables, out, x, step, prediction=plan.prediction, variance=plan.variance, clip=plan.clip,
+               sampler=plan.sampler, eta=plan.eta, out=x, **st.offset_kw(), **noise)
+
+
+def load_x_T(st, x_T, start):
+    """Copies the chunk's rows of the caller's x_T (n, C, H, W; ``start``: the chunk's first row) into
+    st.x_init, before a run or a replay."""
+    if st.x_init is not None:
+        st.x_init.copy_(x_T[start:start + st.x.shape[0]])
 
 
 def init_x(st, generator=None):
-    """x_T: Philox from the seed and offset tensors (graph-capturable), or torch.randn from a generator
-    (diffusers' way)."""
-    if generator is None:
+    """x_T: the caller's (st.x_init), Philox from the seed and offset tensors (graph-capturable), or torch.randn
+    from a generator (diffusers' way); a solver's history starts at zero."""
+    if st.x_init is not None:
+        st.x.copy_(st.x_init)
+    elif generator is None:
         seeded_randn(None, st.seed, out=st.x, **st.offset_kw())
     else:
         st.x.copy_(torch.randn(st.x.shape, generator=generator, device=generator.device))
+    if st.state is not None:
+        st.state.zero_()
 
 
 def run_loop(model, st, plan, generator=None, bar=None):

@@ -26,7 +26,7 @@ from torch import nn
 from . import graphs
 from .args import resolve
 from ..threads import using_threads
-from .loop import Statics, model_to_run, run_loop
+from .loop import Statics, load_x_T, model_to_run, run_loop
 
 log = logging.getLogger("ddpm_fast")
 
@@ -38,7 +38,7 @@ _LAST_INFO = {}
 def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, variance=None, sampler=None,
            eta=None, clip=None, seed=None, device=None, dtype=None, batch_size=None, cuda_graph="auto",
            progress=True, spacing=None, graph="auto", memory_format="auto", generator=None, start=0,
-           threads="auto"):
+           threads="auto", x_T=None):
     """Draws ``n`` images from a diffusion model: returns (n, C, H, W) float32 on ``device``, in [-1, 1] when
     ``clip`` (the final x_0 is clipped); with clip=False the raw final x_0.
 
@@ -47,16 +47,25 @@ def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, 
         an object carrying that tensor as ``.sample`` (diffusers' UNet2DOutput) or as a tuple's first element
         is unwrapped. A ddpm_fast UNet (or a loaded checkpoint) supplies shape, schedule, prediction, variance
         and clip from ``model.diffusion``; any other module needs ``shape`` and ``schedule``, and prediction /
-        variance / clip default to "eps" / "fixed_small" / True. A diffusers DDPMPipeline or DDIMPipeline
-        supplies its unet, its scheduler's schedule, prediction, variance and clip, and the sampler its
-        scheduler implies (DDPMScheduler: "ddpm"; DDIMScheduler: "ddim", eta 0), with the scheduler's timestep
-        spacing and steps_offset (``sampling/pipelines.py``). The model runs in eval mode (restored afterwards).
-    :param steps: None = the schedule's T; fewer respace it (``schedule.respace(steps, spacing)``).
-    :param schedule: the TRAINING ``NoiseSchedule`` (a respaced one is used as is when steps is None).
-    :param sampler: "ddpm" (ancestral; the default) or "ddim" (with ``eta`` >= 0, default 0; eta = 1 has DDPM's
-        posterior variance).
-    :param spacing: how ``steps`` are chosen: "linspace" (default), "leading", "trailing"; a pipeline's default
-        is its scheduler's.
+        variance / clip default to "eps" / "fixed_small" / True. A diffusers DDPMPipeline, DDIMPipeline (or a
+        pipeline with a DPMSolverMultistep / UniPCMultistep scheduler) supplies its unet, its scheduler's
+        schedule, prediction, variance and clip, and the sampler its scheduler implies, with the scheduler's
+        timestep spacing and steps_offset (``sampling/pipelines.py``). The model runs in eval mode (restored
+        afterwards).
+    :param steps: None = the sampler's default (diffusion.config.DEFAULT_STEPS: all T steps for "ddpm"); fewer
+        than T respace the schedule (``schedule.respace(steps, spacing)``; "logsnr" may merge a few near t = 0).
+    :param spacing: None = the sampler's default (DEFAULT_SPACING; a pipeline's: its scheduler's), or
+        "linspace", "leading", "trailing", "logsnr" (see ``NoiseSchedule.respace``).
+    :param schedule: the TRAINING ``NoiseSchedule`` (a respaced one, e.g. ``respace(timesteps=[...])``, is used
+        as is when steps is None).
+    :param sampler: None = "ddpm" (or a pipeline's), "ddpm" (ancestral), "ddim" (with ``eta`` >= 0, default 0;
+        eta = 1 has DDPM's posterior variance), or a few-step solver: "dpmpp_2m", "dpmpp_3m" (DPM-Solver++
+        multistep, orders 2 and 3), "dpmpp_2m_sde" (its stochastic variant, noise from the seed's Philox stream),
+        "unipc" (UniPC bh2 with its corrector). The solvers step on the unclipped data prediction; ``clip`` then
+        only clamps the final images.
+    :param x_T: optional (n, C, H, W) starting noise (any float dtype and device) instead of drawing it from the
+        seed: to reproduce another tool's run, interpolate between noises, or (with a schedule whose first
+        timestep is below T) start from a partly noised image. Chunks take their rows.
     :param seed: int in [0, 2**64): the same seed gives the same images on a device and thread count, for any
         batch_size and with or without graphs; None draws one from torch's global RNG (so ``torch.manual_seed``
         makes the call reproducible).
@@ -89,7 +98,7 @@ def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, 
     job = resolve(model, n, steps, shape=shape, schedule=schedule, prediction=prediction, variance=variance,
                   sampler=sampler, eta=eta, clip=clip, seed=seed, device=device, dtype=dtype,
                   batch_size=batch_size, cuda_graph=cuda_graph, progress=progress, spacing=spacing, graph=graph,
-                  memory_format=memory_format, generator=generator, start=start, threads=threads)
+                  memory_format=memory_format, generator=generator, start=start, threads=threads, x_T=x_T)
     info = {"device": str(job.plan.device), "n": job.n, "start": job.start, "batch_size": job.plan.batch,
             "chunks": len(job.chunks),
             "steps": job.schedule.num_steps, "sampler": job.plan.sampler, "seed": job.seed,
@@ -132,11 +141,12 @@ def _run(job, result, info):
             chunk_plan, offset = plan.with_batch(b), (job.start + start) * C * H * W
             mode, x = None, None
             if use_graphs:
-                mode, x = graphs.run_chunk_graph(job, model, chunk_plan, offset, bar, info)
+                mode, x = graphs.run_chunk_graph(job, model, chunk_plan, offset, bar, info, start)
             if mode is None:
                 st = statics.get(b) or statics.setdefault(b, Statics(chunk_plan, job.schedule))
                 st.set_seed(job.seed or 0)
                 st.set_offset(offset)
+                load_x_T(st, job.x_T, start)
                 run_loop(model, st, chunk_plan, job.generator, bar)
                 mode, x = "eager", st.x
             log.debug("ddpm_fast.sample: chunk %d/%d (samples %d..%d) ran %s", k + 1, len(job.chunks), start,

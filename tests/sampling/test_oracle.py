@@ -52,7 +52,7 @@ def assert_moments(x, m, v, what):
 CASES = [  # the exact chain's bias for s in [0.3, 0.6]: largest |mean - mu|, std / s - 1 range
     (None, "linspace", "ddpm", 0.0, "eps", "fixed_small", None, 4096, 1e-4, 0.013),  # 6e-6, -1.2 .. -0.7 %
     (None, "linspace", "ddpm", 0.0, "eps", "fixed_large", None, 4096, 1e-4, 0.004),  # 6e-6, +0.1 .. +0.3 %
-    (None, "linspace", "ddim", 0.0, "eps", "fixed_small", None, 4096, 2e-3, 0.005),  # 1.5e-3, -0.5 .. -0.3 %
+    (1000, "linspace", "ddim", 0.0, "eps", "fixed_small", None, 4096, 2e-3, 0.005),  # 1.5e-3, -0.5 .. -0.3 %
     (100, "linspace", "ddpm", 0.0, "v", "fixed_large", None, 8192, 1e-4, 0.04),      # 6e-6, +1.2 .. +3.7 %
     (50, "trailing", "ddpm", 0.0, "x0", "learned_range", 0.3, 8192, 1e-4, 0.04),     # 6e-6, -3.6 .. -2.9 %
     (50, "leading", "ddim", 0.0, "v", "fixed_small", None, 8192, 2e-3, 0.085),       # 1.8e-3, -8.3 .. -4.8 %

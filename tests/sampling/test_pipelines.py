@@ -68,14 +68,54 @@ def test_ddim_pipeline_honours_spacing_and_steps_offset(seed):
     assert (plain - ours).abs().max() > 1e-3
 
 
+def test_solver_pipelines_give_diffusers_images(seed):
+    """A DDPMPipeline whose scheduler was swapped for DPMSolverMultistepScheduler runs dpmpp_2m on the scheduler's
+    grid: diffusers' images with the same generator. UniPC (whose step() takes no generator, so DDPMPipeline
+    cannot run it) gives what sample(sampler="unipc") gives on the scheduler's spacing."""
+    unet2d = _unet2d()
+    scheduler = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000)
+    pipe = diffusers.DDPMPipeline(unet=unet2d, scheduler=scheduler)
+    ours = ddpm_fast.sample(pipe, 2, 8, generator=torch.Generator().manual_seed(seed), progress=False)
+    assert last_run_info()["sampler"] == "dpmpp_2m"
+    # DDPMPipeline's loop without its final clamp (the solvers' schedulers do not clip, and this untrained U-Net
+    # leaves [-1, 1]): x_T from the generator, then scheduler.step on the scheduler's own grid
+    x = torch.randn((2, 1, 8, 8), generator=torch.Generator().manual_seed(seed))
+    scheduler.set_timesteps(8)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet2d(x, t).sample, t, x).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+    for config, sampler in ((dict(algorithm_type="sde-dpmsolver++"), "dpmpp_2m_sde"), (dict(solver_order=3), "dpmpp_3m")):
+        swapped = diffusers.DDPMPipeline(unet=unet2d, scheduler=diffusers.DPMSolverMultistepScheduler(**config))
+        ddpm_fast.sample(swapped, 1, 4, seed=seed, progress=False)
+        assert last_run_info()["sampler"] == sampler
+    unipc_scheduler = diffusers.UniPCMultistepScheduler(num_train_timesteps=1000)
+    unipc = diffusers.DDPMPipeline(unet=unet2d, scheduler=unipc_scheduler)
+    got = ddpm_fast.sample(unipc, 2, 6, seed=seed, progress=False)
+    assert last_run_info()["sampler"] == "unipc"
+    unipc_scheduler.set_timesteps(6)  # the scheduler's own grid, which the pipeline path must have used
+    chain = NoiseSchedule.linear(1000).respace(timesteps=unipc_scheduler.timesteps)
+    want = ddpm_fast.sample(UNet.from_diffusers(unet2d).eval(), 2, seed=seed, sampler="unipc", schedule=chain,
+                            prediction="eps", variance="fixed_small", clip=False, progress=False)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # UNet2DModel vs the fused UNet: rounding
+    assert unipc_scheduler.timesteps.tolist() != [int(t) for t in NoiseSchedule.linear(1000).respace(
+        6, "linspace").timesteps.flip(0)]  # the scheduler's rule differs from DDPM's linspace: the grid matters
+
+
 def test_pipelines_with_other_schedulers_are_refused_with_the_way_out():
-    pipe = diffusers.DDPMPipeline(unet=_unet2d(), scheduler=diffusers.DPMSolverMultistepScheduler())
-    with pytest.raises(ValueError, match=r"DPMSolverMultistepScheduler: pass its unet and schedule= "
+    pipe = diffusers.DDPMPipeline(unet=_unet2d(), scheduler=diffusers.EulerDiscreteScheduler())
+    with pytest.raises(ValueError, match=r"EulerDiscreteScheduler: pass its unet and schedule= "
                                          r"NoiseSchedule.from_diffusers\(scheduler\)"):
         ddpm_fast.sample(pipe, 1, 2, progress=False)
     pipe = diffusers.DDIMPipeline(unet=_unet2d(), scheduler=diffusers.DDIMScheduler(set_alpha_to_one=False))
     with pytest.raises(ValueError, match="set_alpha_to_one=False"):
         ddpm_fast.sample(pipe, 1, 2, progress=False)
+    for config, words in ((dict(use_karras_sigmas=True), "use_karras_sigmas=True"),
+                          (dict(solver_order=1), "solver_order=1"),
+                          (dict(solver_type="heun"), "solver_type='heun'")):
+        pipe = diffusers.DDPMPipeline(unet=_unet2d(), scheduler=diffusers.DPMSolverMultistepScheduler(**config))
+        with pytest.raises(ValueError, match=words):
+            ddpm_fast.sample(pipe, 1, 2, progress=False)
 
 
 @pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"])

@@ -2,7 +2,7 @@
 
 Every combination of prediction (eps / x0 / v), variance (fixed_small / fixed_large / learned_range), clip and
 sampler (DDPM, DDIM with eta) is one specialisation (constexpr flags). Both samplers reduce to
-    x0  = predict_x0(x_t, m)                (m: the model's C-channel prediction; clipped to [-1, 1] if CLIP)
+    x0  = data_prediction(x_t, model output)   (model_output.py, shared by every sampler; clipped if CLIP)
     out = a * x0 + b * x_t + [step > 0] * sigma * z
 with a, b, sigma and the x0 coefficients gathered from the packed schedule table at a step index read from device
 memory (or passed as an argument, for graphs whose every node bakes its own step). The element offset of the
@@ -15,14 +15,12 @@ import triton.language as tl
 
 from ...diffusion.schedule import ROW
 from ..common import nc_s_strides
+from .model_output import PRED_CODES, data_prediction, model_output_offsets, table_row as _row
 from .philox import first_group, launch_geometry, randn_block
 
-PRED_CODES = {"eps": 0, "x0": 1, "v": 2}
 VAR_CODES = {"fixed_small": 0, "fixed_large": 1, "learned_range": 2}
 NOISE_NONE, NOISE_INPUT, NOISE_PHILOX = 0, 1, 2
 
-_SAB = tl.constexpr(ROW["sqrt_alphas_cumprod"])
-_S1MAB = tl.constexpr(ROW["sqrt_one_minus_alphas_cumprod"])
 _SRA = tl.constexpr(ROW["sqrt_recip_alphas_cumprod"])
 _SRM1 = tl.constexpr(ROW["sqrt_recipm1_alphas_cumprod"])
 _SABP = tl.constexpr(ROW["sqrt_alphas_cumprod_prev"])
@@ -34,23 +32,6 @@ _C1 = tl.constexpr(ROW["posterior_mean_coef1"])
 _C2 = tl.constexpr(ROW["posterior_mean_coef2"])
 _LOGB = tl.constexpr(ROW["log_betas"])
 _LSTD = tl.constexpr(ROW["fixed_large_std"])
-
-
-@triton.jit
-def _row(tab_ptr, row, num_steps, step):
-    return tl.load(tab_ptr + row * num_steps + step)
-
-
-@triton.jit
-def _predict_x0(x, m, tab_ptr, num_steps, step, PRED: tl.constexpr):
-    """x0 from x_t and the model's prediction m (fp32 blocks)."""
-    if PRED == 0:
-        x0 = _row(tab_ptr, _SRA, num_steps, step) * x - _row(tab_ptr, _SRM1, num_steps, step) * m
-    elif PRED == 1:
-        x0 = m
-    else:
-        x0 = _row(tab_ptr, _SAB, num_steps, step) * x - _row(tab_ptr, _S1MAB, num_steps, step) * m
-    return x0
 
 
 @triton.jit
@@ -102,19 +83,8 @@ def _p_step_kernel(
     step = tl.minimum(tl.maximum(step, 0), num_steps - 1)
 
     x = tl.load(x_ptr + local, mask=mask, other=0.0).to(tl.float32)
-    if MO_LIKE_X:
-        mo_off = local
-    else:
-        if CHANNELS_LAST:
-            c = local % C
-            s = (local // C) % S
-        else:
-            s = local % S
-            c = (local // S) % C
-        mo_off = (local // (C * S)) * mo_sn + c * mo_sc + s * mo_ss
-    m = tl.load(mo_ptr + mo_off, mask=mask, other=0.0).to(tl.float32)
-
-    x0 = _predict_x0(x, m, tab_ptr, num_steps, step, PRED)
+    mo_off = model_output_offsets(local, C, S, mo_sn, mo_sc, mo_ss, CHANNELS_LAST, MO_LIKE_X)
+    x0 = data_prediction(x, mo_ptr, mo_off, mask, tab_ptr, num_steps, step, PRED)
     if CLIP:
         x0 = tl.where(x0 < -1.0, -1.0, tl.where(x0 > 1.0, 1.0, x0))  # NaN stays NaN, as torch.clamp
     a, b, sigma = _step_coefs(tab_ptr, num_steps, step, eta, VAR, DDIM)
