@@ -135,3 +135,28 @@ def test_bundled_default_model_loads_and_samples():
     x = ddpm_fast.sample(ddpm_fast.load(), 4, steps=10, seed=0, progress=False)
     assert x.shape == (4, 1, 8, 8) and x.dtype == torch.float32
     assert torch.isfinite(x).all() and x.min() >= -1 and x.max() <= 1 and x.std() > 0.1
+
+
+def test_resumed_optimizer_state_takes_the_parameters_layout(tmp_path, seed):
+    """On CUDA the model is channels_last and AdamW fused, which requires moments laid out like the params; a
+    checkpoint stores them contiguous. After restoring, every moment has its parameter's strides (and values)."""
+    def setup():
+        model = _tiny().to(memory_format=torch.channels_last)
+        names = [n for n, _ in model.named_parameters()]
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3), names
+
+    model, opt, names = setup()
+    model(torch.randn(2, 1, 8, 8), torch.tensor([3, 500])).square().mean().backward()
+    opt.step()
+    assert any(p.dim() == 4 and not p.is_contiguous() for p in model.parameters())  # channels_last weights
+    path = str(tmp_path / "ckpt.safetensors")
+    checkpoint.write_training_checkpoint(path, model, {}, opt, names, {"step": 1, "train_config": {}})
+    tensors, meta = checkpoint.read_training_checkpoint(path)
+    model2, opt2, _ = setup()
+    checkpoint.restore_optimizer(opt2, checkpoint.split_prefixed(tensors, "optim"), meta["state"]["optimizer"],
+                                 names, path)
+    for p, p_saved in zip(model2.parameters(), model.parameters()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            got, want = opt2.state[p][key], opt.state[p_saved][key]
+            assert got.stride() == p.stride(), key
+            assert torch.equal(got, want)
