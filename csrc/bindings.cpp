@@ -2,11 +2,17 @@
 // code and a CUDA stream handle. The Python layer validates devices/dtypes/layouts; every function here
 // re-checks the sizes it is handed before touching memory.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
 
 namespace py = pybind11;
 
 #ifdef DDPM_FAST_WITH_CUDA
+#include <string>
 int ddpm_fast_cuda_runtime_version();
+int ddpm_fast_cuda_driver_version();
+std::string ddpm_fast_cuda_probe(uintptr_t stream);
 #endif
 
 // ---- group_norm_silu bindings (owner: group_norm_silu) ----
@@ -90,7 +96,10 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "ddpm_fast compiled kernels (CPU always; CUDA when built with nvcc)";
 #ifdef DDPM_FAST_WITH_CUDA
   m.attr("with_cuda") = true;
-  m.def("cuda_runtime_version", &ddpm_fast_cuda_runtime_version);
+  m.def("cuda_runtime_version", &ddpm_fast_cuda_runtime_version, "CUDA runtime version this module was built with");
+  m.def("cuda_driver_version", &ddpm_fast_cuda_driver_version, "the driver's CUDA version (0: no driver)");
+  m.def("cuda_probe", &ddpm_fast_cuda_probe, "launch one empty kernel on `stream`; '' or the CUDA error",
+        py::arg("stream"));
 #else
   m.attr("with_cuda") = false;
 #endif

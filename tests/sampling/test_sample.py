@@ -275,7 +275,7 @@ class EagerReplayGraphs(sampler_graph.CudaGraphBackend):
     def memory(self, device):
         return 0, 0
 
-    def capture(self, body, pool, kind):
+    def capture(self, body, pool, kind, device):
         self.captured.append(kind)
         if kind in self.fail:
             raise RuntimeError(f"simulated {kind} capture failure")

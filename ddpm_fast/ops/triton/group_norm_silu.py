@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import device as _device
 from ..common import NCHW, prepare_layout, to_layout
 
 _MAX_TILE = 8192  # elements per program tile: the whole group stays in registers when it fits
@@ -177,10 +178,11 @@ def _group_norm_silu_fwd(x, weight, bias, num_groups, eps):
     w = mean if weight is None else weight.detach().float().contiguous()
     b = mean if bias is None else bias.detach().float().contiguous()
     block_d, block_hw = _tiles(D, HW)
-    _group_norm_silu_fwd_kernel[(N * G,)](
-        x, y, w, b, mean, rstd, *_strides(layout, C, HW), HW, G, D, float(eps),
-        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_D=block_d, BLOCK_HW=block_hw,
-        ONE_TILE=block_hw >= HW, num_warps=8 if block_d * block_hw >= 4096 else 4)
+    with _device.on_device(x.device):
+        _group_norm_silu_fwd_kernel[(N * G,)](
+            x, y, w, b, mean, rstd, *_strides(layout, C, HW), HW, G, D, float(eps),
+            HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_D=block_d, BLOCK_HW=block_hw,
+            ONE_TILE=block_hw >= HW, num_warps=8 if block_d * block_hw >= 4096 else 4)
     return y, mean, rstd
 
 
@@ -197,8 +199,10 @@ def _group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, num_groups):
         w = dwp if weight is None else weight.detach().float().contiguous()
         b = dwp if bias is None else bias.detach().float().contiguous()
         block_d, block_hw = _tiles(D, HW)
-        _group_norm_silu_bwd_kernel[(N * G,)](
-            dy, x, dx, w, b, mean.float().contiguous(), rstd.float().contiguous(), dwp, dbp, *_strides(layout, C, HW),
-            C, HW, G, D, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_D=block_d,
-            BLOCK_HW=block_hw, num_warps=8 if block_d * block_hw >= 4096 else 4)
+        mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
+        with _device.on_device(x.device):
+            _group_norm_silu_bwd_kernel[(N * G,)](
+                dy, x, dx, w, b, mean, rstd, dwp, dbp, *_strides(layout, C, HW), C, HW, G, D,
+                HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_D=block_d, BLOCK_HW=block_hw,
+                num_warps=8 if block_d * block_hw >= 4096 else 4)
     return dx, dwp.sum(0), dbp.sum(0)

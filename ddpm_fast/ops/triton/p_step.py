@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ...diffusion.schedule import ROW
+from .. import device as _device
 from ..common import nc_s_strides
 from .philox import first_group, launch_geometry, randn_block
 
@@ -151,11 +152,13 @@ def p_step_triton(x_t, model_output, table, step, step_index, noise, seed, eleme
     grid, lead, offset_ptr, offset_arg, block = launch_geometry(x_t.numel(), element_offset, offset, block)
     channels_last = not x_t.is_contiguous()
     dummy = table  # any valid pointer for arguments a specialisation never reads
-    _p_step_kernel[grid](
-        x_t, model_output, noise if noise is not None else dummy, out, table,
-        step if step is not None else dummy, seed if seed is not None else dummy,
-        offset_ptr if offset_ptr is not None else dummy, step_index, offset_arg,
-        x_t.numel(), C, S, mo_sn, mo_sc, mo_ss, C * mo_sc, table.shape[1], lead, float(eta),
-        PRED=PRED_CODES[prediction], VAR=VAR_CODES[variance], CLIP=bool(clip), DDIM=bool(ddim),
-        NOISE=noise_mode, STREAM=stream, STEP_FROM_PTR=step is not None, OFFSET_FROM_PTR=offset_ptr is not None,
-        CHANNELS_LAST=channels_last, MO_LIKE_X=like_x and variance != "learned_range", BLOCK=block)
+    with _device.on_device(x_t.device):
+        _p_step_kernel[grid](
+            x_t, model_output, noise if noise is not None else dummy, out, table,
+            step if step is not None else dummy, seed if seed is not None else dummy,
+            offset_ptr if offset_ptr is not None else dummy, step_index, offset_arg,
+            x_t.numel(), C, S, mo_sn, mo_sc, mo_ss, C * mo_sc, table.shape[1], lead, float(eta),
+            PRED=PRED_CODES[prediction], VAR=VAR_CODES[variance], CLIP=bool(clip), DDIM=bool(ddim),
+            NOISE=noise_mode, STREAM=stream, STEP_FROM_PTR=step is not None,
+            OFFSET_FROM_PTR=offset_ptr is not None, CHANNELS_LAST=channels_last,
+            MO_LIKE_X=like_x and variance != "learned_range", BLOCK=block)

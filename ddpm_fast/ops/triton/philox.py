@@ -18,6 +18,7 @@ lead 0 (16-divisible: aligned vector loads). A launch's first Philox group, offs
 import triton
 import triton.language as tl
 
+from .. import device as _device
 from .._ext import triton_interpret
 
 
@@ -89,5 +90,6 @@ def seeded_randn_triton(seed, host, offset, out, stream, block=None):
     """Fill ``out`` (dense, any float dtype) with N(0, 1) noise of (seed, step 0, stream, element); the element
     offset as ``ops.noise.offset_arg`` returns it."""
     grid, lead, offset_ptr, offset_arg, block = launch_geometry(out.numel(), host, offset, block)
-    _seeded_randn_kernel[grid](out, seed, seed if offset_ptr is None else offset_ptr, offset_arg, out.numel(),
-                               lead, STREAM=stream, OFFSET_FROM_PTR=offset_ptr is not None, BLOCK=block)
+    with _device.on_device(out.device):
+        _seeded_randn_kernel[grid](out, seed, seed if offset_ptr is None else offset_ptr, offset_arg, out.numel(),
+                                   lead, STREAM=stream, OFFSET_FROM_PTR=offset_ptr is not None, BLOCK=block)
