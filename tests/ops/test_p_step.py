@@ -7,7 +7,7 @@ import torch
 
 from ddpm_fast import NoiseSchedule
 from ddpm_fast.ops import _ext
-from ddpm_fast.ops.noise import STREAM_INIT, STREAM_P_STEP, philox_randn_ref, seeded_randn
+from ddpm_fast.ops.noise import NOISE_ERROR_BOUND, STREAM_INIT, STREAM_P_STEP, philox_randn_ref, seeded_randn
 from ddpm_fast.ops.p_step import p_step, p_step_ref
 
 HAS_CUDA = torch.cuda.is_available()
@@ -18,6 +18,7 @@ COMBOS = list(itertools.product(["eps", "x0", "v"], ["fixed_small", "fixed_large
                                 [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.6)]))
 ATOL = {torch.float32: 2e-6, torch.float16: 1e-6, torch.bfloat16: 1e-6}
 SCHED = NoiseSchedule.linear(100).respace(10)
+NOISE_ATOL = NOISE_ERROR_BOUND  # |noise - philox_randn_ref| of every backend (derived in ops/noise.py)
 
 
 def _inputs(shape, variance, dtype, device="cpu", gen=None):
@@ -117,15 +118,19 @@ def test_noise_is_the_specified_philox_stream(seed, backend):
     element, also at offsets that are not a multiple of 4 and past 2^32 Philox counters: CPU and GPU agree."""
     s = seed % 2 ** 63
     x, mo, _ = _inputs((2, 3, 5, 5), "fixed_small", torch.float32)
+    std = SCHED.tables().posterior_std[3].item()
     for offset in (0, 75, 2 ** 34 + 3):
         base = p_step(SCHED, mo, x, 3, noise=torch.zeros_like(x), backend=backend)
         got = p_step(SCHED, mo, x, 3, seed=s, element_offset=offset, backend=backend)
-        z = ((got - base) / SCHED.tables().posterior_std[3]).flatten().double().numpy()
+        z = ((got - base) / std).flatten().double().numpy()
         want = philox_randn_ref(s, 3, STREAM_P_STEP, np.arange(x.numel()) + offset)
-        np.testing.assert_allclose(z, want, atol=2e-4)
+        # plus the float32 rounding of got and base (half an ulp each), divided by the noise's std
+        rounding = 2 ** -24 * (got.abs() + base.abs()).max().item() / std
+        np.testing.assert_allclose(z, want, rtol=0, atol=NOISE_ATOL + 2 * rounding)
         init = seeded_randn((2, 3, 5, 5), s, element_offset=offset, backend=backend)
         np.testing.assert_allclose(init.flatten().numpy(), philox_randn_ref(s, 0, STREAM_INIT,
-                                                                            np.arange(150) + offset), atol=2e-5)
+                                                                            np.arange(150) + offset),
+                                   rtol=0, atol=NOISE_ATOL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -349,6 +354,25 @@ def test_cuda_matches_reference(seed, dtype):
             out = p_step(SCHED, mo, x, torch.tensor([step], device="cuda"), prediction=pred, variance=var,
                          clip=clip, sampler=sampler, eta=eta, noise=z)
             assert_rule(out, x, mo, z, step, pred, var, clip, sampler, eta, "cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_noise_is_the_specified_stream_within_the_bound(seed):
+    """The compiled kernels' noise (correctly rounded sqrt in Box-Muller; libdevice log/cos/sin) against the
+    specification: within NOISE_ERROR_BOUND, like the CPU backends, for p_step's stream and x_T's, with the
+    offset as an int and from a device tensor."""
+    s, n = seed % 2 ** 63, 1 << 16
+    x = torch.zeros(1, 1, n, device="cuda")
+    std = SCHED.tables().posterior_std[3].item()
+    for offset in (0, 2 ** 34 + 3):
+        init = seeded_randn((n,), s, device="cuda", element_offset=offset)
+        want = philox_randn_ref(s, 0, STREAM_INIT, np.arange(n) + offset)
+        np.testing.assert_allclose(init.cpu().double().numpy(), want, rtol=0, atol=NOISE_ERROR_BOUND)
+        offset_t = torch.tensor([offset], device="cuda")
+        got = p_step(SCHED, x, x, 3, seed=s, element_offset=offset_t, offset_mod4=offset % 4, clip=False)
+        want = philox_randn_ref(s, 3, STREAM_P_STEP, np.arange(n) + offset)
+        np.testing.assert_allclose(got.flatten().cpu().double().numpy() / std, want, rtol=0,
+                                   atol=NOISE_ERROR_BOUND + 2 ** -23 * 6)
 
 
 @pytest.mark.gpu

@@ -82,7 +82,7 @@ def _group_norm_silu_fwd_kernel(
             v = tl.where(mask, xs - mean, 0.0)
             q += v * v
         var = tl.sum(tl.sum(q, axis=1), axis=0) / count
-    rstd = 1.0 / tl.sqrt(var + eps)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))  # once per group: correctly rounded (tl.sqrt is approximate)
     tl.store(Mean + pid, mean)
     tl.store(Rstd + pid, rstd)
     w, b = _affine(W, B, c, dmask, HAS_W, HAS_B)

@@ -58,12 +58,14 @@ def _predict_x0(x, m, tab_ptr, num_steps, step, PRED: tl.constexpr):
 def _step_coefs(tab_ptr, num_steps, step, eta, VAR: tl.constexpr, DDIM: tl.constexpr):
     """(a, b, sigma) with out = a * x0 + b * x_t + sigma * z; sigma unused for learned_range."""
     if DDIM:
-        # x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps, eps = (x_t / sqrt(abar) - x0) / srm1
-        sigma = eta * tl.sqrt(_row(tab_ptr, _PVAR, num_steps, step))
-        direction = tl.sqrt(tl.maximum(_row(tab_ptr, _OMABP, num_steps, step) - sigma * sigma, 0.0))
+        # x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps, eps = (x_t / sqrt(abar) - x0) / srm1.
+        # Correctly rounded sqrt and division: tl.sqrt and `/` are approximate on the GPU (~2 ulp), and these
+        # scalars multiply every element.
+        sigma = eta * tl.sqrt_rn(_row(tab_ptr, _PVAR, num_steps, step))
+        direction = tl.sqrt_rn(tl.maximum(_row(tab_ptr, _OMABP, num_steps, step) - sigma * sigma, 0.0))
         srm1 = _row(tab_ptr, _SRM1, num_steps, step)
-        a = _row(tab_ptr, _SABP, num_steps, step) - direction / srm1
-        b = direction * _row(tab_ptr, _SRA, num_steps, step) / srm1
+        a = _row(tab_ptr, _SABP, num_steps, step) - tl.div_rn(direction, srm1)
+        b = tl.div_rn(direction * _row(tab_ptr, _SRA, num_steps, step), srm1)
     else:
         a = _row(tab_ptr, _C1, num_steps, step)
         b = _row(tab_ptr, _C2, num_steps, step)

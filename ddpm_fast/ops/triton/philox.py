@@ -23,14 +23,25 @@ from .._ext import triton_interpret
 
 
 @triton.jit
+def _box_muller(u1, u2):
+    """triton.language.pair_uniform_to_normal with a correctly rounded square root: tl.sqrt is the GPU's
+    approximate sqrt (the interpreter's is exact), so the GPU would drift from the CPU's noise. log, cos and sin
+    are libdevice's (about 1 ulp)."""
+    u1 = tl.maximum(1.0e-7, u1)
+    th = 6.283185307179586 * u2
+    r = tl.sqrt_rn(-2.0 * tl.log(u1))
+    return r * tl.cos(th), r * tl.sin(th)
+
+
+@triton.jit
 def _randn4(seed, group, c1, c2):
     """Four blocks of N(0, 1) from counters (group, c1, c2); group: int64 block, c1/c2: scalars."""
     lo = (group & 0xFFFFFFFF).to(tl.uint32)
     hi = (group >> 32).to(tl.uint32)
     zero = lo * 0
     r0, r1, r2, r3 = tl.philox(seed, lo, zero + c1, zero + c2, hi)
-    n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
-    n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
+    n0, n1 = _box_muller(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
+    n2, n3 = _box_muller(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
     return n0, n1, n2, n3
 
 
