@@ -183,6 +183,33 @@ def test_triton_reads_the_group_from_the_tensor_and_the_lead_from_the_host(seed)
             np.testing.assert_allclose(out.flatten().numpy(), want, atol=2e-5)
 
 
+@needs_triton
+def test_triton_at_the_gpu_block_size(seed, monkeypatch):
+    """The interpreter normally runs one large block; the GPU runs 1024-element blocks. At 1024 (monkeypatched in
+    as on a GPU), with several programs, offsets that are not 4-aligned, a channels_last x, a strided learned-range
+    output and offsets from a tensor, the Triton step gives bitwise the one-block results and the spec's noise."""
+    from ddpm_fast.ops.triton import philox
+    x, mo, _ = _inputs((3, 5, 17, 19), "learned_range", torch.float32)   # 4845 elements: 5 blocks of 1024
+    x = x.contiguous(memory_format=torch.channels_last)
+    s = seed % 2 ** 63
+    big = torch.randn(3, 10, 17, 23)
+    big[:, :, :, 2:21] = mo
+    runs = {}
+    for gpu_blocks in (False, True):
+        monkeypatch.setattr(philox, "triton_interpret", lambda: not gpu_blocks)
+        for offset in (0, 75, 2 ** 34 + 3):
+            kw = dict(variance="learned_range", seed=s, backend="triton")
+            runs[gpu_blocks, offset] = (
+                p_step(SCHED, big[:, :, :, 2:21], x, 6, element_offset=offset, **kw),
+                p_step(SCHED, mo, x, torch.tensor([6]), element_offset=torch.tensor([offset]), **kw),
+                seeded_randn((4845,), s, element_offset=offset, backend="triton"))
+    for offset in (0, 75, 2 ** 34 + 3):
+        for one_block, gpu_block in zip(runs[False, offset], runs[True, offset]):
+            torch.testing.assert_close(gpu_block, one_block, rtol=0, atol=0)
+        want = philox_randn_ref(s, 0, STREAM_INIT, np.arange(4845) + offset)
+        np.testing.assert_allclose(runs[True, offset][2].double().numpy(), want, rtol=0, atol=NOISE_ATOL)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("clip", [True, False])
 def test_non_finite_values_propagate(seed, backend, clip):

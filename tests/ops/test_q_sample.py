@@ -82,6 +82,24 @@ def test_noise_stream_and_chunks(seed, backend):
         torch.testing.assert_close(part_xt, x_t[lo:hi], rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not _ext.has_triton(), reason="needs triton")
+def test_triton_at_the_gpu_block_size(seed, monkeypatch):
+    """1024-element blocks as on a GPU (the interpreter otherwise runs one block): several programs, offsets that
+    are not 4-aligned; bitwise the one-block result, eps the specified stream."""
+    from ddpm_fast.ops.triton import philox
+    s = seed % 2 ** 63
+    x0, t = torch.rand(5, 3, 17, 19), torch.randint(0, 100, (5,))
+    runs = {}
+    for gpu_blocks in (False, True):
+        monkeypatch.setattr(philox, "triton_interpret", lambda: not gpu_blocks)
+        runs[gpu_blocks] = q_sample(SCHED, x0, t, seed=s, element_offset=75, backend="triton")
+    for one_block, gpu_block in zip(runs[False], runs[True]):
+        torch.testing.assert_close(gpu_block, one_block, rtol=0, atol=0)
+    np.testing.assert_allclose(runs[True][1].flatten().numpy(),
+                               philox_randn_ref(s, 0, STREAM_Q_SAMPLE, np.arange(x0.numel()) + 75),
+                               rtol=0, atol=NOISE_ERROR_BOUND)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_eps_statistics(seed, backend):
     n = 1 << 14
