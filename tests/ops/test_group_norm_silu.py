@@ -125,6 +125,34 @@ def _check_grads(x, w, b, G, dy, dx, dw, db, name):
 
 
 @needs_cpp
+@pytest.mark.skipif(not getattr(_ext.load(), "with_openmp", False), reason="the extension was built without OpenMP")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernels_on_two_threads(seed, layout, dtype):
+    """The C++ kernels use a second thread only above 16384 elements per thread (use_threads): at
+    4 x 64 x 17 x 19 = 82688 elements, 128 groups, 2 threads run forward and backward; the results obey the error
+    rule and equal the 1-thread results bitwise (per-group work and fixed-order reductions)."""
+    shape, G = (4, 64, 17, 19), 32
+    x = make_x(shape, layout, dtype)
+    w, b = affine(shape[1])
+    dy = torch.randn(shape).to(dtype)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y, mean, rstd = gns._fwd_cpp(x, w, b, G, 1e-5)
+            runs.append((y, mean, rstd, *gns._bwd_cpp(dy, x, w, b, mean, rstd, G)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*runs):
+        torch.testing.assert_close(one, two, rtol=0, atol=0)
+    y, mean, rstd, dx, dw, db = runs[1]
+    assert_rule(y, ref64(x, G, w, b), naive(x, G, w, b), ATOL[dtype])
+    _check_grads(x, w, b, G, dy, dx, dw, db, f"cpp 2 threads {layout}")
+
+
+@needs_cpp
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("affine_params", [True, False])
 def test_gradcheck_float64(seed, layout, affine_params):

@@ -226,17 +226,28 @@ def test_non_finite_values_propagate(seed, backend, clip):
 
 
 @needs_ext
-def test_cpu_noise_is_independent_of_thread_count(seed):
-    x, mo, _ = _inputs((4, 3, 32, 32), "fixed_small", torch.float32)    # several 2048-element tiles
+@pytest.mark.skipif(not getattr(_ext.load(), "with_openmp", False), reason="the extension was built without OpenMP")
+def test_cpu_kernels_on_two_threads(seed):
+    """The C++ kernels split work over threads only above 16384 elements per thread: 2 threads need >= 32768.
+    At 3 x 5 x 67 x 71 = 71355 elements (odd, so tiles and vector tails split unevenly) the 2-thread step matches
+    the reference and is bitwise the 1-thread step, noise included; so is seeded_randn."""
+    x, mo, z = _inputs((3, 5, 67, 71), "learned_range", torch.float32)
     threads = torch.get_num_threads()
+    runs = []
     try:
-        torch.set_num_threads(1)
-        one = p_step(SCHED, mo, x, 5, seed=seed, backend="cpp")
-        torch.set_num_threads(2)
-        two = p_step(SCHED, mo, x, 5, seed=seed, backend="cpp")
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            kw = dict(prediction="v", variance="learned_range", backend="cpp")
+            runs.append((p_step(SCHED, mo, x, 5, seed=seed, element_offset=3, **kw),
+                         p_step(SCHED, mo, x, 5, noise=z, **kw),
+                         seeded_randn((x.numel(),), seed, element_offset=3, backend="cpp")))
     finally:
         torch.set_num_threads(threads)
-    torch.testing.assert_close(one, two, rtol=0, atol=0)
+    for one, two in zip(*runs):
+        torch.testing.assert_close(one, two, rtol=0, atol=0)
+    assert_rule(runs[1][1], x, mo, z, 5, "v", "learned_range", True, "ddpm", 0.0, "cpp 2 threads")
+    want = philox_randn_ref(seed, 0, STREAM_INIT, np.arange(x.numel()) + 3)
+    np.testing.assert_allclose(runs[1][2].double().numpy(), want, rtol=0, atol=NOISE_ATOL)
 
 
 def _stats_ok(z, name):
