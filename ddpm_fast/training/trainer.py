@@ -23,7 +23,8 @@ from .. import distributed
 from ..checkpoint import RUN_CHECKPOINT, RUN_MODEL
 from ..files import atomic_write
 from .config import RESUMABLE_CHANGES, TrainConfig
-from .step import EMA, STREAM_DROPOUT, STREAM_INIT, STREAM_NOISE, StepBatches, TrainStep, ema_decay, mix, warmup_lr
+from .step import (EMA, STREAM_DROPOUT, STREAM_INIT, STREAM_NOISE, StepBatches, TrainStep, ema_decay, mix,
+                   seed_global_rngs, warmup_lr)
 
 METRICS, CONFIG_JSON, LOSS_PNG = "metrics.jsonl", "config.json", "loss.png"
 
@@ -46,6 +47,7 @@ class Trainer:
         self.dataset = load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, flip=cfg.flip)
         self.dist = distributed.setup(cfg.device)
         self.device = self.dist.device
+        seed_global_rngs(cfg.seed, self.dist.rank)  # a resumed run then restores the checkpoint's states
         self._check_batch()
         self.net = self._build_model()
         self.tables = self.net.diffusion.make_schedule().tables(self.device)
