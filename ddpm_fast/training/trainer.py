@@ -228,13 +228,6 @@ class Trainer:
                            "torch": torch.__version__}, indent=2) + "\n"
         atomic_write(os.path.join(self.run_dir, CONFIG_JSON), lambda tmp: open(tmp, "w").write(text))
 
-    def ema_model(self):
-        """A copy of the U-Net holding the EMA weights, in eval mode (for sampling in-process)."""
-        import copy
-        model = copy.deepcopy(self.net)
-        ckpt.load_weights(model, self.ema.state_dict(), "EMA", "EMA weights")
-        return model.eval()
-
 
 def train(config: Optional[TrainConfig] = None, **overrides) -> str:
     """Trains a DDPM; returns the path of the final EMA model (RUN_DIR/model.safetensors, for ddpm_fast.load).
