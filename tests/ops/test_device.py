@@ -13,7 +13,7 @@ from ddpm_fast import NoiseSchedule
 from ddpm_fast.ops import _ext, device
 from ddpm_fast.ops import group_norm_silu as gns
 
-needs_triton = pytest.mark.skipif(not _ext.has_triton(), reason="needs triton")
+needs_triton = pytest.mark.triton_cpu  # see conftest.py
 
 
 @pytest.fixture

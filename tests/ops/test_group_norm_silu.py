@@ -390,7 +390,7 @@ def test_cpp_checks_sizes():
 
 
 # ----------------------------------------------------------------------------- Triton (interpreter on CPU)
-@pytest.mark.skipif(not _ext.has_triton(), reason="triton not installed")
+@pytest.mark.triton_cpu  # the Triton interpreter on CPU tensors (conftest.py)
 @pytest.mark.parametrize("shape,G,layout,dtype", [  # small: the interpreter runs each program in numpy
     ((2, 24, 5, 7), 2, "nchw", torch.float32),
     ((2, 24, 5, 7), 2, "sliced_channels_last", torch.bfloat16),

@@ -8,7 +8,7 @@ from ddpm_fast.ops import _ext
 from ddpm_fast.ops.noise import NOISE_ERROR_BOUND, STREAM_Q_SAMPLE, philox_randn_ref
 from ddpm_fast.ops.q_sample import q_sample, q_sample_ref
 
-needs_triton = pytest.mark.skipif(not _ext.has_triton(), reason="needs triton")
+needs_triton = pytest.mark.triton_cpu  # the Triton interpreter on CPU tensors (conftest.py)
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
 SCHED = NoiseSchedule.cosine(100)
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-6, torch.bfloat16: 1e-6}
@@ -82,7 +82,7 @@ def test_noise_stream_and_chunks(seed, backend):
         torch.testing.assert_close(part_xt, x_t[lo:hi], rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not _ext.has_triton(), reason="needs triton")
+@needs_triton
 def test_triton_at_the_gpu_block_size(seed, monkeypatch):
     """1024-element blocks as on a GPU (the interpreter otherwise runs one block): several programs, offsets that
     are not 4-aligned; bitwise the one-block result, eps the specified stream."""
