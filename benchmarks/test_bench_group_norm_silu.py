@@ -66,3 +66,34 @@ def test_forward_channels_last(benchmark, impl):
     fn = (lambda: F.silu(F.group_norm(xd, 32, w, b))) if impl == "torch" else (lambda: group_norm_silu(xd, 32, w, b))
     y = _bench(benchmark, fn, "cpu")
     assert y.shape == x.shape
+
+
+def test_comparison_script_reports_every_variant_at_its_best_thread_count(tmp_path):
+    """bench_group_norm_silu.py times every variant at each thread count, interleaved; each row names each
+    variant's best count, the speedup at the main count and best vs best, and bandwidth as % of the copy's."""
+    import importlib.util
+    import json
+    import os
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_group_norm_silu.py")
+    spec = importlib.util.spec_from_file_location("_bench_gns", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        module.main(["--quick", "--thread-counts", "1,2", "--shapes", "256:16", "--burst", "1", "--allow-dirty",
+                     "--json", str(tmp_path / "gn.json")])
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "gn.json").read_text())
+    assert result["meta"]["thread_counts"] == [1, 2] and result["meta"]["git_commit"]
+    for row in result["rows"]:
+        assert set(row["by_threads"]) == {"1", "2"} and row["main_threads"] == 2
+        for name in ("torch", "fused", "copy"):
+            best = row["best"][name]
+            assert best["ms"] == min(row["by_threads"][t][name]["ms"] for t in ("1", "2"))
+            assert row["by_threads"][str(best["threads"])][name]["ms"] == best["ms"]
+        assert row["speedup_best_vs_best"] == pytest.approx(row["best"]["torch"]["ms"] / row["best"]["fused"]["ms"])
+        assert row["by_threads"]["2"]["copy"]["pct_of_copy"] == pytest.approx(100)
+    assert {"forward", "backward"} == set(result["summary"])
+    assert result["summary"]["backward"]["unet"]["torch"]["best_threads"] in (1, 2)
