@@ -442,10 +442,17 @@ def test_bad_inputs():
 
 # ---- GPU: the real kernels (skipped without CUDA) ----------------------------------------------------------
 
+# Every prediction x variance pair once, clip and sampler rotating: each compiled specialisation costs ~1 s of
+# Triton compilation on the GPU machine, where the whole suite has minutes; the interpreter tests cover all COMBOS.
+GPU_COMBOS = [(pred, var, i % 2 == 0, [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.6)][i % 3])
+              for i, (pred, var) in enumerate(itertools.product(["eps", "x0", "v"],
+                                                                ["fixed_small", "fixed_large", "learned_range"]))]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_matches_reference(seed, dtype):
-    for pred, var, clip, (sampler, eta) in COMBOS:
+    for pred, var, clip, (sampler, eta) in GPU_COMBOS:
         x, mo, z = _inputs((3, 3, 17, 19), var, dtype, "cuda")
         for step in (0, 7):
             out = p_step(SCHED, mo, x, torch.tensor([step], device="cuda"), prediction=pred, variance=var,
