@@ -1,7 +1,7 @@
 """ddpm_fast: fast, correct DDPM training and sampling for PyTorch.
 
 Public API (imported lazily, so ``import ddpm_fast`` stays cheap):
-    sample, train, UNet, UNetConfig, NoiseSchedule, DiffusionConfig, TrainConfig, load, save,
+    sample, sample_to_dir, train, UNet, UNetConfig, NoiseSchedule, DiffusionConfig, TrainConfig, load, save,
     GroupNormSiLU, group_norm_silu
 The subpackages (docs/architecture.md): diffusion/ (schedules, reference math), ops/ (fused kernels), models/
 (the U-Net), sampling/, training/, eval/ (metrics), bench/; plus data, checkpoint, images, files, distributed.
@@ -13,6 +13,7 @@ from ._version import __version__
 
 _API = {
     "sample": "ddpm_fast.sampling",
+    "sample_to_dir": "ddpm_fast.sampling",
     "train": "ddpm_fast.training",
     "TrainConfig": "ddpm_fast.training",
     "UNet": "ddpm_fast.models",

@@ -1,4 +1,4 @@
-"""The `ddpm-fast` command line: train | sample | eval | bench.
+"""The `ddpm-fast` command line: train | sample | reference | eval | bench.
 
 Each subcommand has an `_add_<name>(subparsers)` that declares its flags and a `_run_<name>(args)` that does the
 work; heavy imports happen inside the `_run_*` functions so `ddpm-fast --help` stays fast.
@@ -23,7 +23,8 @@ def _add_sample(sub):
                        description="Draw images with ddpm_fast.sample and write them as a PNG grid (and an .npz).")
     p.add_argument("--checkpoint", metavar="PATH", help="a model file (ddpm_fast.save), a training checkpoint "
                    "(its EMA weights) or a run directory; default: the bundled model, when this install has one")
-    p.add_argument("--n", type=_positive_int, default=64, help="number of images (default 64)")
+    p.add_argument("-n", "--n", type=_positive_int, default=64, help="number of images (default 64; under torchrun "
+                   "write -n: torchrun reads --n as an abbreviation of its own options)")
     p.add_argument("--steps", type=_positive_int, help="sampling steps (default: all T training steps; fewer "
                    "respace the schedule: linspace rule, see README)")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
@@ -34,9 +35,16 @@ def _add_sample(sub):
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="the model's compute dtype (default: the model's; fp16/bf16 run under autocast)")
     p.add_argument("--batch-size", type=_positive_int, help="images per chunk (default min(n, 256))")
-    p.add_argument("--out", default="samples.png", metavar="PNG", help="image grid (default samples.png)")
+    p.add_argument("--out", metavar="PNG", help="image grid (default samples.png)")
     p.add_argument("--npz", metavar="PATH", help="also write the samples as .npz (images: float32 NCHW in "
                    "[-1, 1]; arr_0: uint8 NHWC)")
+    p.add_argument("--out-dir", metavar="DIR", help="an evaluation run instead of a grid: one file per chunk, "
+                   "resumable (rerun the same command), then DIR/samples.npz (arr_0: uint8 NHWC); under torchrun "
+                   "every process draws its share (see docs/evaluation.md)")
+    p.add_argument("--png-dir", metavar="DIR", help="with --out-dir: also one PNG per image (for folder-based "
+                   "FID tools)")
+    p.add_argument("--overwrite", action="store_true", help="with --out-dir: start over when DIR holds a run "
+                   "with other settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_sample)
 
@@ -47,12 +55,20 @@ def _run_sample(args):
     import torch
 
     import ddpm_fast
+    from ddpm_fast.distributed import torchrun_env
     from ddpm_fast.images import save_grid_png, save_npz
     from ddpm_fast.sampling import last_run_info
 
     def fail(message):
         raise SystemExit(f"ddpm-fast sample: error: {message}")
 
+    if args.out_dir is not None:
+        return _run_sample_dir(args, fail)
+    if args.png_dir is not None or args.overwrite:
+        fail("--png-dir and --overwrite go with --out-dir")
+    if torchrun_env()[1] > 1:
+        fail("under torchrun, give --out-dir DIR: every process then draws its share of the images into DIR")
+    args.out = args.out or "samples.png"
     for path in filter(None, (args.out, args.npz)):
         if os.path.isdir(path):
             fail(f"{path} is a directory; give a file name")
@@ -83,7 +99,69 @@ def _run_sample(args):
     print(f"wrote {args.n} samples to {written} ({info['steps']} {args.sampler} steps, seed {info['seed']}, "
           f"{info['wall_s']:.1f} s on {info['device']}, {'/'.join(sorted(set(info['modes'])))})")
     return 0
+
+
+def _run_sample_dir(args, fail):
+    """ddpm-fast sample --out-dir: ddpm_fast.sample_to_dir over the processes torchrun started (or this one)."""
+    import torch
+
+    import ddpm_fast
+    from ddpm_fast import distributed
+    if args.out is not None or args.npz is not None:
+        fail("--out and --npz write a grid; with --out-dir the images go to DIR/samples.npz (and --png-dir)")
+    rank, _, local_rank = distributed.torchrun_env()
+    try:
+        device = distributed.resolve_device(args.device, local_rank)  # under torchrun: cuda:LOCAL_RANK
+        model = ddpm_fast.load(args.checkpoint, device=device)
+    except FileNotFoundError as err:
+        fail(f"--checkpoint PATH is needed: this install has no bundled default model ({err})"
+             if args.checkpoint is None else str(err))
+    except (ValueError, TypeError) as err:
+        fail(str(err))
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    try:
+        run = ddpm_fast.sample_to_dir(model, args.n, args.out_dir, png_dir=args.png_dir, overwrite=args.overwrite,
+                                      progress=not args.no_progress, steps=args.steps, sampler=args.sampler,
+                                      eta=args.eta, seed=args.seed, dtype=dtype, batch_size=args.batch_size)
+    except (ValueError, TypeError, FloatingPointError) as err:
+        fail(str(err))
+    if rank == 0:
+        print(run.summary() + (f"; PNGs in {run.png_dir}" if run.png_dir else ""))
+    return 0
 # ---- end sample ----
+
+
+# ---- reference ----
+def _add_reference(sub):
+    p = sub.add_parser("reference", help="write a dataset's real images as an FID reference batch (.npz arr_0)",
+                       description="Write a dataset's images, pixel for pixel, as an .npz holding arr_0: uint8 "
+                       "(N, H, W, C): the reference batch guided-diffusion's evaluator reads beside the samples.")
+    p.add_argument("--dataset", required=True, help="digits, fashion-mnist, folder:DIR or npz:FILE")
+    p.add_argument("--split", choices=("train", "test", "all"), default="train", help="(default train)")
+    p.add_argument("--n", type=_positive_int, help="the first N images of the split (default: all)")
+    p.add_argument("--data-dir", help="where the dataset's files are")
+    p.add_argument("--image-size", type=_positive_int, help="resize + center-crop to this size (folder datasets)")
+    p.add_argument("--out", required=True, metavar="NPZ", help="the .npz to write")
+    p.set_defaults(func=_run_reference)
+
+
+def _run_reference(args):
+    import os
+
+    from ddpm_fast.data import reference_batch
+    from ddpm_fast.images import save_uint8_npz
+    if os.path.isdir(args.out):
+        raise SystemExit(f"ddpm-fast reference: error: {args.out} is a directory; give a file name")
+    try:
+        pixels = reference_batch(args.dataset, args.split, args.n, data_dir=args.data_dir,
+                                 image_size=args.image_size)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        raise SystemExit(f"ddpm-fast reference: error: {err}") from None
+    save_uint8_npz(args.out, [pixels], pixels.shape)
+    n, h, w, c = pixels.shape
+    print(f"wrote {n} images ({h}x{w}x{c}, uint8) of {args.dataset} ({args.split}) to {args.out} as arr_0")
+    return 0
+# ---- end reference ----
 
 
 # ---- train ----
@@ -249,8 +327,8 @@ def build_parser():
     from ._version import __version__
     parser = argparse.ArgumentParser(prog="ddpm-fast", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"ddpm-fast {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,bench}")
-    for name in ("train", "sample", "eval", "bench"):
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,reference,eval,bench}")
+    for name in ("train", "sample", "reference", "eval", "bench"):
         adder = globals().get(f"_add_{name}")
         if adder is not None:
             adder(sub)

@@ -140,6 +140,20 @@ def load_dataset(spec: str, split: str = "train", data_dir: Optional[str] = None
     return ImageDataset(images, labels, flip=flip, name=spec, split=split, classes=classes)
 
 
+def reference_batch(spec: str, split: str = "train", n: Optional[int] = None, data_dir: Optional[str] = None,
+                    image_size: Optional[int] = None) -> np.ndarray:
+    """A dataset's real images as the uint8 (N, H, W, C) array FID tools compare samples with (the "reference
+    batch" of guided-diffusion's evaluator): the first ``n`` images of the split in the dataset's order (all by
+    default), unflipped, pixel for pixel as stored. Arguments as ``load_dataset``."""
+    images = load_dataset(spec, split, data_dir=data_dir, image_size=image_size).images
+    if n is not None:
+        if type(n) is not int or not 1 <= n <= len(images):
+            raise ValueError(f"n must be an int in [1, {len(images)}] ({spec} {split} holds {len(images)} "
+                             f"images); got {n!r}")
+        images = images[:n]
+    return images.permute(0, 2, 3, 1).contiguous().numpy()
+
+
 def _resolve(path: str, data_dir: Optional[str], spec: str) -> str:
     if not path:
         raise ValueError(f"dataset spec {spec!r} names no path")

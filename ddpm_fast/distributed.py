@@ -1,11 +1,14 @@
-"""torch.distributed set-up for training: torchrun's environment -> process group, device, rank-0 duties.
+"""torch.distributed set-up for training and sharded sampling: torchrun's environment -> process group, device,
+rank-0 duties, and the few collectives they need.
 
-`torchrun --nproc_per_node K -m ddpm_fast train ...` sets RANK, WORLD_SIZE and LOCAL_RANK; each process then
-trains on ``cuda:LOCAL_RANK`` with NCCL, or on the CPU with gloo. Without those variables (or with
-WORLD_SIZE=1) training runs in one process and nothing here touches torch.distributed.
+`torchrun --nproc_per_node K -m ddpm_fast train ...` (or `... sample --out-dir DIR`) sets RANK, WORLD_SIZE and
+LOCAL_RANK; each process then works on ``cuda:LOCAL_RANK`` with NCCL, or on the CPU with gloo. Without those
+variables (or with WORLD_SIZE=1) the job runs in one process and nothing here touches torch.distributed.
 """
+import datetime
 import os
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -44,7 +47,7 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
         if dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {dev} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
     elif dev.type != "cpu":
-        raise ValueError(f"device {device!r}: training runs on cpu or cuda")
+        raise ValueError(f"device {device!r}: ddpm_fast runs on cpu or cuda")
     return dev
 
 
@@ -58,10 +61,16 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an int (set by torchrun)") from None
 
 
-def setup(device: str = "auto") -> DistInfo:
-    """Joins the process group torchrun described (NCCL on CUDA, gloo on the CPU), or runs alone."""
-    world = _env_int("WORLD_SIZE", 1)
-    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+def torchrun_env() -> Tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) from torchrun's environment; (0, 1, 0) outside torchrun."""
+    return _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
+
+
+def setup(device: str = "auto", timeout: Optional[datetime.timedelta] = None) -> DistInfo:
+    """Joins the process group torchrun described (NCCL on CUDA, gloo on the CPU), or runs alone.
+
+    timeout: how long a collective waits for the slowest rank (None: torch's default, 10-30 minutes)."""
+    rank, world, local_rank = torchrun_env()
     dev = resolve_device(device, local_rank)
     if world <= 1:
         return DistInfo(0, 1, 0, dev)
@@ -70,7 +79,8 @@ def setup(device: str = "auto") -> DistInfo:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        extra = {} if timeout is None else {"timeout": timeout}
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", **extra)
     return DistInfo(rank, world, local_rank, dev)
 
 
@@ -91,3 +101,21 @@ def mean_over_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
         dist.all_reduce(value)
         value /= info.world_size
     return value
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's ``obj`` (any picklable object) on every rank. A collective: every rank must call it."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's ``obj``, in rank order, on every rank. A collective: every rank must call it."""
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out

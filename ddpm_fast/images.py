@@ -1,12 +1,16 @@
-"""Writing samples to disk: an image-grid PNG and an .npz array, each atomically (temp file + fsync + rename, so a
-crash never leaves a half-written file under the final name).
+"""Writing samples to disk: an image-grid PNG, an .npz array, one PNG per image, each atomically (temp file +
+fsync + rename, so a crash never leaves a half-written file under the final name).
 
 Pixel values: x in [-1, 1] -> round((x + 1) * 127.5), clamped to 0..255 (the inverse of ddpm_fast.data's).
-The .npz holds two arrays: "images", float32 (N, C, H, W) in [-1, 1] (the raw samples; ``npz:FILE`` datasets
+``save_npz`` writes two arrays: "images", float32 (N, C, H, W) in [-1, 1] (the raw samples; ``npz:FILE`` datasets
 read it), and "arr_0", uint8 (N, H, W, C) (improved-/guided-diffusion's sample-file layout).
+``save_uint8_npz`` streams uint8 (N, H, W, C) pixels into "arr_0" (labels into "arr_1"), one part at a time: the
+evaluation batch that guided-diffusion's evaluator and other FID tools read, without holding all N in memory.
+``save_pngs`` writes one PNG per image for folder-based FID tools (clean-fid, torch-fidelity, pytorch-fid).
 """
 import math
 import os
+import zipfile
 
 import numpy as np
 import torch
@@ -74,3 +78,77 @@ def save_npz(samples, path):
             np.savez(f, images=raw, arr_0=pixels)
     atomic_write(os.fspath(path), write)
     return os.fspath(path)
+
+
+def check_pixels(pixels, what="pixels"):
+    """pixels: a uint8 NumPy array (N, H, W, C), N >= 1 (as ``to_uint8`` returns)."""
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 4 or not len(pixels):
+        got = f"{pixels.dtype} {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
+        raise ValueError(f"{what} must be a non-empty uint8 NumPy array (N, H, W, C), got {got}")
+    return pixels
+
+
+def png_name(index, n):
+    """The file name of image ``index`` of ``n``: zero-padded (at least 6 digits), so names sort in image order."""
+    return f"{index:0{max(6, len(str(n - 1)))}d}.png"
+
+
+def save_pngs(pixels, directory, first=0, n=None):
+    """Writes uint8 (N, H, W, C) pixels, C in {1, 3, 4}, as one PNG per image into ``directory``: image i is
+    ``png_name(first + i, n)`` (n: the whole set's size, for the name width; default first + N). Each file is
+    renamed into place complete, without an fsync each (that costs ~10x the PNG itself): call ``os.sync()``
+    once after the last batch to make the folder durable. Returns the file names."""
+    from PIL import Image
+    check_pixels(pixels)
+    if pixels.shape[3] not in (1, 3, 4):
+        raise ValueError(f"a PNG needs 1, 3 or 4 channels, the images have {pixels.shape[3]}")
+    n = first + len(pixels) if n is None else n
+    names = [png_name(first + i, n) for i in range(len(pixels))]
+    os.makedirs(directory, exist_ok=True)
+    for image, name in zip(pixels, names):
+        pil = Image.fromarray(image[..., 0] if image.shape[2] == 1 else image)
+
+        def write(tmp, pil=pil):
+            with open(tmp, "wb") as f:
+                pil.save(f, format="PNG")
+        atomic_write(os.path.join(directory, name), write, fsync=False)
+    return names
+
+
+def save_uint8_npz(path, parts, shape, labels=None):
+    """Writes an uncompressed .npz at ``path`` (atomically) holding "arr_0": uint8 ``shape`` = (N, H, W, C),
+    streamed from ``parts`` (an iterable of uint8 (b, H, W, C) arrays whose concatenation is arr_0, so only one
+    part is in memory at a time), and "arr_1": ``labels`` (N,) int64 when given. The same bytes as
+    ``np.savez(path, arr_0=..., arr_1=...)``, which guided-diffusion's evaluator streams batch by batch."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"shape must be (N, H, W, C) with positive sizes, got {shape}")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != shape[:1] or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"labels must be integers of shape ({shape[0]},), got {labels.dtype} {labels.shape}")
+
+    def write(tmp):
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                _stream_npy(f, parts, shape)
+            if labels is not None:
+                with zf.open("arr_1.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, labels.astype(np.int64), allow_pickle=False)
+    atomic_write(os.fspath(path), write)
+    return os.fspath(path)
+
+
+def _stream_npy(f, parts, shape):
+    """The .npy bytes of a C-order uint8 array of ``shape``, header first, then each part's bytes."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(f, header)
+    rows = 0
+    for part in parts:
+        check_pixels(part, "each part")
+        if part.shape[1:] != shape[1:] or rows + len(part) > shape[0]:
+            raise ValueError(f"part of shape {part.shape} does not continue arr_0 {shape} at image {rows}")
+        f.write(np.ascontiguousarray(part).tobytes())
+        rows += len(part)
+    if rows != shape[0]:
+        raise ValueError(f"the parts hold {rows} images, arr_0 needs {shape[0]}")

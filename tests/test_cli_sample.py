@@ -124,3 +124,71 @@ def test_writers_check_inputs_and_leave_old_files_intact_on_failure(tmp_path, mo
     with pytest.raises(OSError, match="disk full"):
         save_grid_png(rgb.flip(0), path)
     assert path.read_bytes() == before and _files(tmp_path) == ["g.png"]
+
+
+# ---- --out-dir: an evaluation run (ddpm_fast.sample_to_dir) ----------------------------------------------
+
+def _arr0(path):
+    with np.load(path) as data:
+        return data["arr_0"]
+
+
+def test_cli_out_dir_writes_resumes_refuses_and_overwrites(tmp_path, model_file, capsys):
+    run = tmp_path / "run"
+    argv = ["sample", "--checkpoint", model_file, "-n", "5", "--steps", "3", "--seed", "4", "--device", "cpu",
+            "--batch-size", "2", "--out-dir", str(run), "--png-dir", str(tmp_path / "png"), "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert "5 images in" in printed.out and "5 drawn now" in printed.out and "PNGs in" in printed.out
+    assert printed.err == ""
+    model = ddpm_fast.load(model_file)
+    want = to_uint8(ddpm_fast.sample(model, 5, 3, seed=4, batch_size=2, progress=False))
+    np.testing.assert_array_equal(_arr0(run / "samples.npz"), want)
+    assert _files(tmp_path / "png") == [f"{i:06d}.png" for i in range(5)]
+    assert main(argv) == 0 and "0 drawn now, 5 found on disk" in capsys.readouterr().out
+    other = [a if a != "4" else "5" for a in argv]
+    with pytest.raises(SystemExit, match="holds a run with other settings: seed: 4 in the directory, 5 now"):
+        main(other)
+    assert main(other + ["--overwrite"]) == 0 and "5 drawn now" in capsys.readouterr().out
+    want = to_uint8(ddpm_fast.sample(model, 5, 3, seed=5, batch_size=2, progress=False))
+    np.testing.assert_array_equal(_arr0(run / "samples.npz"), want)
+
+
+def test_cli_out_dir_errors_come_before_any_work(tmp_path, model_file, monkeypatch, capsys):
+    run, a_file = tmp_path / "run", tmp_path / "a_file"
+    a_file.write_text("x")
+    base = ["sample", "--steps", "2", "--device", "cpu", "--no-progress"]
+    with pytest.raises(SystemExit, match="no such file"):
+        main(base + ["--checkpoint", str(tmp_path / "absent.safetensors"), "--out-dir", str(run)])
+    with pytest.raises(SystemExit, match="a_file is a file, not a directory"):
+        main(base + ["--checkpoint", model_file, "--out-dir", str(a_file)])
+    for bad in (["-n", "0"], ["--batch-size", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(base + ["--checkpoint", model_file, "--out-dir", str(run)] + bad)
+        assert exit_info.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--png-dir and --overwrite go with --out-dir"):
+        main(base + ["--checkpoint", model_file, "--png-dir", str(run)])
+    with pytest.raises(SystemExit, match="--out and --npz write a grid"):
+        main(base + ["--checkpoint", model_file, "--out-dir", str(run), "--npz", str(tmp_path / "s.npz")])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="under torchrun, give --out-dir DIR"):
+        main(base + ["--checkpoint", model_file])
+    assert not run.exists() and _files(tmp_path) == ["a_file"]
+
+
+def test_cli_reference_writes_the_datasets_pixels(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from ddpm_fast.data import load_dataset
+    images = load_dataset("digits", "test").images.permute(0, 2, 3, 1).numpy()
+    out = tmp_path / "ref.npz"
+    assert main(["reference", "--dataset", "digits", "--split", "test", "--out", str(out)]) == 0
+    assert "wrote 355 images (8x8x1, uint8) of digits (test)" in capsys.readouterr().out
+    with np.load(out) as data:
+        assert data.files == ["arr_0"] and data["arr_0"].dtype == np.uint8
+        np.testing.assert_array_equal(data["arr_0"], images)
+    assert main(["reference", "--dataset", "digits", "--split", "test", "--n", "10", "--out", str(out)]) == 0
+    np.testing.assert_array_equal(_arr0(out), images[:10])
+    with pytest.raises(SystemExit, match=r"n must be an int in \[1, 355\]"):
+        main(["reference", "--dataset", "digits", "--split", "test", "--n", "356", "--out", str(out)])
+    with pytest.raises(SystemExit, match="is a directory"):
+        main(["reference", "--dataset", "digits", "--out", str(tmp_path)])

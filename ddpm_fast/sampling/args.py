@@ -58,6 +58,7 @@ class SampleJob:
     cuda_graph: object     # "auto" | True | False
     graph: str             # "auto" | "whole" | "step"
     progress: bool
+    start: int = 0         # the call's first image is image ``start`` of a longer run (element offset start*C*H*W)
 
     @property
     def chunks(self):
@@ -69,7 +70,7 @@ class SampleJob:
 
 def resolve(model, n, steps=None, *, shape=None, schedule=None, prediction=None, variance=None, sampler="ddpm",
             eta=0.0, clip=None, seed=None, device=None, dtype=None, batch_size=None, cuda_graph="auto",
-            progress=True, spacing="linspace", graph="auto", memory_format="auto", generator=None):
+            progress=True, spacing="linspace", graph="auto", memory_format="auto", generator=None, start=0):
     """Validates a ``sample`` call and resolves its defaults (arguments as ``sample``) -> SampleJob."""
     if not callable(model):
         raise TypeError(f"model must be a callable nn.Module model(x_t, t), got {type(model).__name__}")
@@ -93,9 +94,11 @@ def resolve(model, n, steps=None, *, shape=None, schedule=None, prediction=None,
     _check_graph_args(cuda_graph, graph, dev, generator)
     channels_last = _resolve_memory_format(memory_format, unet, dev, compute_dtype)
     seed = _resolve_seed(seed, generator, dev)
+    start = _check_start(start, n, shape, generator)
     plan = SamplePlan(dev, batch, shape, schedule.key, prediction, variance, clip, sampler, eta, compute_dtype,
                       autocast, channels_last)
-    return SampleJob(model, n, schedule, plan, seed, generator, cuda_graph, graph, _check_bool("progress", progress))
+    return SampleJob(model, n, schedule, plan, seed, generator, cuda_graph, graph, _check_bool("progress", progress),
+                     start)
 
 
 def _check_int(name, value, low, high=None):
@@ -106,6 +109,19 @@ def _check_int(name, value, low, high=None):
         raise ValueError(f"{name} must satisfy {low} <= {name}" + (f" <= {high}" if high is not None else "")
                          + f", got {value}")
     return value
+
+
+def _check_start(start, n, shape, generator):
+    """start >= 0, with the run's last element index inside the noise counter's int64 element range."""
+    start = _check_int("start", start, 0)
+    if generator is not None and start:
+        raise ValueError("start= places the call in a longer seed= run; generator= draws torch.randn noise, which "
+                         "has no element offsets (use seed=)")
+    per_image = shape[0] * shape[1] * shape[2]
+    if (start + n) * per_image > 2 ** 63 - 1:
+        raise ValueError(f"start + n = {start + n} images of {per_image} elements exceed the noise's element "
+                         f"index range (2^63 - 1 elements)")
+    return start
 
 
 def _check_bool(name, value):

@@ -40,7 +40,7 @@ _LAST_INFO = {}
 
 def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, variance=None, sampler="ddpm",
            eta=0.0, clip=None, seed=None, device=None, dtype=None, batch_size=None, cuda_graph="auto",
-           progress=True, spacing="linspace", graph="auto", memory_format="auto", generator=None):
+           progress=True, spacing="linspace", graph="auto", memory_format="auto", generator=None, start=0):
     """Draws ``n`` images from a diffusion model: returns (n, C, H, W) float32 on ``device``, in [-1, 1] when
     ``clip`` (the final x_0 is clipped); with clip=False the raw final x_0.
 
@@ -69,13 +69,21 @@ def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, 
         each step's noise drawn with torch.randn), for parity with DDPMPipeline; eager only, and chunks continue
         one stream (so chunked != unchunked).
     :param progress: a tqdm bar over steps of all chunks; False silences it.
+    :param start: index of this call's first image in a longer run with the same seed: image i of the call is
+        image start + i of that run (element offset (start + i) * C*H*W). So the chunks of one run can be drawn
+        by separate calls, processes or machines: ``sample(m, 10, batch_size=4, seed=s)`` equals
+        ``sample(m, 4, start=0, batch_size=4, seed=s)``, ``sample(m, 4, start=4, ...)`` and
+        ``sample(m, 2, start=8, ...)`` concatenated, bitwise on one device and thread count (each chunk keeps the
+        batch size, so the model rounds the same way). Not with ``generator``. ``ddpm_fast.sample_to_dir``
+        draws a long run this way.
     """
     t_start = time.perf_counter()
     job = resolve(model, n, steps, shape=shape, schedule=schedule, prediction=prediction, variance=variance,
                   sampler=sampler, eta=eta, clip=clip, seed=seed, device=device, dtype=dtype,
                   batch_size=batch_size, cuda_graph=cuda_graph, progress=progress, spacing=spacing, graph=graph,
-                  memory_format=memory_format, generator=generator)
-    info = {"device": str(job.plan.device), "n": job.n, "batch_size": job.plan.batch, "chunks": len(job.chunks),
+                  memory_format=memory_format, generator=generator, start=start)
+    info = {"device": str(job.plan.device), "n": job.n, "start": job.start, "batch_size": job.plan.batch,
+            "chunks": len(job.chunks),
             "steps": job.schedule.num_steps, "sampler": job.plan.sampler, "seed": job.seed,
             "dtype": str(job.plan.dtype), "autocast": job.plan.autocast, "channels_last": job.plan.channels_last,
             "modes": [], "captures": [], "cache_hits": 0}
@@ -92,9 +100,10 @@ def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, 
 
 
 def last_run_info():
-    """What the last ``sample`` call did (a copy): device, n, batch_size, chunks, steps, seed, dtype, autocast,
-    channels_last, modes (per chunk: "eager" | "graph-whole" | "graph-step"), captures (per capture: mode, batch,
-    steps, offset_mod4, capture_s, graph_bytes = device memory the capture took, pool_bytes = its memory-pool growth),
+    """What the last ``sample`` call did (a copy): device, n, start, batch_size, chunks, steps, seed, dtype,
+    autocast, channels_last, modes (per chunk: "eager" | "graph-whole" | "graph-step"), captures (per capture:
+    mode, batch, steps, offset_mod4, capture_s, graph_bytes = device memory the capture took, pool_bytes = its
+    memory-pool growth),
     cache_hits (chunks that replayed a cached graph), wall_s (the call, synchronized)."""
     return json.loads(json.dumps(_LAST_INFO, default=str))
 
@@ -111,7 +120,7 @@ def _run(job, result, info):
     with tqdm(total=len(job.chunks) * steps, disable=not job.progress, desc="ddpm_fast.sample", unit="step",
               dynamic_ncols=True) as bar:
         for k, (start, b) in enumerate(job.chunks):
-            chunk_plan, offset = plan.with_batch(b), start * C * H * W
+            chunk_plan, offset = plan.with_batch(b), (job.start + start) * C * H * W
             mode, x = None, None
             if use_graphs:
                 mode, x = graphs.run_chunk_graph(job, model, chunk_plan, offset, bar, info)

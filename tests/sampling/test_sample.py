@@ -105,6 +105,25 @@ def test_unet_seed_determinism_chunks_and_memory_format(seed):
     assert (ddpm_fast.sample(model, 5, 8, seed=seed + 1, progress=False) - a).abs().mean() > 0.05
 
 
+def test_start_places_a_call_in_a_longer_run(seed):
+    """Image i of sample(start=s) is image s + i of the longer run: chunks of one run drawn by separate calls
+    concatenate to it bitwise (same batch size per chunk, so the U-Net rounds the same way)."""
+    model = tiny_unet()
+    kw = dict(seed=seed, progress=False, batch_size=4)
+    whole = ddpm_fast.sample(model, 10, 5, **kw)
+    parts = [ddpm_fast.sample(model, b, 5, start=s, **kw) for s, b in ((0, 4), (4, 4), (8, 2))]
+    assert torch.equal(torch.cat(parts), whole)
+    assert last_run_info()["start"] == 8 and last_run_info()["n"] == 2
+    assert (ddpm_fast.sample(model, 4, 5, start=1, **kw) - whole[:4]).abs().mean() > 0.05  # start moves the noise
+    # any start, also one whose element offset is not a multiple of Philox's 4-element groups (C*H*W = 27),
+    # for a model whose output does not depend on the batch it sees
+    foreign = dict(shape=(3, 3, 3), schedule=SCHED, seed=seed, progress=False)
+    run = ddpm_fast.sample(Recorder(channels=3), 9, 6, **foreign)
+    for start, n in ((1, 3), (5, 4), (8, 1)):
+        got = ddpm_fast.sample(Recorder(channels=3), n, 6, start=start, batch_size=2, **foreign)
+        assert torch.equal(got, run[start:start + n]), (start, n)
+
+
 def test_seed_none_follows_torch_manual_seed():
     model = Recorder()
     kw = dict(shape=(2, 4, 4), schedule=SCHED, progress=False)
@@ -188,6 +207,10 @@ BAD = [
     (dict(graph="loop"), "graph must be 'auto', 'whole' or 'step'"),
     (dict(memory_format="nhwc"), "memory_format must be"),
     (dict(progress=None), "progress must be True or False"),
+    (dict(start=-1), "start must satisfy 0 <= start"),
+    (dict(start=1.0), "start must be an int"),
+    (dict(start=2 ** 63 // 32 - 1), r"start \+ n = .* images of 32 elements exceed the noise's element index"),
+    (dict(start=1, seed=None, generator=torch.Generator()), "start= places the call in a longer seed= run"),
 ]
 
 
