@@ -125,13 +125,14 @@ def test_whole_step_compiled_baseline_samples_the_same_chain():
 
 
 OUT_FLAG = {"cli": "--out-dir", "bench_train": "--out-dir", "bench_group_norm_silu": "--json",
-            "bench_diffusion_ops": "--out", "bench_capture": "--json"}
+            "bench_diffusion_ops": "--out", "bench_capture": "--json", "bench_sample_to_dir": "--out-dir"}
 
 
 @pytest.mark.parametrize("script, argv", [
     ("cli", ["bench", "--quick", "--variants", "eager", "--batches", "1", "--steps", "2", "--repeats", "1"]),
     ("bench_train", ["--quick", "--repeats", "1"]), ("bench_group_norm_silu", ["--quick"]),
-    ("bench_diffusion_ops", ["--quick"]), ("bench_capture", ["--dry-run"])])
+    ("bench_diffusion_ops", ["--quick"]), ("bench_capture", ["--dry-run"]),
+    ("bench_sample_to_dir", ["--mode", "batches", "--device", "cpu", "--quick"])])
 def test_benchmarks_refuse_a_dirty_tree_and_unknown_code(tmp_path, monkeypatch, script, argv):
     """Every results file names the commit it measured: uncommitted changes are refused before any work unless
     --allow-dirty (then recorded), and so is code whose commit cannot be told (no git, no DDPM_FAST_GIT_COMMIT)."""
@@ -144,7 +145,8 @@ def test_benchmarks_refuse_a_dirty_tree_and_unknown_code(tmp_path, monkeypatch, 
         main(argv)
     assert not out.exists()  # refused before any work
     monkeypatch.delenv("DDPM_FAST_GIT_COMMIT")
-    monkeypatch.setattr(bc, "_repo_root", lambda: str(tmp_path))  # not a git repository
+    monkeypatch.setattr(bc, "_repo_root", lambda: str(tmp_path))  # neither the package's directory
+    monkeypatch.chdir(tmp_path)                                      # nor the working directory is a checkout
     with pytest.raises(SystemExit, match="cannot tell which commit"):
         main(argv + ["--allow-dirty"])
     assert not out.exists()
@@ -157,7 +159,8 @@ def test_allowed_dirty_tree_is_recorded(tmp_path, monkeypatch):
     assert (meta["git_commit"], meta["dirty"], meta["allow_dirty"]) == ("0123abc+dirty", True, True)
     monkeypatch.setenv("DDPM_FAST_GIT_COMMIT", "0123abc")
     from ddpm_fast.bench import common as bc
-    assert bc.provenance(False) == {"git_commit": "0123abc", "dirty": False, "allow_dirty": False}
+    assert bc.provenance(False) == {"git_commit": "0123abc", "dirty": False, "allow_dirty": False,
+                                    "commit_source": "DDPM_FAST_GIT_COMMIT"}
 
 
 def test_config_defaults_and_policy():

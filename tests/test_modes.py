@@ -10,12 +10,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _child_pytest(cuda, *args):
+    """A child pytest (started outside the checkout, whose ./ddpm_fast would shadow an installed package) with
+    torch.cuda.is_available() answering ``cuda``; test paths in ``args`` are relative to the repository."""
+    import tempfile
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a fresh shell would have it
+    argv = ["-q", "-rs", "-p", "no:cacheprovider", "-c", os.path.join(ROOT, "pyproject.toml"), "--rootdir", ROOT,
+            *[os.path.join(ROOT, a) if a.startswith("tests/") else a for a in args]]
     code = (f"import os, sys, torch; torch.cuda.is_available = lambda: {cuda}; import pytest; "
-            f"rc = pytest.main({['-q', '-rs', '-p', 'no:cacheprovider', *args]!r}); "
+            f"rc = pytest.main({argv!r}); "
             f"print('TRITON_INTERPRET=' + os.environ.get('TRITON_INTERPRET', 'unset')); sys.exit(rc)")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=600)
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env,
+                              timeout=600)
 
 
 def test_cuda_machine_compiles_triton_and_skips_interpreter_tests():

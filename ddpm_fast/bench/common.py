@@ -146,14 +146,12 @@ def _repo_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def git_commit() -> Optional[str]:
-    """The commit measured: DDPM_FAST_GIT_COMMIT when set (a machine without .git, e.g. the GPU suite's, is told
-    it; '+dirty' at its end marks uncommitted changes), else the repository's HEAD with '+dirty' when tracked
-    files outside benchmarks/results/ differ from it (results written by earlier runs do not count), else None."""
-    if os.environ.get("DDPM_FAST_GIT_COMMIT"):
-        return os.environ["DDPM_FAST_GIT_COMMIT"]
-    root = _repo_root()
+def _git_head(directory: str) -> Optional[str]:
+    """HEAD of the git checkout holding ``directory``, with '+dirty' when tracked files outside
+    benchmarks/results/ differ from it (results written by earlier runs do not count); None outside a checkout."""
     try:
+        root = subprocess.run(["git", "-C", directory, "rev-parse", "--show-toplevel"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
         head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--", ".",
@@ -164,11 +162,32 @@ def git_commit() -> Optional[str]:
         return None
 
 
+def git_commit_and_source():
+    """(commit, where it came from): DDPM_FAST_GIT_COMMIT when set (a machine without .git, e.g. the GPU suite's,
+    is told it; '+dirty' at its end marks uncommitted changes); else the git checkout the imported package lives
+    in (working from the sources); else the checkout of the working directory, for a package installed from it
+    (CI installs the checkout it runs in; the source then names the installed package's path); else (None, None)."""
+    if os.environ.get("DDPM_FAST_GIT_COMMIT"):
+        return os.environ["DDPM_FAST_GIT_COMMIT"], "DDPM_FAST_GIT_COMMIT"
+    commit = _git_head(_repo_root())
+    if commit is not None:
+        return commit, "git: the package's source tree"
+    commit = _git_head(os.getcwd())
+    if commit is not None:
+        return commit, f"git: the working directory's checkout (package imported from {_repo_root()})"
+    return None, None
+
+
+def git_commit() -> Optional[str]:
+    """The commit measured (see ``git_commit_and_source``), None when it cannot be told."""
+    return git_commit_and_source()[0]
+
+
 def provenance(allow_dirty: bool = False, who: str = "benchmark") -> dict:
     """{"git_commit", "dirty", "allow_dirty"} of the code about to be measured. Refuses (SystemExit, before any
     work) a tree with uncommitted changes unless ``allow_dirty`` (then the JSON says so), and code whose commit
     cannot be told (no git and no DDPM_FAST_GIT_COMMIT): a number must name the code it measured."""
-    commit = git_commit()
+    commit, source = git_commit_and_source()
     if commit is None:
         raise SystemExit(f"{who}: cannot tell which commit is measured (no git repository here); set "
                          f"DDPM_FAST_GIT_COMMIT=<sha> (benchmarks/gpu_suite.sh takes it as its second argument)")
@@ -176,7 +195,7 @@ def provenance(allow_dirty: bool = False, who: str = "benchmark") -> dict:
     if dirty and not allow_dirty:
         raise SystemExit(f"{who}: the working tree has uncommitted changes ({commit}); commit them, or pass "
                          f"--allow-dirty to measure anyway (the results then record dirty: true)")
-    return {"git_commit": commit, "dirty": dirty, "allow_dirty": bool(allow_dirty)}
+    return {"git_commit": commit, "dirty": dirty, "allow_dirty": bool(allow_dirty), "commit_source": source}
 
 
 def environment(device, source: Optional[dict] = None) -> dict:
