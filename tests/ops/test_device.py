@@ -184,3 +184,31 @@ def test_importing_ddpm_fast_never_probes_or_initialises_cuda():
               "assert not torch.cuda.is_initialized() and device._USABLE == {}\nprint('ok')")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.gpu
+def test_second_gpu_runs_its_own_kernels_while_the_first_is_current(seed):
+    """With two GPUs: p_step, seeded_randn and GroupNorm+SiLU on cuda:1 while cuda:0 is current give what they give
+    on cuda:0 (the kernels ran on the tensors' device), and a whole-loop graph captured there replays the same."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    from ddpm_fast import sample
+    from ddpm_fast.ops.noise import seeded_randn
+    from ddpm_fast.ops.p_step import p_step
+    sched = NoiseSchedule.linear(10)
+    results = {}
+    for dev in ("cuda:0", "cuda:1"):
+        torch.cuda.set_device(0)
+        x = seeded_randn((2, 4, 8, 8), seed, device=dev)
+        y = p_step(sched, torch.tanh(x), x, 5, seed=seed)
+        z = gns.group_norm_silu(x, 2)
+        results[dev] = [t.cpu() for t in (x, y, z)]
+    for a, b in zip(results["cuda:0"], results["cuda:1"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    from ddpm_fast.models import UNet
+    torch.manual_seed(0)
+    model = UNet.preset("tiny", ch_mult=(1, 2)).to("cuda:1")
+    torch.cuda.set_device(0)
+    graphed = sample(model, 2, 5, seed=seed, progress=False)
+    eager = sample(model, 2, 5, seed=seed, progress=False, cuda_graph=False)
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
