@@ -5,34 +5,25 @@ mid-chain step so noise is drawn).
 Variants run interleaved in one process (round-robin per repeat), each repeat timing a burst of calls; we report
 the median per-step time, the p25-p75 spread, and the speedup over diffusers. On CUDA also the fused step's
 bandwidth against a measured copy of the same bytes. Results go to stdout (a Markdown table) and, atomically,
-to benchmarks/results/diffusion_ops_<device>.json.
+to benchmarks/results/diffusion_ops_<device>.json, with the commit measured (a dirty tree is refused without
+--allow-dirty).
 
     python benchmarks/bench_diffusion_ops.py                      # CPU, n in {1, 16, 256}
     python benchmarks/bench_diffusion_ops.py --device cuda
     python benchmarks/bench_diffusion_ops.py --quick              # dry run with tiny settings
 """
 import argparse
-import json
 import os
-import platform
 import statistics
-import tempfile
 
 import torch
 
 from ddpm_fast import NoiseSchedule
 from ddpm_fast.ops.p_step import p_step, p_step_ref
+from ddpm_fast.bench import common as bc
 from ddpm_fast.bench.common import time_bursts
 
 STEP = 500  # a mid-chain step: noise is drawn
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def make_variants(n, device):
@@ -91,14 +82,6 @@ def markdown(rows):
     return "\n".join(lines)
 
 
-def write_atomic(path, payload):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -109,10 +92,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--quick", action="store_true", help="dry run: n=1,4, 3 repeats")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/diffusion_ops_<device>.json)")
+    ap.add_argument("--allow-dirty", action="store_true",
+                    help="measure a working tree with uncommitted changes (the JSON records dirty: true)")
     args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device")
-    torch.set_num_threads(args.threads)
+    source = bc.provenance(args.allow_dirty, "bench_diffusion_ops")  # before any work
+    bc.bench_device(args.device, args.threads, "bench_diffusion_ops")
     sizes = [1, 4] if args.quick else [int(s) for s in args.sizes.split(",")]
     repeats = 3 if args.quick else args.repeats
     rows = []
@@ -121,15 +105,14 @@ def main(argv=None):
         rows += summarize(time_bursts(make_variants(n, args.device), repeats, burst, args.device), n,
                           args.device)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else _cpu_model(),
-            "threads": args.threads, "torch": torch.__version__, "repeats": repeats,
-            "load_average_at_end": load, "quick": args.quick, "step": STEP}
+    meta = {**bc.environment(args.device, source), "repeats": repeats, "load_average_at_end": load,
+            "quick": args.quick, "step": STEP}
     print(f"# reverse step per call, {meta['device']}, {args.threads} thread(s), torch {torch.__version__}, "
           f"load average {load}")
     print(markdown(rows))
     path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                     f"diffusion_ops_{args.device}{'_quick' if args.quick else ''}.json")
-    write_atomic(path, {"meta": meta, "rows": rows})
+    bc.write_json_atomic(path, {"meta": meta, "rows": rows})
     return rows
 
 

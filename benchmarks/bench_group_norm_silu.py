@@ -8,8 +8,10 @@ the median time per call and its p25-p75 spread, the speedup over PyTorch, the f
 geometric means of the speedup over the 45 U-Net sites (each shape weighted by its number of sites) and over the
 11 shapes, per layout and pass and over both layouts. Forward: inference (torch.no_grad(), what sampling runs;
 --forward-mode train records autograd as training does). Backward: torch.autograd.grad of y for (x, w, b).
-On CUDA also Triton, torch.compile of the two PyTorch ops, and a plain copy of the same bytes (the bandwidth
-ceiling). Markdown to stdout; with --json PATH the rows too (written atomically), with the commit and load.
+On CUDA also Triton and torch.compile of the two PyTorch ops; on every device a plain copy of the same bytes (the
+bandwidth ceiling), so every variant's bandwidth is also given as a % of the copy's. Markdown to stdout;
+with --json PATH the rows too (written atomically), with the commit and load; a working tree with uncommitted
+changes is refused unless --allow-dirty (then recorded).
 
     python benchmarks/bench_group_norm_silu.py --json benchmarks/results/group_norm_silu_cpu.json
     python benchmarks/bench_group_norm_silu.py --device cuda --dtype bfloat16 --batch 64
@@ -25,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ddpm_fast.bench.common import environment, write_json_atomic
+from ddpm_fast.bench import common as bc
 from ddpm_fast.ops import _ext
 from ddpm_fast.ops.group_norm_silu import group_norm_silu
 
@@ -51,16 +53,15 @@ def make_case(C, HW, batch, dtype, device, channels_last):
 def forward_variants(x, w, b, device):
     """name -> zero-argument callable computing y."""
     xd = x.detach()
+    out = torch.empty_like(xd)
     v = {"torch": lambda: F.silu(F.group_norm(xd, GROUPS, w.to(x.dtype), b.to(x.dtype))),
-         "fused": lambda: group_norm_silu(xd, GROUPS, w, b)}
+         "fused": lambda: group_norm_silu(xd, GROUPS, w, b), "copy": lambda: out.copy_(xd)}
     if device == "cuda":
         from ddpm_fast.ops.triton.group_norm_silu import _group_norm_silu_fwd
-        compiled = torch.compile(lambda t, ww, bb: F.silu(F.group_norm(t, GROUPS, ww, bb)))
+        compiled = torch.compile(lambda t, ww, bb: F.silu(F.group_norm(t, GROUPS, ww, bb)), dynamic=False)
         wd, bd = w.detach().to(x.dtype), b.detach().to(x.dtype)
-        out = torch.empty_like(xd)
         v["triton"] = lambda: _group_norm_silu_fwd(xd, w, b, GROUPS, 1e-5)
         v["torch.compile"] = lambda: compiled(xd, wd, bd)
-        v["copy"] = lambda: out.copy_(xd)
     return v
 
 
@@ -68,15 +69,19 @@ def backward_variants(x, w, b, dy, device):
     """name -> zero-argument callable computing (dx, dweight, dbias) from a retained graph."""
     y_torch = F.silu(F.group_norm(x, GROUPS, w.to(x.dtype), b.to(x.dtype)))
     y_fused = group_norm_silu(x, GROUPS, w, b)
+    xd = x.detach()
+    dx_out, dy2 = torch.empty_like(xd), torch.empty_like(xd)
     v = {"torch": lambda: torch.autograd.grad(y_torch, (x, w, b), dy, retain_graph=True),
-         "fused": lambda: torch.autograd.grad(y_fused, (x, w, b), dy, retain_graph=True)}
+         "fused": lambda: torch.autograd.grad(y_fused, (x, w, b), dy, retain_graph=True),
+         "copy": lambda: (dx_out.copy_(xd), dy2.copy_(dy))}  # 2 reads + 2 writes >= the 3 tensors moved
     if device == "cuda":
         from ddpm_fast.ops.triton.group_norm_silu import _group_norm_silu_bwd, _group_norm_silu_fwd
-        _, mean, rstd = _group_norm_silu_fwd(x.detach(), w, b, GROUPS, 1e-5)
-        xd = x.detach()
-        dx_out, dy2 = torch.empty_like(xd), torch.empty_like(xd)
+        _, mean, rstd = _group_norm_silu_fwd(xd, w, b, GROUPS, 1e-5)
+        compiled = torch.compile(lambda t, ww, bb: F.silu(F.group_norm(t, GROUPS, ww.to(t.dtype), bb.to(t.dtype))),
+                                 dynamic=False)
+        y_compiled = compiled(x, w, b)  # its backward is the compiled backward graph
         v["triton"] = lambda: _group_norm_silu_bwd(dy, xd, w, b, mean, rstd, GROUPS)
-        v["copy"] = lambda: (dx_out.copy_(xd), dy2.copy_(dy))  # 2 reads + 2 writes >= the 3 tensors moved
+        v["torch.compile"] = lambda: torch.autograd.grad(y_compiled, (x, w, b), dy, retain_graph=True)
     return v
 
 
@@ -126,7 +131,9 @@ def row_for(shape_key, layout, pass_name, times, moved_bytes):
         row[f"{name}_threads"] = best
         row[f"{name}_ms_by_threads"] = {str(t): s * 1e3 for t, s in by_threads.items()}
     row["speedup"] = row["torch_ms"] / row["fused_ms"]
-    row["fused_GBps"] = moved_bytes / (row["fused_ms"] / 1e3) / 1e9
+    for name in dict.fromkeys(n for n, _ in times):  # effective bandwidth, and as % of a plain copy's
+        row[f"{name}_GBps"] = moved_bytes / (row[f"{name}_ms"] / 1e3) / 1e9
+        row[f"{name}_pct_of_copy"] = 100 * row[f"{name}_GBps"] / row["copy_GBps"] if "copy_ms" in row else None
     return row
 
 
@@ -152,11 +159,12 @@ def summarize(rows):
 
 
 def markdown(rows, summary, meta):
-    extra = []  # the other variants (CUDA: triton, torch.compile, copy), in first-seen order
+    extra = []  # the other variants (copy; CUDA: triton, torch.compile), in first-seen order
     for r in rows:
         extra += [k[:-3] for k in r if k.endswith("_ms") and not k.endswith("_spread_ms")
                   and k[:-3] not in (*SIDES, *extra)]
-    head = ["C x HW", "layout", "pass", "torch ms", "fused ms", "speedup", "fused GB/s"] + [f"{e} ms" for e in extra]
+    head = ["C x HW", "layout", "pass", "torch ms", "fused ms", "speedup", "fused GB/s (% of copy)"] + \
+        [f"{e} ms" for e in extra]
     load = meta.get("load_average_start")
     lines = [f"{meta['device']} | threads {meta['threads_list']} | {meta['dtype']} | batch {meta['batch']} | "
              f"forward {meta['forward_mode']} | CPU kernels {meta['cpu_isa']} | torch {meta['torch']} | "
@@ -171,7 +179,7 @@ def markdown(rows, summary, meta):
             t = r[f"{k}_threads"]
             return f"{r[k + '_ms']:.3f} ({lo:.3f}-{hi:.3f})" + (f" @{t}" if t else "")
         cells = [f"{r['C']} x {r['HW']}", r["layout"], r["pass"], ms("torch"), ms("fused"), f"{r['speedup']:.2f}x",
-                 f"{r['fused_GBps']:.1f}"] + [ms(e) for e in extra]
+                 f"{r['fused_GBps']:.1f} ({r['fused_pct_of_copy']:.0f}%)"] + [ms(e) for e in extra]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for key, s in summary.items():
@@ -207,11 +215,14 @@ def _parse(argv):
     ap.add_argument("--burst", type=int, default=None, help="calls per timed repeat (default: by size)")
     ap.add_argument("--quick", action="store_true", help="dry run: 2 shapes, batch 2, 3 repeats")
     ap.add_argument("--json", default=None, help="also write the results here (atomically)")
+    ap.add_argument("--allow-dirty", action="store_true",
+                    help="measure a working tree with uncommitted changes (the JSON records dirty: true)")
     return ap.parse_args(argv)
 
 
 def main(argv=None):
     args = _parse(argv)
+    source = bc.provenance(args.allow_dirty, "bench_group_norm_silu")  # refuses a dirty tree before any work
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
@@ -224,7 +235,7 @@ def main(argv=None):
     if args.quick:
         shapes, batch, args.repeats = [(128, 256), (256, 16)], 2, 3
     ext = _ext.load()
-    meta = {**environment(args.device), "threads_list": threads_list, "dtype": str(dtype).replace("torch.", ""),
+    meta = {**bc.environment(args.device, source), "threads_list": threads_list, "dtype": str(dtype).replace("torch.", ""),
             "batch": batch, "layouts": layouts, "forward_mode": args.forward_mode, "repeats": args.repeats,
             "cpu_isa": ext.group_norm_silu_cpu_isa() if ext is not None else None}
     rows = []
@@ -244,7 +255,7 @@ def main(argv=None):
     summary = summarize(rows)
     print(markdown(rows, summary, meta))
     if args.json:
-        write_json_atomic(args.json, {"meta": meta, "rows": rows, "summary": summary})
+        bc.write_json_atomic(args.json, {"meta": meta, "rows": rows, "summary": summary})
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@
     python benchmarks/bench_sample_to_dir.py --device cuda --out-dir benchmarks/results
     python benchmarks/bench_sample_to_dir.py --mode batches --device cpu --quick       # the dry run
 
-JSON: <out-dir>/sample_to_dir-<device>-<date>[-quick].json.
+JSON: <out-dir>/sample_to_dir-<device>-<date>[-quick].json, with the commit measured (a dirty tree is refused
+without --allow-dirty).
 """
 import argparse
 import hashlib
@@ -161,6 +162,8 @@ def parse_args(argv):
     ap.add_argument("--threads", type=int, help="batches mode: torch threads (processes mode sets its own)")
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--quick", action="store_true", help="dry run: tiny settings, one repeat")
+    ap.add_argument("--allow-dirty", action="store_true",
+                    help="measure a working tree with uncommitted changes (the JSON records dirty: true)")
     args = ap.parse_args(argv)
     args.mode = args.mode or ("processes" if args.device == "cpu" else "batches")
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
@@ -193,8 +196,9 @@ def report(args, meta, rows):
 
 def main(argv=None):
     args = parse_args(argv)
+    source = bc.provenance(args.allow_dirty, "bench_sample_to_dir")  # before any work
     device = bc.bench_device(args.device, args.threads if args.mode == "batches" else None, "bench_sample_to_dir")
-    meta = bc.environment(device)
+    meta = bc.environment(device, source)
     rows = processes_mode(args) if args.mode == "processes" else batches_mode(args, device)
     meta["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     os.makedirs(args.out_dir, exist_ok=True)

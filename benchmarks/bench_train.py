@@ -1,7 +1,15 @@
-"""Training-step benchmark: ddpm_fast's Trainer step (fused U-Net, fused q_sample, optionally one CUDA graph per
-step) against the plain PyTorch step a user writes (the same U-Net with fused=False, q_sample as torch ops with
-torch.randn, eps-MSE, AdamW with torch's defaults, grad clip and an EMA loop as improved-diffusion's), same
-preset, batch, dtype and recipe (AdamW, grad clip 1.0, EMA), timed interleaved in one process.
+"""Training-step benchmark: ddpm_fast's Trainer step against plain PyTorch training steps, one piece at a time,
+same preset, batch, dtype and recipe (AdamW, grad clip 1.0, EMA), timed interleaved in one process. Rows, each
+adding one thing to the row before it (its "gain" column is the ratio to that row):
+
+    plain                      what improved-diffusion does: U-Net with fused=False, q_sample as torch ops with
+                               torch.randn, eps-MSE, AdamW with torch's defaults, EMA as a Python loop over tensors
+    plain strong               + fused AdamW and torch._foreach_lerp_ EMA (what ddpm_fast's Trainer uses): the
+                               strongest plain step, the baseline of the ddpm_fast rows
+    plain strong CL            + channels_last model and data (GPU: the Trainer's layout there)
+    plain strong + fused GN    + ddpm_fast's fused GroupNorm+SiLU in the U-Net
+    ddpm_fast eager            the Trainer's step: + fused q_sample (noise drawn in the op), its step machinery
+    ddpm_fast cuda-graph       + the whole step as one CUDA graph (GPU)
 
     python benchmarks/bench_train.py --device cpu           # tiny preset on 8x8x1 (digits' size), batch 64, fp32
     python benchmarks/bench_train.py --device cuda          # CIFAR preset, batch 128, bf16 autocast
@@ -9,7 +17,7 @@ preset, batch, dtype and recipe (AdamW, grad clip 1.0, EMA), timed interleaved i
 
 Each timed call runs ``--burst`` optimizer steps. The Trainer is fed random data from an .npz file in a temporary
 directory (its real data path); inputs are device tensors, so data loading is not measured. JSON:
-<out-dir>/train-<device>-<date>.json.
+<out-dir>/train-<device>-<date>.json, with the commit measured (a dirty tree is refused without --allow-dirty).
 """
 import argparse
 import os
@@ -33,21 +41,26 @@ def log(msg):
 
 
 class PlainStep:
-    """The baseline: one eager step per call with autocast when dtype is bf16; EMA as a Python loop."""
+    """A plain eager step per call (autocast when dtype is bf16). strong: fused AdamW and a foreach EMA (else
+    torch's default AdamW and a Python EMA loop); channels_last model and data; fused: the U-Net's fused
+    GroupNorm+SiLU."""
 
-    def __init__(self, preset, image_size, channels, device, dtype, seed):
+    def __init__(self, preset, image_size, channels, device, dtype, seed, strong=False, channels_last=False,
+                 fused=False):
         from ddpm_fast import UNet
         torch.manual_seed(seed)
-        self.model = UNet.preset(preset, image_size=image_size, in_channels=channels, fused=False).to(device)
-        self.model.train()
+        self.model = UNet.preset(preset, image_size=image_size, in_channels=channels, fused=fused).to(device)
+        self.fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.fmt).train()
         self.diffusion = PlainDiffusion.for_model(self.model)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=2e-4, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=2e-4, weight_decay=0.0,
+                                           fused=True if strong else None)
         self.ema = [p.detach().clone() for p in self.model.parameters()]
-        self.dtype = DTYPES[dtype]
+        self.dtype, self.strong = DTYPES[dtype], strong
 
     def __call__(self, x0):
-        return plain_train_step(self.model, self.optimizer, x0, self.diffusion, dtype=self.dtype, grad_clip=1.0,
-                                ema=self.ema)
+        return plain_train_step(self.model, self.optimizer, x0.contiguous(memory_format=self.fmt), self.diffusion,
+                                dtype=self.dtype, grad_clip=1.0, ema=self.ema, ema_foreach=self.strong)
 
 
 class FastStep:
@@ -80,32 +93,48 @@ def make_variants(args, device, tmp):
     size, channels = IMAGES[preset]
     size = args.image_size or size
     npz = random_npz(tmp, 2 * args.batch + 16, size, channels, args.seed)
-    variants = {"plain eager": PlainStep(preset, size, channels, device, args.dtype, args.seed)}
+    cuda = device.type == "cuda"
+    plain = dict(preset=preset, image_size=size, channels=channels, device=device, dtype=args.dtype, seed=args.seed)
+    variants = {"plain": PlainStep(**plain), "plain strong": PlainStep(**plain, strong=True)}
+    if cuda:
+        variants["plain strong CL"] = PlainStep(**plain, strong=True, channels_last=True)
+    variants["plain strong + fused GN"] = PlainStep(**plain, strong=True, channels_last=cuda, fused=True)
     variants["ddpm_fast eager"] = FastStep(preset, args.batch, npz, os.path.join(tmp, "eager"), device,
                                            args.dtype, False, args.seed)
-    if device.type == "cuda":
+    if cuda:
         variants["ddpm_fast cuda-graph"] = FastStep(preset, args.batch, npz, os.path.join(tmp, "graph"), device,
                                                     args.dtype, True, args.seed)
     x0 = torch.rand(args.batch, channels, size, size, device=device) * 2 - 1
     burst = args.burst
     fns = {name: (lambda step=step: [step(x0) for _ in range(burst)]) for name, step in variants.items()}
-    return fns, variants["plain eager"].model.config
+    return fns, variants["plain"].model.config
+
+
+def _median_per_step(t, burst):
+    return t.stats()["median"] / burst if t.error is None and t.times_s else None
 
 
 def rows_of(timed, args, gflops, matmul):
-    base = timed["plain eager"].stats()["median"] if not timed["plain eager"].error else None
-    rows = []
+    """One row per variant: time per step and its spread, speedups over the plain and the strong plain step, and
+    the gain of the piece it adds (its time vs the previous row's)."""
+    per_step = {name: _median_per_step(t, args.burst) for name, t in timed.items()}
+    base, strong = per_step.get("plain"), per_step.get("plain strong")
+    rows, previous = [], None
     for name, t in timed.items():
         row = {"variant": name, "batch": args.batch, "dtype": args.dtype, "error": t.error,
                "first_call_s": t.first_call_s}
-        if t.error is None and t.times_s:
+        med = per_step[name]
+        if med is not None:
             s = {k: v / args.burst for k, v in t.stats().items()}
             # forward + backward ~ 3 forwards of FLOPs
-            tflops = 3 * gflops * 1e9 * args.batch / s["median"] / 1e12
-            row.update(ms_per_step=s["median"] * 1e3, min_ms=s["min"] * 1e3, max_ms=s["max"] * 1e3,
-                       steps_per_s=1 / s["median"], images_per_s=args.batch / s["median"],
-                       speedup_vs_plain=base / args.burst / s["median"] if base else None, tflops=tflops,
+            tflops = 3 * gflops * 1e9 * args.batch / med / 1e12
+            row.update(ms_per_step=med * 1e3, min_ms=s["min"] * 1e3, max_ms=s["max"] * 1e3,
+                       steps_per_s=1 / med, images_per_s=args.batch / med,
+                       speedup_vs_plain=base / med if base else None,
+                       speedup_vs_strong_plain=strong / med if strong else None,
+                       gain_of_piece=previous / med if previous else None, tflops=tflops,
                        pct_of_matmul=100 * tflops / matmul["tflops"])
+        previous = med
         if t.peak_bytes is not None:
             row["peak_mib"] = t.peak_bytes / 2 ** 20
         rows.append(row)
@@ -115,7 +144,9 @@ def rows_of(timed, args, gflops, matmul):
 COLUMNS = [("variant", "variant", ""), ("batch", "batch", "d"), ("dtype", "dtype", ""),
            ("ms/step", "ms_per_step", ".2f"), ("min-max ms", "min_ms", lambda v, r: f"{v:.2f}-{r['max_ms']:.2f}"),
            ("steps/s", "steps_per_s", ".2f"), ("img/s", "images_per_s", ".0f"),
-           ("vs plain", "speedup_vs_plain", lambda v, r: f"{v:.2f}x"), ("TFLOP/s", "tflops", ".3g"),
+           ("vs plain", "speedup_vs_plain", lambda v, r: f"{v:.2f}x"),
+           ("vs plain strong", "speedup_vs_strong_plain", lambda v, r: f"{v:.2f}x"),
+           ("gain of this row's piece", "gain_of_piece", lambda v, r: f"{v:.2f}x"), ("TFLOP/s", "tflops", ".3g"),
            ("% matmul", "pct_of_matmul", ".1f"), ("peak MiB", "peak_mib", ".0f"),
            ("first call s", "first_call_s", ".2f")]
 
@@ -134,6 +165,8 @@ def parse_args(argv):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--quick", action="store_true", help="dry run: tiny preset, batch 8, burst 2, 2 repeats")
+    ap.add_argument("--allow-dirty", action="store_true",
+                    help="measure a working tree with uncommitted changes (the JSON records dirty: true)")
     args = ap.parse_args(argv)
     d = DEFAULTS[args.device]
     if args.quick:
@@ -145,9 +178,10 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    source = bc.provenance(args.allow_dirty, "bench_train")  # before any work
     device = bc.bench_device(args.device, args.threads, "bench_train")
     path = bc.result_path(args.out_dir, "train-", device, args.quick)
-    meta = bc.environment(device)
+    meta = bc.environment(device, source)
     matmul = bc.matmul_tflops(device, size=512 if args.quick else None)
     with tempfile.TemporaryDirectory(prefix="ddpm_fast_bench_train_") as tmp:
         fns, unet_config = make_variants(args, device, tmp)

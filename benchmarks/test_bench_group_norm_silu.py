@@ -79,9 +79,14 @@ def test_comparison_script_quick(tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "gns.json"
-    script.main(["--quick", "--repeats", "1", "--json", str(out)])
+    script.main(["--quick", "--repeats", "1", "--allow-dirty", "--json", str(out)])
     d = json.loads(out.read_text())
     assert d["meta"]["git_commit"] and d["meta"]["load_average_end"] is not None
     assert {r["layout"] for r in d["rows"]} == {"nchw", "channels_last"}
     assert all(r["torch_threads"] in (1, 2) and r["fused_threads"] in (1, 2) for r in d["rows"])
     assert {"nchw forward", "channels_last backward", "both forward"} <= set(d["summary"])
+    assert all(r["copy_pct_of_copy"] == pytest.approx(100) and r["fused_pct_of_copy"] > 0 for r in d["rows"])
+    for r in d["rows"]:  # every variant is reported at its best thread count
+        for name in ("torch", "fused", "copy"):
+            assert r[f"{name}_ms"] == min(r[f"{name}_ms_by_threads"].values())
+    assert "dirty" in d["meta"] and d["meta"]["allow_dirty"]

@@ -15,7 +15,7 @@ def _bench():
 
 
 def test_batches_mode_dry_run(tmp_path, capsys):
-    assert _bench().main(["--mode", "batches", "--device", "cpu", "--quick", "--threads", "1",
+    assert _bench().main(["--mode", "batches", "--device", "cpu", "--quick", "--threads", "1", "--allow-dirty",
                           "--out-dir", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("sample_to_dir-*-quick.json")
     rows = json.loads(path.read_text())["rows"]
@@ -24,7 +24,7 @@ def test_batches_mode_dry_run(tmp_path, capsys):
 
 
 def test_processes_mode_dry_run(tmp_path, capsys):
-    assert _bench().main(["--quick", "--out-dir", str(tmp_path)]) == 0
+    assert _bench().main(["--quick", "--allow-dirty", "--out-dir", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("sample_to_dir-*-quick.json")
     rows = {r["variant"]: r for r in json.loads(path.read_text())["rows"]}
     assert set(rows) == {"1 process x 1 thread", "2 processes x 1 thread"}

@@ -4,12 +4,16 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
 #include <string>
 
 namespace py = pybind11;
 
 #ifdef DDPM_FAST_WITH_CUDA
+#include <string>
 int ddpm_fast_cuda_runtime_version();
+int ddpm_fast_cuda_driver_version();
+std::string ddpm_fast_cuda_probe(uintptr_t stream);
 #endif
 
 // ---- group_norm_silu bindings (owner: group_norm_silu) ----
@@ -105,7 +109,10 @@ PYBIND11_MODULE(_C, m) {
 #ifdef DDPM_FAST_WITH_CUDA
   m.attr("with_cuda") = true;
   m.attr("cuda_archs") = DDPM_FAST_CUDA_ARCHS_STR;  // what CMake compiled the kernels for, e.g. "80;90"
-  m.def("cuda_runtime_version", &ddpm_fast_cuda_runtime_version);
+  m.def("cuda_runtime_version", &ddpm_fast_cuda_runtime_version, "CUDA runtime version this module was built with");
+  m.def("cuda_driver_version", &ddpm_fast_cuda_driver_version, "the driver's CUDA version (0: no driver)");
+  m.def("cuda_probe", &ddpm_fast_cuda_probe, "launch one empty kernel on `stream`; '' or the CUDA error",
+        py::arg("stream"));
 #else
   m.attr("with_cuda") = false;
   m.attr("cuda_archs") = "";

@@ -215,6 +215,20 @@ def restore_optimizer(optimizer, tensors: Dict[str, torch.Tensor], info: dict, p
     sd = optimizer.state_dict()
     sd["state"] = state
     optimizer.load_state_dict(sd)
+    match_param_layouts(optimizer)
+
+
+@torch.no_grad()
+def match_param_layouts(optimizer) -> None:
+    """Gives every optimizer state tensor shaped like its parameter the parameter's memory layout. Checkpoints
+    store moments contiguous and ``load_state_dict`` keeps that, while a channels_last model's parameters (and
+    grads) are channels_last: CUDA's fused AdamW requires equal layouts and fails at the first step otherwise."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def split_prefixed(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:

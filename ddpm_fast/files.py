@@ -37,10 +37,30 @@ def atomic_write(path: str, write: Callable[[str], None], fsync: bool = True) ->
 
 
 def write_safetensors(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
-    """Atomically writes CPU-contiguous copies of ``tensors`` with string ``metadata``."""
+    """Atomically writes CPU-contiguous copies of ``tensors`` with string ``metadata``. The same tensors and
+    metadata always give the same bytes (see ``_sort_header``)."""
     from safetensors.torch import save_file
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
+
+    def write(tmp):
+        save_file(flat, tmp, metadata=metadata)
+        _sort_header(tmp)
+    atomic_write(path, write)
+
+
+def _sort_header(path: str) -> None:
+    """Rewrites a safetensors file's JSON header with sorted keys. safetensors serialises the metadata from a
+    hash map whose order changes from one process to the next, so two identical runs wrote different bytes. The
+    data offsets are relative to the header's end, so only the header changes (in place: same length)."""
+    with open(path, "rb+") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (n - len(text))
+        if len(text) != n:  # cannot happen for safetensors' compact JSON; refuse rather than corrupt the file
+            raise RuntimeError(f"{path}: unexpected safetensors header (length {n}, re-encoded {len(text)})")
+        f.seek(8)
+        f.write(text)
 
 
 def read_safetensors(path: str, expect_format: Tuple[str, ...]) -> Tuple[Dict[str, torch.Tensor], dict]:

@@ -1,26 +1,43 @@
-"""Shared test set-up. TRITON_INTERPRET must be set before any Triton kernel module is imported."""
+"""Shared test set-up, and the one switch between the two ways Triton runs in tests.
+
+Without CUDA, Triton kernels run on CPU tensors through its interpreter (TRITON_INTERPRET=1, set here before any
+kernel module is imported): tests marked ``triton_cpu`` check them there. With CUDA, Triton compiles for the GPU:
+the ``gpu`` tests run the real kernels (and capture CUDA graphs, which the interpreter cannot: it copies device
+memory to the host), and the ``triton_cpu`` tests are skipped (they run on every machine without CUDA: CI and
+benchmarks/device_stack.sh). So one plain ``pytest -q`` is right on both machines; the mode follows
+``torch.cuda.is_available()`` alone.
+"""
+import importlib.util
 import os
 import sys
 
 import pytest
-
-if not os.environ.get("DDPM_FAST_TEST_GPU_TRITON"):
-    # Run Triton kernels on the CPU through the interpreter, unless a GPU run asks for real kernels.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import torch  # noqa: E402
-
-torch.set_num_threads(min(torch.get_num_threads(), 2))
+import torch
 
 HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+elif os.environ.get("TRITON_INTERPRET") == "1":
+    raise pytest.UsageError("TRITON_INTERPRET=1 on a CUDA machine would run the GPU tests' Triton kernels in the "
+                            "interpreter (and break CUDA-graph capture); unset it: the tests pick the mode")
+
+torch.set_num_threads(min(torch.get_num_threads(), 2))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/oracles.py and other shared helpers
 
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_no_triton = pytest.mark.skip(reason="needs triton")
+    skip_interpreter = pytest.mark.skip(
+        reason="a Triton-interpreter test (Triton kernels on CPU tensors): it runs on machines without CUDA; "
+               "here Triton compiles for the GPU and the gpu tests check the kernels")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        if "triton_cpu" in item.keywords:
+            if not HAS_TRITON or HAS_CUDA:
+                item.add_marker(skip_no_triton if not HAS_TRITON else skip_interpreter)
 
 
 @pytest.fixture

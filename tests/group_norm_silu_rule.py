@@ -74,9 +74,11 @@ def check_grads(x, w, b, G, dy, dx, dw, db, name):
     xl = x.detach().requires_grad_()
     wl, bl = w.detach().to(x.dtype).requires_grad_(), b.detach().to(x.dtype).requires_grad_()
     lows = torch.autograd.grad(naive(xl, G, wl, bl), (xl, wl, bl), dy)
-    # dweight/dbias sum over N*HW terms: scale atol by the magnitude of what is summed.
+    # dweight/dbias sum N*HW terms per channel and come out in the stats dtype (fp32 for every low-precision x):
+    # the kernels' own error is fp32 accumulation of that many terms, so atol = fp32's ATOL scaled by the terms'
+    # magnitude; bf16/fp16 rounding enters only through the naive yardstick (PyTorch's grads in x.dtype).
     scale = dy.double().abs().sum().item() / x.shape[1] + 1
-    for out, ref, low, atol in zip((dx, dw, db), refs, lows, (ATOL[x.dtype], ATOL[x.dtype] * scale,
-                                                              ATOL[x.dtype] * scale)):
+    acc_atol = ATOL[torch.float64 if x.dtype == torch.float64 else torch.float32] * scale
+    for out, ref, low, atol in zip((dx, dw, db), refs, lows, (ATOL[x.dtype], acc_atol, acc_atol)):
         assert out.shape == ref.shape, name
         assert_rule(out, ref, low, atol)

@@ -108,7 +108,7 @@ def _autocast(device, dtype):
 
 @torch.inference_mode()
 def plain_sample(model, n, steps=None, *, diffusion: Optional[PlainDiffusion] = None, shape=None,
-                 generator: Optional[torch.Generator] = None, scheduler=None):
+                 generator: Optional[torch.Generator] = None, scheduler=None, channels_last: bool = False):
     """Samples n images with the plain loop: (n, C, H, W) float32 on the model's device.
 
     :param model: ``model(x, t) -> output``, t an int64 (n,) tensor of ORIGINAL timesteps (a ddpm_fast UNet,
@@ -118,6 +118,7 @@ def plain_sample(model, n, steps=None, *, diffusion: Optional[PlainDiffusion] = 
     do); x and the posterior math stay fp32.
     :param scheduler: None for the hand-written step, or a diffusers scheduler (DDPMScheduler, or that of another
         sampler; configured like the model, ``set_timesteps`` is called here) whose ``step`` replaces it.
+    :param channels_last: feed the model channels_last input (for a model whose weights are channels_last).
     """
     device, dtype = _device_dtype(model)
     shape = tuple(shape or model.diffusion.image_shape)
@@ -130,9 +131,10 @@ def plain_sample(model, n, steps=None, *, diffusion: Optional[PlainDiffusion] = 
         diffusion = diffusion or PlainDiffusion.for_model(model, steps, device)
         plan = [(i, diffusion.timesteps[i]) for i in reversed(range(diffusion.num_steps))]
     x = torch.randn((n, *shape), generator=generator, device=device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     for i, timestep in plan:
         t = torch.full((n,), timestep, device=device, dtype=torch.long)
-        out = model(x.to(dtype), t)
+        out = model(x.to(dtype).contiguous(memory_format=fmt), t)
         if scheduler is not None:
             x = scheduler.step(out.float(), timestep, x, **extra).prev_sample
         else:
@@ -141,10 +143,56 @@ def plain_sample(model, n, steps=None, *, diffusion: Optional[PlainDiffusion] = 
     return x
 
 
+class CompiledStepSampler:
+    """The strongest torch.compile baseline: the WHOLE reverse step (U-Net, posterior update and its torch.randn
+    noise) is one compiled function. The per-step timestep and step index are tensors made once, so every step
+    calls the same graph (no recompilation per step); the coefficient tables are indexed on the device.
+
+    ``mode="reduce-overhead"`` adds CUDA graphs (cudagraph trees): each call is marked as a new step, and the
+    chain feeds each output back as the next input (copied into the graph's static input before replay).
+    Call ``sample(n)``; the first call compiles (its time is the benchmark's first-call time).
+    """
+
+    def __init__(self, model, steps, *, mode=None, diffusion: Optional[PlainDiffusion] = None, shape=None,
+                 channels_last: bool = False):
+        self.device, self.dtype = _device_dtype(model)
+        self.model, self.mode = model, mode
+        self.diffusion = diffusion or PlainDiffusion.for_model(model, steps, self.device)
+        self.shape = tuple(shape or model.diffusion.image_shape)
+        self.fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.step = torch.compile(self._step, mode=mode, dynamic=False)
+        self._plans = {}
+
+    def _step(self, x, t, i):
+        out = self.model(x.to(self.dtype).contiguous(memory_format=self.fmt), t)
+        return self.diffusion.p_sample(out, x, i, torch.randn_like(x))
+
+    def _plan(self, n):
+        """(timestep tensor, step-index tensor) per step, reverse order, made once per batch size."""
+        if n not in self._plans:
+            d, dev = self.diffusion, self.device
+            self._plans[n] = [(torch.full((n,), d.timesteps[i], device=dev, dtype=torch.long),
+                               torch.full((n,), i, device=dev, dtype=torch.long))
+                              for i in reversed(range(d.num_steps))]
+        return self._plans[n]
+
+    @torch.inference_mode()
+    def sample(self, n):
+        x = torch.randn((n, *self.shape), device=self.device)
+        for t, i in self._plan(n):
+            if self.mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()
+            x = self.step(x, t, i)
+        return x.clone()
+
+
 def plain_train_step(model, optimizer, x0, diffusion: PlainDiffusion, *, dtype=None, grad_clip: float = 0.0,
-                     ema=None, ema_decay: float = 0.9999, generator: Optional[torch.Generator] = None):
+                     ema=None, ema_decay: float = 0.9999, generator: Optional[torch.Generator] = None,
+                     ema_foreach: bool = False):
     """One eager training step: random timesteps, q_sample as torch ops, eps-MSE, backward, optional grad-norm
-    clip, optimizer step, optional EMA update (a Python loop over tensors, as improved-diffusion's update_ema).
+    clip, optimizer step, optional EMA update: a Python loop over tensors as improved-diffusion's update_ema, or
+    with ``ema_foreach`` one torch._foreach_lerp_ (what a user who knows PyTorch writes; ddpm_fast's EMA is
+    foreach too). The optimizer is the caller's (the benchmark gives the strong baseline fused AdamW).
 
     x0: (N, C, H, W) fp32 data in [-1, 1]; ``diffusion`` must be the un-respaced chain (steps = T).
     dtype: bf16/fp16 run the model under autocast (fp32 weights). ema: a list of tensors like the parameters.
@@ -164,6 +212,9 @@ def plain_train_step(model, optimizer, x0, diffusion: PlainDiffusion, *, dtype=N
     optimizer.step()
     if ema is not None:
         with torch.no_grad():
-            for e, p in zip(ema, model.parameters()):
-                e.mul_(ema_decay).add_(p.detach(), alpha=1 - ema_decay)
+            if ema_foreach:
+                torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - ema_decay)
+            else:
+                for e, p in zip(ema, model.parameters()):
+                    e.mul_(ema_decay).add_(p.detach(), alpha=1 - ema_decay)
     return loss.detach()

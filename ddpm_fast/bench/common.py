@@ -96,12 +96,13 @@ def time_interleaved(variants: Dict[str, Callable[[], object]], device, repeats:
     return results
 
 
-def time_bursts(variants: Dict[str, Callable[[], object]], repeats: int, burst: int, device) -> Dict[str, List[float]]:
+def time_bursts(variants: Dict[str, Callable[[], object]], repeats: int, burst: int, device,
+                warmup: int = 3) -> Dict[str, List[float]]:
     """name -> seconds per call in each repeat: for microsecond-scale ops, each repeat times ``burst`` calls of
-    every variant in turn (the variants alternate within every repeat), after 3 untimed warm-up calls each."""
+    every variant in turn (the variants alternate within every repeat), after ``warmup`` untimed calls each."""
     times = {name: [] for name in variants}
     for fn in variants.values():  # warm-up: kernel compilation, allocator, caches
-        for _ in range(3):
+        for _ in range(warmup):
             fn()
     _sync(device)
     for _ in range(repeats):
@@ -141,23 +142,65 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def git_commit() -> Optional[str]:
-    """The repository's HEAD (with '+dirty' when files changed), DDPM_FAST_GIT_COMMIT if set, else None."""
-    if os.environ.get("DDPM_FAST_GIT_COMMIT"):
-        return os.environ["DDPM_FAST_GIT_COMMIT"]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def _repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _git_head(directory: str) -> Optional[str]:
+    """HEAD of the git checkout holding ``directory``, with '+dirty' when tracked files outside
+    benchmarks/results/ differ from it (results written by earlier runs do not count); None outside a checkout."""
     try:
+        root = subprocess.run(["git", "-C", directory, "rev-parse", "--show-toplevel"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
         head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], capture_output=True, text=True, timeout=10,
+                               check=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def environment(device) -> dict:
-    """Device, versions, date, commit, threads and load: the conditions a reader needs beside any number."""
+def git_commit_and_source():
+    """(commit, where it came from): DDPM_FAST_GIT_COMMIT when set (a machine without .git, e.g. the GPU suite's,
+    is told it; '+dirty' at its end marks uncommitted changes); else the git checkout the imported package lives
+    in (working from the sources); else the checkout of the working directory, for a package installed from it
+    (CI installs the checkout it runs in; the source then names the installed package's path); else (None, None)."""
+    if os.environ.get("DDPM_FAST_GIT_COMMIT"):
+        return os.environ["DDPM_FAST_GIT_COMMIT"], "DDPM_FAST_GIT_COMMIT"
+    commit = _git_head(_repo_root())
+    if commit is not None:
+        return commit, "git: the package's source tree"
+    commit = _git_head(os.getcwd())
+    if commit is not None:
+        return commit, f"git: the working directory's checkout (package imported from {_repo_root()})"
+    return None, None
+
+
+def git_commit() -> Optional[str]:
+    """The commit measured (see ``git_commit_and_source``), None when it cannot be told."""
+    return git_commit_and_source()[0]
+
+
+def provenance(allow_dirty: bool = False, who: str = "benchmark") -> dict:
+    """{"git_commit", "dirty", "allow_dirty"} of the code about to be measured. Refuses (SystemExit, before any
+    work) a tree with uncommitted changes unless ``allow_dirty`` (then the JSON says so), and code whose commit
+    cannot be told (no git and no DDPM_FAST_GIT_COMMIT): a number must name the code it measured."""
+    commit, source = git_commit_and_source()
+    if commit is None:
+        raise SystemExit(f"{who}: cannot tell which commit is measured (no git repository here); set "
+                         f"DDPM_FAST_GIT_COMMIT=<sha> (benchmarks/gpu_suite.sh takes it as its second argument)")
+    dirty = commit.endswith("+dirty")
+    if dirty and not allow_dirty:
+        raise SystemExit(f"{who}: the working tree has uncommitted changes ({commit}); commit them, or pass "
+                         f"--allow-dirty to measure anyway (the results then record dirty: true)")
+    return {"git_commit": commit, "dirty": dirty, "allow_dirty": bool(allow_dirty), "commit_source": source}
+
+
+def environment(device, source: Optional[dict] = None) -> dict:
+    """Device, versions, date, commit, threads and load: the conditions a reader needs beside any number.
+    ``source``: what ``provenance`` returned (checked before the run started); looked up here when None."""
     try:
         import triton
         triton_version = triton.__version__
@@ -165,13 +208,15 @@ def environment(device) -> dict:
         triton_version = None
     from .._version import __version__
     from ..ops import _ext
+    from ..ops import device as _device
     dev = torch.device(device)
     env = {"device": device_name(dev), "device_type": dev.type, "cpu": cpu_model(),
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "git_commit": git_commit(), "ddpm_fast": __version__, "torch": torch.__version__,
+           **(source or provenance(allow_dirty=True)), "ddpm_fast": __version__, "torch": torch.__version__,
            "triton": triton_version, "cuda": torch.version.cuda, "python": platform.python_version(),
            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
            "extension": _ext.load() is not None, "extension_cuda": _ext.has_cuda_kernels(),
+           "extension_cuda_usable": dev.type == "cuda" and _device.cuda_kernels_usable(dev),
            "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)

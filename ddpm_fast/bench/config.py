@@ -4,10 +4,16 @@ would otherwise run, with the same U-Net weights, steps and batch, measured side
 Variants (each a full sampling call of ``batch`` images x ``steps`` steps):
     eager                  the plain baseline: U-Net with fused=False, eager, a Python loop of separate torch ops
                            with torch.randn per step (ddpm_fast/bench/baseline.py)
+    eager-cl               the same with the U-Net's weights and input in channels_last (ddpm_fast's CPU layout)
     eager+diffusers-step   the same loop with diffusers' DDPMScheduler.step as the posterior math
     diffusers              diffusers' DDPMPipeline: UNet2DModel + DDPMScheduler with the converted weights
     compile, compile-ro    the baseline with torch.compile(unet) (mode default / "reduce-overhead", which on a GPU
                            adds CUDA graphs); the first call's compile time is reported apart
+    compile-cl             torch.compile(unet) on channels_last weights and input
+    compile-step, compile-step-ro   torch.compile of the WHOLE step (U-Net + posterior update + torch.randn, the
+                           per-step timestep and index passed as tensors, so nothing recompiles per step), mode
+                           default / "reduce-overhead" (GPU only: it adds CUDA graphs): the best a user can do
+                           with torch.compile
     ddpm_fast              ddpm_fast.sample (CPU: the fused eager path)
     ddpm_fast-whole, ddpm_fast-step, ddpm_fast-eager   (GPU) the whole loop as one CUDA graph / one step's graph
                            replayed / no graph
@@ -25,19 +31,27 @@ from typing import Optional, Tuple
 
 VARIANTS = {
     "eager": "plain U-Net (fused=False), eager loop, torch ops + torch.randn per step",
+    "eager-cl": "plain U-Net, eager loop, channels_last weights and input",
     "eager+diffusers-step": "plain U-Net, eager loop, diffusers DDPMScheduler.step",
     "diffusers": "diffusers DDPMPipeline (UNet2DModel + DDPMScheduler), same weights",
     "compile": "plain loop, torch.compile(unet) default mode",
     "compile-ro": "plain loop, torch.compile(unet, mode='reduce-overhead')",
+    "compile-cl": "plain loop, torch.compile(unet) on channels_last weights and input",
+    "compile-step": "torch.compile of the whole step (U-Net + update + randn), default mode",
+    "compile-step-ro": "torch.compile of the whole step, mode='reduce-overhead' (CUDA graphs; GPU only)",
     "ddpm_fast": "ddpm_fast.sample (fused U-Net and step)",
     "ddpm_fast-whole": "ddpm_fast.sample, whole reverse loop in one CUDA graph",
     "ddpm_fast-step": "ddpm_fast.sample, one step's CUDA graph replayed",
     "ddpm_fast-eager": "ddpm_fast.sample, cuda_graph=False",
 }
-CPU_VARIANTS = ("eager", "eager+diffusers-step", "diffusers", "compile", "compile-ro", "ddpm_fast")
-GPU_VARIANTS = ("eager", "eager+diffusers-step", "diffusers", "compile", "compile-ro", "ddpm_fast-whole",
-                "ddpm_fast-step", "ddpm_fast-eager")
-COMPILE_VARIANTS = ("compile", "compile-ro")
+CPU_VARIANTS = ("eager", "eager-cl", "eager+diffusers-step", "diffusers", "compile", "compile-ro", "compile-cl",
+                "compile-step", "ddpm_fast")
+GPU_VARIANTS = ("eager", "eager-cl", "eager+diffusers-step", "diffusers", "compile", "compile-ro", "compile-cl",
+                "compile-step", "compile-step-ro", "ddpm_fast-whole", "ddpm_fast-step", "ddpm_fast-eager")
+COMPILE_VARIANTS = ("compile", "compile-ro", "compile-cl", "compile-step", "compile-step-ro")
+REDUCE_OVERHEAD = ("compile-ro", "compile-step-ro")  # add CUDA graphs: nothing on the CPU
+# What a user could run instead of ddpm_fast: each row's "vs best plain" divides the fastest of these
+PLAIN_VARIANTS = ("eager", "eager-cl", "eager+diffusers-step", "diffusers", *COMPILE_VARIANTS)
 PRESETS = ("tiny", "ddpm_cifar10")
 DTYPES = ("fp32", "bf16", "fp16")
 # Defaults per device. CPU: the CIFAR U-Net costs ~0.3-5 s per forward on 2 cores, so only batch 1 there.
@@ -66,11 +80,15 @@ class BenchConfig:
                                            kind="list")
     variants: Optional[Tuple[str, ...]] = _f(None, f"variants to run (default: all for the device): "
                                              f"{', '.join(VARIANTS)}", kind="list")
-    compile: str = _f("auto", "torch.compile variants: auto (GPU: both modes everywhere; CPU: default mode on "
-                      "the tiny preset only, since compiling the CIFAR U-Net takes minutes there and "
-                      "reduce-overhead only adds CUDA graphs), all, none", choices=("auto", "all", "none"))
+    compile: str = _f("auto", "torch.compile variants: auto (GPU: every compile variant everywhere; CPU: the "
+                      "default-mode ones on the tiny preset only, since compiling the CIFAR U-Net takes minutes "
+                      "there and reduce-overhead only adds CUDA graphs), all, none",
+                      choices=("auto", "all", "none"))
     compile_batches: Optional[Tuple[int, ...]] = _f(None, "batch sizes that get compile variants (default all)",
                                                     kind="ints")
+    compile_where: Optional[Tuple[str, ...]] = _f(None, "variant:dtype:batch triples: compile variants run ONLY "
+                                                  "there (each compile costs tens of seconds; e.g. "
+                                                  "compile-step-ro:bf16:1,compile-step:bf16:128)", kind="list")
     repeats: int = _f(5, "timed rounds (median and spread over them)")
     warmup: int = _f(1, "untimed calls per variant after the (separately timed) first call")
     threads: Optional[int] = _f(None, "torch CPU threads (default: torch's)")
@@ -85,6 +103,7 @@ class BenchConfig:
     sampler: str = _f("ddpm", "the sampler of every variant (baselines: diffusers' scheduler of it)",
                       choices=BENCH_SAMPLERS)
     spacing: Optional[str] = _f(None, "ddpm_fast's timestep spacing (default: the sampler's)", choices=BENCH_SPACINGS)
+    allow_dirty: bool = _f(False, "measure a working tree with uncommitted changes (the JSON records dirty: true)")
 
     def resolved(self) -> "BenchConfig":
         """A copy with the device's defaults filled in and every value checked (ValueError names the field)."""
@@ -114,6 +133,11 @@ class BenchConfig:
             unknown = [v for v in getattr(self, name) if v not in allowed]
             if unknown:
                 bad(name, f"unknown {unknown}; choose from {', '.join(allowed)}")
+        for spec in self.compile_where or ():
+            parts = spec.split(":")
+            if len(parts) != 3 or parts[0] not in COMPILE_VARIANTS or parts[1] not in DTYPES or \
+                    not (parts[2].isdigit() and int(parts[2]) > 0):
+                bad("compile_where", f"{spec!r} is not compile-variant:dtype:batch (e.g. compile-step:bf16:128)")
         for spec in self.cases or ():
             parts = spec.split(":")
             if len(parts) != 4 or parts[0] not in PRESETS or parts[1] not in DTYPES or \
@@ -145,14 +169,16 @@ class BenchConfig:
         return [(p, d, b, s) for p in self.presets for d in self.dtypes for s in self.steps
                 for b in self.batches_for(p)]
 
-    def variants_for(self, preset, batch):
+    def variants_for(self, preset, batch, dtype=None):
         """The variants of one case, after the compile policy."""
         out = []
         for v in self.variants:
             if v in COMPILE_VARIANTS:
                 if self.compile == "none" or (self.compile_batches and batch not in self.compile_batches):
                     continue
-                if self.compile == "auto" and self.device == "cpu" and (preset != "tiny" or v == "compile-ro"):
+                if self.compile_where is not None and f"{v}:{dtype}:{batch}" not in self.compile_where:
+                    continue
+                if self.compile == "auto" and self.device == "cpu" and (preset != "tiny" or v in REDUCE_OVERHEAD):
                     continue
             out.append(v)
         return out

@@ -1,9 +1,10 @@
 """The measuring half of `ddpm-fast bench` (configuration and command line: bench/config.py).
 
 For each case (preset, dtype, batch, steps) every variant samples ``batch`` images with ``steps`` steps from
-the SAME weights; variants are timed interleaved (bench_common.time_interleaved). Rows report the median call
-and its spread, ms per step, images/s, speedups against the eager baseline and the best torch.compile variant,
-the U-Net's achieved TFLOP/s against the measured matmul rate, peak memory (GPU), compile or capture time.
+the SAME weights; variants are timed interleaved (bench/common.time_interleaved). Rows report the median call
+and its spread, ms per step, images/s, speedups against the eager baseline, the best torch.compile variant and
+the best plain variant of all (what a user could run instead: eager or compiled, NCHW or channels_last), the
+U-Net's achieved TFLOP/s against the measured matmul rate, peak memory (GPU), compile or capture time.
 The JSON is rewritten after every case, so a run cut short by a timeout still leaves what it measured.
 """
 import gc
@@ -14,8 +15,8 @@ import time
 import torch
 
 from . import common as bc
-from .baseline import PlainDiffusion, plain_sample
-from .config import COMPILE_VARIANTS, VARIANTS, BenchConfig
+from .baseline import CompiledStepSampler, PlainDiffusion, plain_sample
+from .config import COMPILE_VARIANTS, PLAIN_VARIANTS, REDUCE_OVERHEAD, VARIANTS, BenchConfig
 
 DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -25,8 +26,9 @@ def log(msg):
 
 
 class Models:
-    """The same random weights as a plain (fused=False) and a fused ddpm_fast UNet, plus the compiled and
-    diffusers versions of the plain one, built on first use. All in eval mode, in ``dtype`` on ``device``."""
+    """The same random weights as a plain (fused=False) and a fused ddpm_fast UNet, plus the channels_last,
+    compiled and diffusers versions of the plain one, built on first use. All in eval mode, in ``dtype`` on
+    ``device``."""
 
     def __init__(self, preset, dtype_name, device, seed):
         from ..models import UNet
@@ -38,14 +40,30 @@ class Models:
         self.fused.load_state_dict(self.plain.state_dict())
         self.fused.to(device=device, dtype=dtype)
         self.device, self.dtype = torch.device(device), dtype
-        self._compiled, self._pipeline, self._scheduler = {}, None, None
+        self._compiled, self._pipeline, self._scheduler, self._plain_cl = {}, None, None, None
 
-    def compiled(self, mode):
+    def plain_cl(self):
+        """The plain U-Net with channels_last weights (a copy: the NCHW one stays as it is)."""
+        if self._plain_cl is None:
+            import copy
+            self._plain_cl = copy.deepcopy(self.plain).to(memory_format=torch.channels_last)
+        return self._plain_cl
+
+    def compiled(self, mode, channels_last=False):
         """torch.compile of the plain U-Net; static shapes (each batch size compiles its own graph, the fastest
         code torch.compile makes for it; the compile time shows in that case's first call)."""
-        if mode not in self._compiled:
-            self._compiled[mode] = torch.compile(self.plain, mode=mode, dynamic=False)
-        return self._compiled[mode]
+        key = ("unet", mode, channels_last)
+        if key not in self._compiled:
+            model = self.plain_cl() if channels_last else self.plain
+            self._compiled[key] = torch.compile(model, mode=mode, dynamic=False)
+        return self._compiled[key]
+
+    def compiled_step(self, mode, steps):
+        """The whole step compiled (baseline.CompiledStepSampler), one per (mode, steps): the tables differ."""
+        key = ("step", mode, steps)
+        if key not in self._compiled:
+            self._compiled[key] = CompiledStepSampler(self.plain, steps, mode=mode)
+        return self._compiled[key]
 
     def scheduler(self, sampler="ddpm"):
         """diffusers' scheduler of ``sampler`` (DDPMScheduler for ddpm), configured like the model."""
@@ -102,16 +120,26 @@ class FastSample:
 def make_variant(name, models: Models, n, steps, seed, sampler="ddpm", spacing=None):
     """A zero-argument callable doing one full sampling call, or a string saying why it cannot run here.
     With a sampler other than ddpm, the baselines step with diffusers' scheduler of that sampler."""
+    if name in REDUCE_OVERHEAD and models.device.type != "cuda":
+        return "mode='reduce-overhead' only adds CUDA graphs: GPU only"
     if name.startswith("ddpm_fast"):
         kw = {"ddpm_fast": {}, "ddpm_fast-whole": {"cuda_graph": True, "graph": "whole"},
               "ddpm_fast-step": {"cuda_graph": True, "graph": "step"}, "ddpm_fast-eager": {"cuda_graph": False}}[name]
         return FastSample(models.fused, n, steps, seed, sampler=sampler, spacing=spacing, **kw)
-    if name in ("eager", "compile", "compile-ro") and sampler == "ddpm":
-        model = models.plain if name == "eager" else models.compiled(
-            None if name == "compile" else "reduce-overhead")
-        tables = PlainDiffusion.for_model(models.plain, steps, models.device)  # computed once, as a user would
-        shape = models.plain.diffusion.image_shape
-        return lambda: plain_sample(model, n, steps, diffusion=tables, shape=shape)
+    if name in ("compile-step", "compile-step-ro"):
+        if sampler != "ddpm":
+            return f"the compiled whole step is the DDPM step (for {sampler}: the compile variants)"
+        compiled = models.compiled_step(None if name == "compile-step" else "reduce-overhead", steps)
+        return lambda: compiled.sample(n)
+    cl = name.endswith("-cl")
+    model = models.plain
+    if name in ("eager", "eager-cl", "compile", "compile-ro", "compile-cl"):
+        model = (models.plain_cl() if cl else models.plain) if name.startswith("eager") else models.compiled(
+            "reduce-overhead" if name == "compile-ro" else None, channels_last=cl)
+        if sampler == "ddpm":
+            tables = PlainDiffusion.for_model(models.plain, steps, models.device)  # computed once, as a user would
+            shape = models.plain.diffusion.image_shape
+            return lambda: plain_sample(model, n, steps, diffusion=tables, shape=shape, channels_last=cl)
     try:
         import diffusers  # noqa: F401
     except ImportError:
@@ -123,10 +151,8 @@ def make_variant(name, models: Models, n, steps, seed, sampler="ddpm", spacing=N
         return lambda: pipe(batch_size=n, num_inference_steps=steps, output_type="pt").images
     if name == "eager+diffusers-step" and sampler != "ddpm":
         return f"the same as eager for sampler {sampler} (both step with diffusers' scheduler)"
-    model = models.plain if name in ("eager", "eager+diffusers-step") else models.compiled(
-        None if name == "compile" else "reduce-overhead")
     scheduler = models.scheduler(sampler)
-    return lambda: plain_sample(model, n, steps, scheduler=scheduler)
+    return lambda: plain_sample(model, n, steps, scheduler=scheduler, channels_last=cl)
 
 
 def _flops_per_call(gflops_per_image, n, steps):
@@ -140,6 +166,8 @@ def case_rows(case, timed, fns, skipped, gflops, matmul):
     eager = ok.get("eager", {}).get("median")
     compiled = [ok[k]["median"] for k in COMPILE_VARIANTS if k in ok]
     best_compile = min(compiled) if compiled else None
+    plain = {k: ok[k]["median"] for k in PLAIN_VARIANTS if k in ok}
+    best_plain = min(plain, key=plain.get) if plain else None
     rows = []
     for name, t in timed.items():
         row = {"preset": preset, "dtype": dtype, "batch": n, "steps": steps, "variant": name,
@@ -152,6 +180,7 @@ def case_rows(case, timed, fns, skipped, gflops, matmul):
                        ms_per_step_max=s["max"] * 1e3 / steps, images_per_s=n / med, repeats=len(t.times_s),
                        speedup_vs_eager=eager / med if eager else None,
                        speedup_vs_best_compile=best_compile / med if best_compile else None,
+                       speedup_vs_best_plain=plain[best_plain] / med if best_plain else None, best_plain=best_plain,
                        tflops=_flops_per_call(gflops, n, steps) / med / 1e12)
             row["pct_of_matmul"] = 100 * row["tflops"] / matmul["tflops"] if matmul else None
             if name in COMPILE_VARIANTS and t.first_call_s is not None:
@@ -187,7 +216,7 @@ def run_case(config: BenchConfig, models: Models, case, gflops, matmul, results)
     preset, dtype, n, steps = case
     log(f"case {preset} {dtype} batch {n} steps {steps}")
     fns, skipped = {}, {}
-    for name in config.variants_for(preset, n):
+    for name in config.variants_for(preset, n, dtype):
         try:
             made = make_variant(name, models, n, steps, config.seed, config.sampler, config.spacing)
         except Exception as err:  # noqa: BLE001 -- e.g. a conversion that fails: record, go on
@@ -219,7 +248,9 @@ COLUMNS = [("preset", "preset", ""), ("dtype", "dtype", ""), ("batch", "batch", 
            ("variant", "variant", ""), ("ms/step", "ms_per_step", ".2f"),
            ("min-max ms/step", "ms_per_step_min", lambda v, r: f"{v:.2f}-{r['ms_per_step_max']:.2f}"),
            ("img/s", "images_per_s", ".3g"), ("vs eager", "speedup_vs_eager", _fmt_x),
-           ("vs best compile", "speedup_vs_best_compile", _fmt_x), ("TFLOP/s", "tflops", ".3g"),
+           ("vs best compile", "speedup_vs_best_compile", _fmt_x),
+           ("vs best plain", "speedup_vs_best_plain", lambda v, r: f"{v:.2f}x ({r['best_plain']})"),
+           ("TFLOP/s", "tflops", ".3g"),
            ("% matmul", "pct_of_matmul", ".3g"), ("peak MiB", "peak_mib", ".0f"),
            ("first call s", "first_call_s", ".2f"), ("compile s", "compile_s", ".1f"),
            ("capture s", "capture_s", ".2f"), ("graph MiB", "graph_mib", ".0f")]
@@ -267,6 +298,9 @@ def targets(rows, device):
         vs_eager, vs_compile = fast.get("speedup_vs_eager"), fast.get("speedup_vs_best_compile")
         if device == "cpu" and preset == "tiny" and n in (1, 16):
             check(">= 1.3x vs eager (CPU, tiny)", case, vs_eager, lambda v: v >= 1.3)
+        if fast.get("best_plain") not in (None, "eager"):  # the honest gain: over the best a user could run
+            check(f"ahead of the best plain variant ({fast['best_plain']})", case,
+                  fast.get("speedup_vs_best_plain"), lambda v: v > 1.0)
         if device == "cuda" and preset == "ddpm_cifar10" and steps == 100:
             if n in (1, 128):
                 goal = 5.0 if n == 1 else 1.3
@@ -291,10 +325,11 @@ def targets_markdown(items):
 def run(config: BenchConfig) -> int:
     """Measures every case, prints the tables, writes the JSON; returns 1 when any variant failed, else 0."""
     config = config.resolved()
+    source = bc.provenance(config.allow_dirty, "ddpm-fast bench")  # before any work
     device = bc.bench_device(config.device, config.threads, "bench")
     path = bc.result_path(config.out_dir, "" if config.sampler == "ddpm" else f"{config.sampler}-", device,
                           config.quick)
-    results = {"meta": bc.environment(device), "config": {k: v for k, v in vars(config).items()},
+    results = {"meta": bc.environment(device, source), "config": {k: v for k, v in vars(config).items()},
                "variants": VARIANTS, "gflops_per_image": {}, "rows": [], "failures": [], "profiles": [],
                "targets": [], "complete": False}
     results["matmul"] = bc.matmul_tflops(device, size=512 if config.quick else None)

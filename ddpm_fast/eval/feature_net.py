@@ -4,8 +4,9 @@ There are no Inception weights offline, so each dataset gets its own small CNN t
 (weights committed as ddpm_fast/assets/features_<dataset>.safetensors, with a JSON next to it recording the
 command, seed, epochs, time and test accuracy). Reproduce one with
     python -m ddpm_fast.metrics train-features --dataset digits --out ddpm_fast/assets/features_digits.safetensors
-Training is deterministic for a given seed, thread count and torch build (the CPU conv kernels' summation
-order depends on the latter two).
+Training is deterministic for a given seed, thread count, torch build and CPU (the CPU conv kernels' summation
+order depends on the last three): on another CPU a retrained net has other weights (another digest) and scores
+about 1-2% apart, which tests/eval/test_metrics.py bounds.
 """
 import hashlib
 import json
@@ -178,7 +179,27 @@ def train_feature_net(cfg: FeatureTrainConfig, log=print) -> Tuple[FeatureNet, d
     if (net_cfg.in_channels, net_cfg.image_size, net_cfg.image_size) != train.shape:
         raise ValueError(f"feature net config expects {net_cfg.in_channels}x{net_cfg.image_size}x"
                          f"{net_cfg.image_size} images but {cfg.dataset} has {train.shape}")
+    threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    try:  # everything that fixes the weights and the recorded numbers runs on cfg.threads
+        net, seconds, load_start = _fit(cfg, net_cfg, train, log)
+        net.feature_scale.fill_(_feature_rms(net, train.images))
+        accuracies = accuracy(net, train.images, train.labels), accuracy(net, test.images, test.labels)
+    finally:
+        torch.set_num_threads(threads)  # the caller's thread count, as it was
+    info = {"dataset": cfg.dataset, "train_config": {**asdict(cfg), "net": asdict(net_cfg)},
+            "seconds": round(seconds, 1), "train_accuracy": accuracies[0],
+            "test_accuracy": accuracies[1], "n_train": len(train),
+            "n_test": len(test), "feature_scale": net.feature_scale.item(), "torch": torch.__version__,
+            "threads": cfg.threads, "load_average_1min": [load_start, os.getloadavg()[0]]}
+    log(f"train accuracy {info['train_accuracy']:.4f}, test accuracy {info['test_accuracy']:.4f}, "
+        f"{seconds:.1f} s")
+    return net.eval(), info
+
+
+def _fit(cfg: FeatureTrainConfig, net_cfg: FeatureNetConfig, train, log) -> Tuple[FeatureNet, float, float]:
+    """(trained net, seconds, 1-minute load average at the start): AdamW with a cosine decay, seeded batches."""
+    from ..data import to_float
     torch.manual_seed(cfg.seed)
     net = FeatureNet(net_cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -197,13 +218,4 @@ def train_feature_net(cfg: FeatureTrainConfig, log=print) -> Tuple[FeatureNet, d
             opt.step()
             sched.step()
         log(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss.item():.4f}  {time.perf_counter() - start:.1f} s")
-    seconds = time.perf_counter() - start
-    net.feature_scale.fill_(_feature_rms(net, train.images))
-    info = {"dataset": cfg.dataset, "train_config": {**asdict(cfg), "net": asdict(net_cfg)},
-            "seconds": round(seconds, 1), "train_accuracy": accuracy(net, train.images, train.labels),
-            "test_accuracy": accuracy(net, test.images, test.labels), "n_train": len(train),
-            "n_test": len(test), "feature_scale": net.feature_scale.item(), "torch": torch.__version__,
-            "threads": cfg.threads, "load_average_1min": [load_start, os.getloadavg()[0]]}
-    log(f"train accuracy {info['train_accuracy']:.4f}, test accuracy {info['test_accuracy']:.4f}, "
-        f"{seconds:.1f} s")
-    return net.eval(), info
+    return net, time.perf_counter() - start, load_start

@@ -5,7 +5,8 @@ and ``group_norm_silu_ref`` (the specification). The op is ``torch.ops.ddpm_fast
 ``(y, mean, rstd)``; its backward is ``torch.ops.ddpm_fast.group_norm_silu_backward``. Kernels by device:
 
     cpu:  C++ (_C, OpenMP) for float32/bfloat16/float64, else the reference
-    cuda: C++/CUDA (_C built with nvcc) for float32/float16/bfloat16, else Triton, else the reference
+    cuda: C++/CUDA (_C built with nvcc, and usable on the device: ops/device.py) for float32/float16/bfloat16,
+          else Triton, else the reference
 
 x may be NCHW-contiguous or channels-last (NHWC) -- both are read in place and y keeps that layout; any
 other strides are copied to one of the two first. Statistics are computed in fp32 (float64 for float64 x).
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _ext
+from . import device as _device
 from .common import NCHW, NHWC, prepare_layout, to_layout
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -104,7 +106,7 @@ def _fwd_cpp(x, weight, bias, num_groups, eps, keep_stats=True):
     w, b = _param(weight, sd), _param(bias, sd)
     ext, code = _ext.load(), _DTYPE_CODES[x.dtype]
     if x.is_cuda:
-        with torch.cuda.device(x.device):
+        with _device.on_device(x.device):
             ext.group_norm_silu_fwd_cuda(x.data_ptr(), _ptr(w), _ptr(b), y.data_ptr(), mean_ptr, rstd_ptr,
                                          N, C, HW, G, float(eps), code, layout,
                                          torch.cuda.current_stream(x.device).cuda_stream)
@@ -130,7 +132,7 @@ def _bwd_cpp(dy, x, weight, bias, mean, rstd, num_groups):
     if x.is_cuda:
         ws_floats = ext.group_norm_silu_cuda_workspace(N, C, HW, G)
         ws = torch.empty((max(ws_floats, 1),), dtype=torch.float32, device=x.device)
-        with torch.cuda.device(x.device):
+        with _device.on_device(x.device):
             ext.group_norm_silu_bwd_cuda(*ptrs, ws.data_ptr(), ws_floats, N, C, HW, G, code, layout,
                                          torch.cuda.current_stream(x.device).cuda_stream)
     else:
@@ -180,7 +182,7 @@ def _pick_fwd(x, num_groups):
     if x.device.type == "cpu" and _ext.has_cpu_kernels() and x.dtype in _CPU_DTYPES:
         return _fwd_cpp
     if x.device.type == "cuda":
-        if _ext.has_cuda_kernels() and x.dtype in _CUDA_DTYPES:
+        if x.dtype in _CUDA_DTYPES and _device.cuda_kernels_usable(x.device):
             return _fwd_cpp
         if _triton_ok(x, num_groups):
             from .triton.group_norm_silu import _group_norm_silu_fwd
@@ -192,7 +194,7 @@ def _pick_bwd(x, num_groups):
     if x.device.type == "cpu" and _ext.has_cpu_kernels() and x.dtype in _CPU_DTYPES:
         return _bwd_cpp
     if x.device.type == "cuda":
-        if _ext.has_cuda_kernels() and x.dtype in _CUDA_DTYPES:
+        if x.dtype in _CUDA_DTYPES and _device.cuda_kernels_usable(x.device):
             return _bwd_cpp
         if _triton_ok(x, num_groups):
             from .triton.group_norm_silu import _group_norm_silu_bwd

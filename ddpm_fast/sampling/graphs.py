@@ -27,6 +27,7 @@ from collections import OrderedDict
 
 import torch
 
+from ..ops import device as _device
 from ..ops.solver_step import SolverState
 from .loop import (Statics, autocast_for, check_model_output, fused_step, init_x, load_x_T, model_step,
                    refresh_time_proj, run_loop)
@@ -212,7 +213,7 @@ def _capture(model, entry, plan, kind, info):
     (free0, pool0), t0 = BACKEND.memory(dev), time.perf_counter()
     body = (lambda: run_loop(model, st, plan)) if kind == "whole" else (lambda: _step_body(model, st, plan))
     try:
-        graph = BACKEND.capture(body, entry.pool, kind)
+        graph = BACKEND.capture(body, entry.pool, kind, dev)
     except Exception as err:  # noqa: BLE001 -- any capture failure falls back to the next kind
         log.debug("ddpm_fast.sample: %s-loop capture failed: %r", kind, err)
         BACKEND.synchronize(dev)
@@ -242,11 +243,12 @@ class CudaGraphBackend:
 
     @contextlib.contextmanager
     def side_stream(self, device):
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            yield
-        torch.cuda.current_stream(device).wait_stream(side)
+        with _device.on_device(device):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                yield
+            torch.cuda.current_stream(device).wait_stream(side)
 
     def synchronize(self, device):
         torch.cuda.synchronize(device)
@@ -255,13 +257,9 @@ class CudaGraphBackend:
         """(free device bytes as the driver sees them, bytes reserved by PyTorch's allocator)."""
         return torch.cuda.mem_get_info(device)[0], torch.cuda.memory_reserved(device)
 
-    def capture(self, body, pool, kind):
-        """A torch.cuda.CUDAGraph of body() in the shared memory pool; raises if capture fails."""
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            body()
-        torch.cuda.synchronize()
-        return graph
+    def capture(self, body, pool, kind, device):
+        """A torch.cuda.CUDAGraph of body() on ``device`` in the shared memory pool; raises if capture fails."""
+        return _device.capture_graph(body, device, pool)
 
 
 BACKEND = CudaGraphBackend()

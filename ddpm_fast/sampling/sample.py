@@ -12,8 +12,12 @@ graph (graphs.py); on the CPU it runs eagerly with the fused C++ step.
 
 Reproducibility: the noise of element e (sample index * C*H*W + its index in NCHW order) at step i is a pure
 function of (seed, i, e). The chain x is always float32 in NCHW memory order, whatever memory format or dtype the
-model runs in, so the seed alone fixes the noise: chunked == unchunked, graph == eager, and CPU and CUDA draw
-the same numbers (images then agree up to the model's float rounding, which a long chain amplifies).
+model runs in, so the seed alone fixes the NOISE: it is the same for any batch_size, graph or eager, and on the CPU
+and CUDA (to ops.noise.NOISE_ERROR_BOUND). The IMAGES are bitwise equal for the same seed, device and batch_size
+(graph == eager included); across batch sizes only for a model whose per-sample output does not depend on the
+batch (elementwise models); a U-Net's convolutions round differently per batch size (cuDNN/cuBLAS choose their
+algorithms by shape on a GPU, oneDNN blocks by shape on a CPU), so its images agree to that rounding, which a long
+chain amplifies; likewise between CPU and CUDA.
 """
 import contextlib
 import json
@@ -66,9 +70,10 @@ def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, 
     :param x_T: optional (n, C, H, W) starting noise (any float dtype and device) instead of drawing it from the
         seed: to reproduce another tool's run, interpolate between noises, or (with a schedule whose first
         timestep is below T) start from a partly noised image. Chunks take their rows.
-    :param seed: int in [0, 2**64): the same seed gives the same images on a device and thread count, for any
-        batch_size and with or without graphs; None draws one from torch's global RNG (so ``torch.manual_seed``
-        makes the call reproducible).
+    :param seed: int in [0, 2**64): the same seed gives the same noise for any batch_size, with or without
+        graphs, on any device, and bitwise the same images for the same device, thread count and batch_size;
+        other batch sizes give a U-Net's images up to its convolutions' batch-dependent rounding (see the module
+        doc). None draws one from torch's global RNG (so ``torch.manual_seed`` makes the call reproducible).
     :param device, dtype: default to the model's. dtype is the MODEL's compute dtype: its own dtype runs as is,
         float16/bfloat16 with float32 weights runs under torch.autocast; the chain stays float32 throughout.
     :param batch_size: samples per chunk (default min(n, 256)); chunk k starts at element k*batch_size*C*H*W.

@@ -3,7 +3,6 @@
 Kept free of torch imports so that building the command line parser stays fast.
 """
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -139,9 +138,6 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"TrainConfig has no field(s) {unknown}")
         return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 # Fields a resumed run may change; every other one must match the checkpoint's (else the run would not be the

@@ -8,6 +8,7 @@ optimizer's lr tensor and the EMA weight tensor, which the trainer fills (asynch
 """
 import torch
 
+from ..ops import device as _device
 from .step import TrainStep
 
 
@@ -57,16 +58,8 @@ def capture(step: TrainStep, warmup: int = 3) -> torch.cuda.CUDAGraph:
     check_capturable(step)
     snap = _snapshot(step)
     step.graph_mode = True  # the autocast cast cache stays off from the warm-up on
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step._body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step._body()
-    torch.cuda.synchronize()
+    # thread_local capture: a DataLoader's pin-memory thread may call CUDA while this thread captures
+    graph = _device.capture_graph(step._body, step.x0.device, warmup=warmup)
     _restore(step, snap)
     step.graph = graph
     return graph

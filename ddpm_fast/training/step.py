@@ -19,7 +19,7 @@ from ..ops.q_sample import q_sample
 
 # Stream tags that keep the per-step seeds of different uses apart.
 STREAM_BATCH, STREAM_DROPOUT, STREAM_NOISE, STREAM_INIT = 1, 2, 3, 4
-STREAM_LABELS = 5
+STREAM_LABELS, STREAM_GLOBAL = 5, 6
 _M64 = (1 << 64) - 1
 
 
@@ -34,6 +34,18 @@ def mix(*values: int) -> int:
         h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _M64
         h ^= h >> 31
     return h >> 2
+
+
+def seed_global_rngs(seed: int, rank: int) -> None:
+    """Seeds torch's, NumPy's and Python's global RNGs from the run's seed and the rank. The run draws nothing
+    from NumPy's or Python's, but a checkpoint stores all three states: unseeded, they would start from OS
+    entropy and two identical runs would write different checkpoints."""
+    import random
+    import numpy as np
+    value = mix(seed, rank, STREAM_GLOBAL)
+    torch.manual_seed(value)
+    np.random.seed(value % 2 ** 32)
+    random.seed(value)
 
 
 class StepBatches(torch.utils.data.Dataset):

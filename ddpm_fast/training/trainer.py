@@ -30,7 +30,8 @@ from ..threads import describe_threads, model_work, resolve_threads, using_threa
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .resume import CONFIG_JSON, resume_config
 from .signals import GracefulStop, TrainingInterrupted, signal_test_hook
-from .step import EMA, STREAM_DROPOUT, STREAM_INIT, STREAM_NOISE, StepBatches, TrainStep, ema_decay, mix, warmup_lr
+from .step import (EMA, STREAM_DROPOUT, STREAM_INIT, STREAM_NOISE, StepBatches, TrainStep, ema_decay, mix,
+                   seed_global_rngs, warmup_lr)
 
 METRICS, LOSS_PNG = "metrics.jsonl", "loss.png"
 
@@ -55,6 +56,7 @@ class Trainer:
         self.dist = distributed.setup(cfg.device)
         self.device = self.dist.device
         self._check_image_size()
+        seed_global_rngs(cfg.seed, self.dist.rank)  # a resumed run then restores the checkpoint's states
         self._check_batch()
         self.num_classes = self._check_labels()
         self.net = self._build_model()
@@ -319,13 +321,6 @@ class Trainer:
                            "diffusion": self.net.diffusion.to_dict(), "world_size": self.dist.world_size,
                            "torch": torch.__version__}, indent=2) + "\n"
         atomic_write(os.path.join(self.run_dir, CONFIG_JSON), lambda tmp: open(tmp, "w").write(text))
-
-    def ema_model(self):
-        """A copy of the U-Net holding the EMA weights, in eval mode (for sampling in-process)."""
-        import copy
-        model = copy.deepcopy(self.net)
-        ckpt.load_weights(model, self.ema.state_dict(), "EMA", "EMA weights")
-        return model.eval()
 
 
 def _ignore_stop_signals(worker_id):

@@ -56,6 +56,7 @@ def test_extension_exports_group_norm_silu():
     if ext.with_cuda:
         assert callable(ext.group_norm_silu_fwd_cuda) and callable(ext.group_norm_silu_bwd_cuda)
         assert ext.group_norm_silu_cuda_workspace(2, 8, 16, 4) == 2 * 2 * 8 + 2 * 2 * 4
+        assert callable(ext.cuda_probe) and ext.cuda_runtime_version() > 0 and ext.cuda_driver_version() >= 0
 
 
 _IMPORT_SCRIPT = """

@@ -5,10 +5,10 @@ import torch
 
 from ddpm_fast import NoiseSchedule
 from ddpm_fast.ops import _ext
-from ddpm_fast.ops.noise import STREAM_Q_SAMPLE, philox_randn_ref
+from ddpm_fast.ops.noise import NOISE_ERROR_BOUND, STREAM_Q_SAMPLE, philox_randn_ref
 from ddpm_fast.ops.q_sample import q_sample, q_sample_ref
 
-needs_triton = pytest.mark.skipif(not _ext.has_triton(), reason="needs triton")
+needs_triton = pytest.mark.triton_cpu  # the Triton interpreter on CPU tensors (conftest.py)
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
 SCHED = NoiseSchedule.cosine(100)
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-6, torch.bfloat16: 1e-6}
@@ -75,11 +75,29 @@ def test_noise_stream_and_chunks(seed, backend):
     t = torch.randint(0, 100, (5,))
     x_t, eps = q_sample(SCHED, x0, t, seed=s, backend=backend)
     np.testing.assert_allclose(eps.flatten().numpy(), philox_randn_ref(s, 0, STREAM_Q_SAMPLE, np.arange(375)),
-                               atol=2e-5)
+                               rtol=0, atol=NOISE_ERROR_BOUND)
     for lo, hi in ((0, 2), (2, 3), (3, 5)):
         part_xt, part_eps = q_sample(SCHED, x0[lo:hi], t[lo:hi], seed=s, element_offset=lo * 75, backend=backend)
         torch.testing.assert_close(part_eps, eps[lo:hi], rtol=0, atol=0)
         torch.testing.assert_close(part_xt, x_t[lo:hi], rtol=0, atol=0)
+
+
+@needs_triton
+def test_triton_at_the_gpu_block_size(seed, monkeypatch):
+    """1024-element blocks as on a GPU (the interpreter otherwise runs one block): several programs, offsets that
+    are not 4-aligned; bitwise the one-block result, eps the specified stream."""
+    from ddpm_fast.ops.triton import philox
+    s = seed % 2 ** 63
+    x0, t = torch.rand(5, 3, 17, 19), torch.randint(0, 100, (5,))
+    runs = {}
+    for gpu_blocks in (False, True):
+        monkeypatch.setattr(philox, "triton_interpret", lambda: not gpu_blocks)
+        runs[gpu_blocks] = q_sample(SCHED, x0, t, seed=s, element_offset=75, backend="triton")
+    for one_block, gpu_block in zip(runs[False], runs[True]):
+        torch.testing.assert_close(gpu_block, one_block, rtol=0, atol=0)
+    np.testing.assert_allclose(runs[True][1].flatten().numpy(),
+                               philox_randn_ref(s, 0, STREAM_Q_SAMPLE, np.arange(x0.numel()) + 75),
+                               rtol=0, atol=NOISE_ERROR_BOUND)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -140,6 +158,8 @@ def test_cuda_matches_reference(seed, dtype):
     seed_t = torch.tensor([seed], device="cuda")
     x_t, eps = q_sample(SCHED, x0, t, seed=seed_t)
     torch.testing.assert_close(x_t.float(), q_sample_ref(SCHED, x0, t, eps).float(), rtol=1e-2, atol=1e-2)
+    # float32 noise within NOISE_ERROR_BOUND, then rounded to dtype: half an ulp (2^-8 relative for bf16)
+    rtol = {torch.float32: 0, torch.float16: 2 ** -11, torch.bfloat16: 2 ** -8}[dtype]
     np.testing.assert_allclose(eps.float().flatten().cpu().numpy(),
                                philox_randn_ref(seed, 0, STREAM_Q_SAMPLE, np.arange(x0.numel())),
-                               atol=2e-5 if dtype == torch.float32 else 2e-2)
+                               rtol=rtol, atol=NOISE_ERROR_BOUND)

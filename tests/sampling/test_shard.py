@@ -308,7 +308,7 @@ class ReplayBody(sampler_graph.CudaGraphBackend):
     def memory(self, device):
         return 0, 0
 
-    def capture(self, body, pool, kind):
+    def capture(self, body, pool, kind, device=None):
         self.captured.append(kind)
         return types.SimpleNamespace(replay=body)
 

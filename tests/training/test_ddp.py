@@ -94,7 +94,12 @@ def test_ddp_two_processes_gloo(tmp_path):
         assert res["stop_resume_equal"], "stopped by SIGTERM at 3 + resumed to 6 differs from 6 straight steps"
     run = tmp_path / "split"
     files = sorted(os.listdir(run))
-    assert files == ["checkpoint.safetensors", "config.json", "loss.png", "metrics.jsonl", "model.safetensors"]
+    try:
+        import matplotlib  # noqa: F401  (optional: the loss curve only)
+        png = ["loss.png"]
+    except ImportError:
+        png = []
+    assert files == ["checkpoint.safetensors", "config.json", *png, "metrics.jsonl", "model.safetensors"]
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # one writer: no line twice
     assert json.loads((run / "config.json").read_text())["world_size"] == 2

@@ -4,6 +4,10 @@ The fallback on CUDA when ddpm_fast._C was built without CUDA kernels, and a com
 benchmarks. Tests run it on CPU tensors under TRITON_INTERPRET=1. Layout-agnostic: a group is addressed as
 a (D channels) x (HW positions) tile through the strides of x, so NCHW and NHWC need no copy. fp32 math and
 statistics; x/y/dy/dx in float32, float16 or bfloat16. Written for triton >= 3.0 (no newer APIs).
+
+The loops over a group's spatial tiles are `while` loops: Triton 3.6's interpreter turns a runtime loop bound
+into a 1-element array and NumPy >= 2.5 refuses to convert that to an int, so `for start in range(0, HW, ...)`
+fails in the interpreter there (the GPU machine's stack); a `while` compiles to the same kind of loop.
 """
 import math
 
@@ -11,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import device as _device
 from ..common import NCHW, prepare_layout, to_layout
 
 _MAX_TILE = 8192  # elements per program tile: the whole group stays in registers when it fits
@@ -70,22 +75,27 @@ def _group_norm_silu_fwd_kernel(
     else:
         # Exact two passes (mean, then centred squares): fp32 sum-of-squares tricks lose ~10 ulp here.
         s = tl.zeros((BLOCK_D, BLOCK_HW), dtype=tl.float32)
-        for start in range(0, HW, BLOCK_HW):
+        start = 0
+        while start < HW:  # not `for start in range(0, HW, BLOCK_HW)`: see the module doc
             mask = dmask[:, None] & (start + hw < HW)[None, :]
             s += tl.load(X + base + (start + hw)[None, :] * stride_hw, mask=mask, other=0.0).to(tl.float32)
+            start += BLOCK_HW
         mean = tl.sum(tl.sum(s, axis=1), axis=0) / count
         q = tl.zeros((BLOCK_D, BLOCK_HW), dtype=tl.float32)
-        for start in range(0, HW, BLOCK_HW):
+        start = 0
+        while start < HW:  # not `for start in range(0, HW, BLOCK_HW)`: see the module doc
             mask = dmask[:, None] & (start + hw < HW)[None, :]
             xs = tl.load(X + base + (start + hw)[None, :] * stride_hw, mask=mask, other=0.0).to(tl.float32)
             v = tl.where(mask, xs - mean, 0.0)
             q += v * v
+            start += BLOCK_HW
         var = tl.sum(tl.sum(q, axis=1), axis=0) / count
-    rstd = 1.0 / tl.sqrt(var + eps)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))  # once per group: correctly rounded (tl.sqrt is approximate)
     tl.store(Mean + pid, mean)
     tl.store(Rstd + pid, rstd)
     w, b = _affine(W, B, c, dmask, HAS_W, HAS_B)
-    for start in range(0, HW, BLOCK_HW):
+    start = 0
+    while start < HW:  # not `for start in range(0, HW, BLOCK_HW)`: see the module doc
         mask = dmask[:, None] & (start + hw < HW)[None, :]
         offs = base + (start + hw)[None, :] * stride_hw
         if ONE_TILE:  # constexpr: only one branch is compiled
@@ -95,6 +105,7 @@ def _group_norm_silu_fwd_kernel(
         _, z = _silu_pre(x, mean, rstd, w, b)
         y = z / (1.0 + tl.exp(-z))
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+        start += BLOCK_HW
 
 
 @triton.jit
@@ -120,7 +131,8 @@ def _group_norm_silu_bwd_kernel(
     # Pass 1: per-channel sums of dz * xhat and dz, dz = dy * silu'(z).
     sw = tl.zeros((BLOCK_D, BLOCK_HW), dtype=tl.float32)
     sb = tl.zeros((BLOCK_D, BLOCK_HW), dtype=tl.float32)
-    for start in range(0, HW, BLOCK_HW):
+    start = 0
+    while start < HW:  # not `for start in range(0, HW, BLOCK_HW)`: see the module doc
         mask = dmask[:, None] & (start + hw < HW)[None, :]
         offs = base + (start + hw)[None, :] * stride_hw
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
@@ -130,6 +142,7 @@ def _group_norm_silu_bwd_kernel(
         dz = tl.where(mask, dy * s * (1.0 + z * (1.0 - s)), 0.0)
         sw += dz * xhat
         sb += dz
+        start += BLOCK_HW
     dwc = tl.sum(sw, axis=1)
     dbc = tl.sum(sb, axis=1)
     tl.store(DWp + n * C + c, dwc, mask=dmask)
@@ -138,7 +151,8 @@ def _group_norm_silu_bwd_kernel(
     s1 = tl.sum(tl.sum(w * dbc[:, None], axis=1), axis=0) / count  # padded channels have dbc = dwc = 0
     s2 = tl.sum(tl.sum(w * dwc[:, None], axis=1), axis=0) / count
     # Pass 2: dx = rstd * (w * dz - s1 - xhat * s2), dz recomputed (the tile is cached from pass 1).
-    for start in range(0, HW, BLOCK_HW):
+    start = 0
+    while start < HW:  # not `for start in range(0, HW, BLOCK_HW)`: see the module doc
         mask = dmask[:, None] & (start + hw < HW)[None, :]
         offs = base + (start + hw)[None, :] * stride_hw
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
@@ -148,6 +162,7 @@ def _group_norm_silu_bwd_kernel(
         dz = dy * s * (1.0 + z * (1.0 - s))
         dx = rstd * (w * dz - s1 - xhat * s2)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        start += BLOCK_HW
 
 
 def _tiles(D, HW):
@@ -177,10 +192,11 @@ def _group_norm_silu_fwd(x, weight, bias, num_groups, eps):
     w = mean if weight is None else weight.detach().float().contiguous()
     b = mean if bias is None else bias.detach().float().contiguous()
     block_d, block_hw = _tiles(D, HW)
-    _group_norm_silu_fwd_kernel[(N * G,)](
-        x, y, w, b, mean, rstd, *_strides(layout, C, HW), HW, G, D, float(eps),
-        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_D=block_d, BLOCK_HW=block_hw,
-        ONE_TILE=block_hw >= HW, num_warps=8 if block_d * block_hw >= 4096 else 4)
+    with _device.on_device(x.device):
+        _group_norm_silu_fwd_kernel[(N * G,)](
+            x, y, w, b, mean, rstd, *_strides(layout, C, HW), HW, G, D, float(eps),
+            HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_D=block_d, BLOCK_HW=block_hw,
+            ONE_TILE=block_hw >= HW, num_warps=8 if block_d * block_hw >= 4096 else 4)
     return y, mean, rstd
 
 
@@ -197,8 +213,10 @@ def _group_norm_silu_bwd(dy, x, weight, bias, mean, rstd, num_groups):
         w = dwp if weight is None else weight.detach().float().contiguous()
         b = dwp if bias is None else bias.detach().float().contiguous()
         block_d, block_hw = _tiles(D, HW)
-        _group_norm_silu_bwd_kernel[(N * G,)](
-            dy, x, dx, w, b, mean.float().contiguous(), rstd.float().contiguous(), dwp, dbp, *_strides(layout, C, HW),
-            C, HW, G, D, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_D=block_d,
-            BLOCK_HW=block_hw, num_warps=8 if block_d * block_hw >= 4096 else 4)
+        mean, rstd = mean.float().contiguous(), rstd.float().contiguous()
+        with _device.on_device(x.device):
+            _group_norm_silu_bwd_kernel[(N * G,)](
+                dy, x, dx, w, b, mean, rstd, dwp, dbp, *_strides(layout, C, HW), C, HW, G, D,
+                HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_D=block_d, BLOCK_HW=block_hw,
+                num_warps=8 if block_d * block_hw >= 4096 else 4)
     return dx, dwp.sum(0), dbp.sum(0)

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ...diffusion.schedule import ROW
+from .. import device as _device
 from ..common import nc_s_strides
 from .model_output import PRED_CODES, data_prediction, model_output_offsets, table_row as _row
 from .philox import first_group, launch_geometry, randn_block
@@ -38,12 +39,14 @@ _LSTD = tl.constexpr(ROW["fixed_large_std"])
 def _step_coefs(tab_ptr, num_steps, step, eta, VAR: tl.constexpr, DDIM: tl.constexpr):
     """(a, b, sigma) with out = a * x0 + b * x_t + sigma * z; sigma unused for learned_range."""
     if DDIM:
-        # x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps, eps = (x_t / sqrt(abar) - x0) / srm1
-        sigma = eta * tl.sqrt(_row(tab_ptr, _PVAR, num_steps, step))
-        direction = tl.sqrt(tl.maximum(_row(tab_ptr, _OMABP, num_steps, step) - sigma * sigma, 0.0))
+        # x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps, eps = (x_t / sqrt(abar) - x0) / srm1.
+        # Correctly rounded sqrt and division: tl.sqrt and `/` are approximate on the GPU (~2 ulp), and these
+        # scalars multiply every element.
+        sigma = eta * tl.sqrt_rn(_row(tab_ptr, _PVAR, num_steps, step))
+        direction = tl.sqrt_rn(tl.maximum(_row(tab_ptr, _OMABP, num_steps, step) - sigma * sigma, 0.0))
         srm1 = _row(tab_ptr, _SRM1, num_steps, step)
-        a = _row(tab_ptr, _SABP, num_steps, step) - direction / srm1
-        b = direction * _row(tab_ptr, _SRA, num_steps, step) / srm1
+        a = _row(tab_ptr, _SABP, num_steps, step) - tl.div_rn(direction, srm1)
+        b = tl.div_rn(direction * _row(tab_ptr, _SRA, num_steps, step), srm1)
     else:
         a = _row(tab_ptr, _C1, num_steps, step)
         b = _row(tab_ptr, _C2, num_steps, step)
@@ -121,11 +124,13 @@ def p_step_triton(x_t, model_output, table, step, step_index, noise, seed, eleme
     grid, lead, offset_ptr, offset_arg, block = launch_geometry(x_t.numel(), element_offset, offset, block)
     channels_last = not x_t.is_contiguous()
     dummy = table  # any valid pointer for arguments a specialisation never reads
-    _p_step_kernel[grid](
-        x_t, model_output, noise if noise is not None else dummy, out, table,
-        step if step is not None else dummy, seed if seed is not None else dummy,
-        offset_ptr if offset_ptr is not None else dummy, step_index, offset_arg,
-        x_t.numel(), C, S, mo_sn, mo_sc, mo_ss, C * mo_sc, table.shape[1], lead, float(eta),
-        PRED=PRED_CODES[prediction], VAR=VAR_CODES[variance], CLIP=bool(clip), DDIM=bool(ddim),
-        NOISE=noise_mode, STREAM=stream, STEP_FROM_PTR=step is not None, OFFSET_FROM_PTR=offset_ptr is not None,
-        CHANNELS_LAST=channels_last, MO_LIKE_X=like_x and variance != "learned_range", BLOCK=block)
+    with _device.on_device(x_t.device):
+        _p_step_kernel[grid](
+            x_t, model_output, noise if noise is not None else dummy, out, table,
+            step if step is not None else dummy, seed if seed is not None else dummy,
+            offset_ptr if offset_ptr is not None else dummy, step_index, offset_arg,
+            x_t.numel(), C, S, mo_sn, mo_sc, mo_ss, C * mo_sc, table.shape[1], lead, float(eta),
+            PRED=PRED_CODES[prediction], VAR=VAR_CODES[variance], CLIP=bool(clip), DDIM=bool(ddim),
+            NOISE=noise_mode, STREAM=stream, STEP_FROM_PTR=step is not None,
+            OFFSET_FROM_PTR=offset_ptr is not None, CHANNELS_LAST=channels_last,
+            MO_LIKE_X=like_x and variance != "learned_range", BLOCK=block)

@@ -18,7 +18,19 @@ lead 0 (16-divisible: aligned vector loads). A launch's first Philox group, offs
 import triton
 import triton.language as tl
 
+from .. import device as _device
 from .._ext import triton_interpret
+
+
+@triton.jit
+def _box_muller(u1, u2):
+    """triton.language.pair_uniform_to_normal with a correctly rounded square root: tl.sqrt is the GPU's
+    approximate sqrt (the interpreter's is exact), so the GPU would drift from the CPU's noise. log, cos and sin
+    are libdevice's (about 1 ulp)."""
+    u1 = tl.maximum(1.0e-7, u1)
+    th = 6.283185307179586 * u2
+    r = tl.sqrt_rn(-2.0 * tl.log(u1))
+    return r * tl.cos(th), r * tl.sin(th)
 
 
 @triton.jit
@@ -28,8 +40,8 @@ def _randn4(seed, group, c1, c2):
     hi = (group >> 32).to(tl.uint32)
     zero = lo * 0
     r0, r1, r2, r3 = tl.philox(seed, lo, zero + c1, zero + c2, hi)
-    n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
-    n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
+    n0, n1 = _box_muller(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
+    n2, n3 = _box_muller(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
     return n0, n1, n2, n3
 
 
@@ -89,5 +101,6 @@ def seeded_randn_triton(seed, host, offset, out, stream, block=None):
     """Fill ``out`` (dense, any float dtype) with N(0, 1) noise of (seed, step 0, stream, element); the element
     offset as ``ops.noise.offset_arg`` returns it."""
     grid, lead, offset_ptr, offset_arg, block = launch_geometry(out.numel(), host, offset, block)
-    _seeded_randn_kernel[grid](out, seed, seed if offset_ptr is None else offset_ptr, offset_arg, out.numel(),
-                               lead, STREAM=stream, OFFSET_FROM_PTR=offset_ptr is not None, BLOCK=block)
+    with _device.on_device(out.device):
+        _seeded_randn_kernel[grid](out, seed, seed if offset_ptr is None else offset_ptr, offset_arg, out.numel(),
+                                   lead, STREAM=stream, OFFSET_FROM_PTR=offset_ptr is not None, BLOCK=block)

@@ -4,6 +4,7 @@ import triton
 import triton.language as tl
 
 from ...diffusion.schedule import ROW
+from .. import device as _device
 from .philox import first_group, launch_geometry, randn_block
 
 _SAB = tl.constexpr(ROW["sqrt_alphas_cumprod"])
@@ -46,7 +47,8 @@ def q_sample_triton(x_start, t, table, noise, seed, element_offset, x_t_out, eps
     noise, x_t_out and eps_out dense with equal strides and the batch outermost."""
     grid, lead, _, offset_arg, block = launch_geometry(x_start.numel(), element_offset, None, block)
     dummy = table  # a valid pointer for arguments a specialisation never reads
-    _q_sample_kernel[grid](
-        x_start, t, noise if noise is not None else dummy, x_t_out, eps_out if eps_out is not None else dummy,
-        table, seed if seed is not None else dummy, x_start.numel(), x_start[0].numel(), table.shape[1],
-        offset_arg, lead, INJECTED=noise is not None, STREAM=stream, BLOCK=block)
+    with _device.on_device(x_start.device):
+        _q_sample_kernel[grid](
+            x_start, t, noise if noise is not None else dummy, x_t_out, eps_out if eps_out is not None else dummy,
+            table, seed if seed is not None else dummy, x_start.numel(), x_start[0].numel(), table.shape[1],
+            offset_arg, lead, INJECTED=noise is not None, STREAM=stream, BLOCK=block)
