@@ -131,8 +131,10 @@ def row_for(shape_key, layout, pass_name, times, moved_bytes):
         row[f"{name}_threads"] = best
         row[f"{name}_ms_by_threads"] = {str(t): s * 1e3 for t, s in by_threads.items()}
     row["speedup"] = row["torch_ms"] / row["fused_ms"]
-    for name in dict.fromkeys(n for n, _ in times):  # effective bandwidth, and as % of a plain copy's
+    names = list(dict.fromkeys(n for n, _ in times))
+    for name in names:  # effective bandwidth, and as % of a plain copy's
         row[f"{name}_GBps"] = moved_bytes / (row[f"{name}_ms"] / 1e3) / 1e9
+    for name in names:
         row[f"{name}_pct_of_copy"] = 100 * row[f"{name}_GBps"] / row["copy_GBps"] if "copy_ms" in row else None
     return row
 
