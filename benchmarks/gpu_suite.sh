@@ -71,6 +71,8 @@ part() {
   else status="FAILED rc=$rc"; FAILED=1; fi
   echo "$status (${took}s of ${limit}s)" > "$SCRATCH/parts/$name.status"
   say "=== $name: $status in ${took}s"
+  # A failure's own words reach whoever reads only the console (CI), not just the log.
+  [ "$status" = "ok" ] || tail -n 25 "$SCRATCH/parts/$name.out" | sed "s/^/  $name | /"
 }
 
 FAILED=0
