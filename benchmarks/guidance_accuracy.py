@@ -3,9 +3,10 @@ per guidance scale w (this w = Ho & Salimans' w + 1: 0 the unconditional model, 
 guidance costs in the project's quality metric: the numbers behind docs/guidance.md and the default w.
 
 For each w and sampling seed: n images (label i % 10 for image i: balanced over the 10 classes, and every prefix
-too) from ``ddpm_fast.load("digits-cond")`` with DDPM and all 1000 steps (the CLI's default sampler), classified
+too) from ``ddpm_fast.load("digits-cond")`` with DDPM and all 1000 steps (the CLI's default sampler; each row's
+sampling seconds are recorded), classified
 by the committed digits feature net (ddpm_fast/assets/features_digits.safetensors: its argmax over the 10 digits);
-the first 355 images (the held-out split's size: 35-36 per class) scored by ``eval.metrics.evaluate`` (FD / KID
+the first 355 images (355: the held-out split's size, 35-36 per class) scored by ``eval.metrics.evaluate`` (FD / KID
 against 10000 train images of every class, as `ddpm-fast eval`).
 
 Decision rule for the documented default w, fixed before this run (a pilot of 50 DDIM-100 images per w showed the
@@ -26,12 +27,13 @@ import math
 import os
 import statistics
 import sys
+import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "guidance-digits.json")
-SCALES, SEEDS, N, FD_N, CLASSES = (0.0, 1.0, 2.0, 4.0), (0, 1, 2), 500, 355, 10
+SCALES, SEEDS, N, FD_N, CLASSES, STEPS = (0.0, 1.0, 2.0, 4.0), (0, 1, 2), 500, 355, 10, 1000
 
 
 def measure(model, net, w, seed, n, steps, fd_n):
@@ -39,15 +41,17 @@ def measure(model, net, w, seed, n, steps, fd_n):
     import ddpm_fast
     from ddpm_fast.eval.metrics import evaluate
     labels = torch.arange(n) % CLASSES
+    t0 = time.perf_counter()
     x = ddpm_fast.sample(model, n, steps, sampler="ddpm", seed=seed, labels=labels, guidance_scale=w,
                          batch_size=min(n, 250), progress=False)
+    seconds = time.perf_counter() - t0
     with torch.no_grad():
         predicted = net(x).argmax(1)
     correct = [int(((predicted == labels) & (labels == k)).sum()) for k in range(CLASSES)]
     scores = evaluate(x, "digits", n=min(fd_n, n), seed=0, floor_draws=0)
     return dict(w=w, seed=seed, n=n, steps=steps, correct=correct, per_class=[n // CLASSES + (k < n % CLASSES)
                                                                               for k in range(CLASSES)],
-                fd=scores["fd"], kid=scores["kid"])
+                fd=scores["fd"], kid=scores["kid"], sampling_s=seconds)
 
 
 def summarize(rows):
@@ -95,7 +99,7 @@ def main(argv=None):
     ap.add_argument("--scales", default=",".join(f"{w:g}" for w in SCALES))
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     ap.add_argument("--n", type=int, default=N, help=f"images per (w, seed) (default {N})")
-    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--quick", action="store_true", help="dry run: n 20, 5 steps, one seed, w 0 and 2")
     ap.add_argument("--allow-dirty", action="store_true")
@@ -112,7 +116,8 @@ def main(argv=None):
     for w in (float(v) for v in args.scales.split(",")):
         for seed in (int(v) for v in args.seeds.split(",")):
             rows.append(measure(model, net, w, seed, args.n, args.steps, FD_N))
-            print(f"w={w:g} seed={seed}: {sum(rows[-1]['correct'])}/{args.n} correct, FD {rows[-1]['fd']:.3f}",
+            print(f"w={w:g} seed={seed}: {sum(rows[-1]['correct'])}/{args.n} correct, FD {rows[-1]['fd']:.3f}, "
+                  f"{rows[-1]['sampling_s']:.0f} s sampling",
                   file=sys.stderr)
     summary = summarize(rows)
     chosen, candidates = decide(summary)
