@@ -15,6 +15,9 @@
 #   groupnorm      GroupNorm+SiLU forward/backward vs eager and torch.compile: GB/s and % of copy bandwidth
 #   train          the training step, one ddpm_fast piece at a time (benchmarks/bench_train.py)
 #   sample-to-dir  evaluation-run images/s of the CIFAR U-Net per batch size (benchmarks/bench_sample_to_dir.py)
+#   guidance       classifier-free guidance of a class-conditional CIFAR U-Net: ddpm_fast (one 2B call, the
+#                  combine in the fused step, one graph) vs the plain two-call and one-2B-call loops
+#                  (benchmarks/bench_guidance.py)
 # The whole CPU-side test suite runs before a GPU attempt, on the dev machine in the GPU machine's own software
 # stack (benchmarks/device_stack.sh), not here. Nothing downloads (the GPU machine has no network).
 #
@@ -103,6 +106,7 @@ if [ $DRY -eq 0 ]; then
   GROUPNORM=(--device cuda --dtype bfloat16 --batch 64 --shapes 128x1024,256x16 --repeats 10)
   TRAIN=(--device cuda --burst 3 --repeats 3 --warmup 1)
   TO_DIR=(--mode batches --device cuda --batch-sizes 128,256 --chunks 2 --repeats 1)
+  GUIDANCE=(--device cuda --cases ddpm_cifar10:bf16:64:50 --repeats 3 --warmup 0)
 else
   part install 110 30 env DDPM_FAST_CUDA=OFF $PY -m pip wheel -q --no-build-isolation --no-deps -w "$SCRATCH/wheel" .
   B=(--allow-dirty --threads 1); DEV=cpu
@@ -112,6 +116,7 @@ else
   GROUPNORM=(--device cpu --quick --threads 1)
   TRAIN=(--device cpu --quick --batch 2 --burst 1 --repeats 1 --warmup 0)
   TO_DIR=(--mode batches --device cpu --quick --threads 1)
+  GUIDANCE=(--device cpu --quick --threads 1)
 fi
 part gpu-tests 100 30 $PY -P -m pytest -q -p no:cacheprovider -m gpu tests
 part capture 50 20 $PY -P benchmarks/bench_capture.py "${CAPTURE[@]}" --allow-dirty \
@@ -123,13 +128,14 @@ part groupnorm 45 20 $PY -P benchmarks/bench_group_norm_silu.py "${GROUPNORM[@]}
 part train 45 20 $PY -P benchmarks/bench_train.py "${TRAIN[@]}" "${B[@]}" --out-dir "$SCRATCH/train"
 part sample-to-dir 40 25 $PY -P benchmarks/bench_sample_to_dir.py "${TO_DIR[@]}" --allow-dirty \
   --out-dir "$SCRATCH/sample-to-dir"
+part guidance 40 20 $PY -P benchmarks/bench_guidance.py "${GUIDANCE[@]}" --allow-dirty --json "$SCRATCH/guidance.json"
 
 # One JSON and one summary from the parts' statuses, outputs and result files.
 $PY -P - "$SCRATCH" "$OUT" "$COMMIT" "$DRY" "$(( $(date +%s) - START ))" <<'EOF' 2>&1 | tee -a "$LOG"
 import glob, json, os, sys
 scratch, out, commit, dry, seconds = sys.argv[1:]
 parts = {}
-for name in ("install", "gpu-tests", "capture", "sampling", "groupnorm", "train", "sample-to-dir"):
+for name in ("install", "gpu-tests", "capture", "sampling", "groupnorm", "train", "sample-to-dir", "guidance"):
     status_file = os.path.join(scratch, "parts", name + ".status")
     status = open(status_file).read().strip() if os.path.exists(status_file) else "not run"
     text = open(os.path.join(scratch, "parts", name + ".out"), errors="replace").read() \

@@ -125,14 +125,15 @@ def test_whole_step_compiled_baseline_samples_the_same_chain():
 
 
 OUT_FLAG = {"cli": "--out-dir", "bench_train": "--out-dir", "bench_group_norm_silu": "--json",
-            "bench_diffusion_ops": "--out", "bench_capture": "--json", "bench_sample_to_dir": "--out-dir"}
+            "bench_diffusion_ops": "--out", "bench_capture": "--json", "bench_sample_to_dir": "--out-dir",
+            "bench_guidance": "--json"}
 
 
 @pytest.mark.parametrize("script, argv", [
     ("cli", ["bench", "--quick", "--variants", "eager", "--batches", "1", "--steps", "2", "--repeats", "1"]),
     ("bench_train", ["--quick", "--repeats", "1"]), ("bench_group_norm_silu", ["--quick"]),
     ("bench_diffusion_ops", ["--quick"]), ("bench_capture", ["--dry-run"]),
-    ("bench_sample_to_dir", ["--mode", "batches", "--device", "cpu", "--quick"])])
+    ("bench_sample_to_dir", ["--mode", "batches", "--device", "cpu", "--quick"]), ("bench_guidance", ["--quick"])])
 def test_benchmarks_refuse_a_dirty_tree_and_unknown_code(tmp_path, monkeypatch, script, argv):
     """Every results file names the commit it measured: uncommitted changes are refused before any work unless
     --allow-dirty (then recorded), and so is code whose commit cannot be told (no git, no DDPM_FAST_GIT_COMMIT)."""

@@ -88,7 +88,7 @@ void p_step_fused_cpu(uintptr_t x, uintptr_t mo, uintptr_t noise, uintptr_t out,
                       bool channels_last, int64_t mo_sn, int64_t mo_sc, int64_t mo_ss, int64_t var_off, double p,
                       double q, double a, double b, double sigma, double lv_lo, double lv_hi, bool clip,
                       bool learned, bool add_noise, uint64_t seed, uint32_t step, uint32_t stream,
-                      int64_t element_offset, int threads);
+                      int64_t element_offset, bool guided, double w, int64_t mo_un, int threads);
 void philox_randn_fill_cpu(uintptr_t out, int64_t n, uint64_t seed, uint32_t step, uint32_t stream,
                            int64_t element_offset, int threads);
 }  // namespace ddpm_fast
@@ -100,7 +100,8 @@ void solver_step_fused_cpu(uintptr_t x, uintptr_t mo, uintptr_t noise, uintptr_t
                            uintptr_t last, int64_t N, int64_t C, int64_t S, bool channels_last, int64_t mo_sn,
                            int64_t mo_sc, int64_t mo_ss, double p, double q, double cx, double cl, double c0,
                            double c1, double c2, double a, double b0, double b1, double b2, double s, bool add_noise,
-                           uint64_t seed, uint32_t step, uint32_t stream, int64_t element_offset, int threads);
+                           uint64_t seed, uint32_t step, uint32_t stream, int64_t element_offset, bool guided,
+                           double w, int64_t mo_un, int threads);
 }  // namespace ddpm_fast
 // ---- end solver_step bindings ----
 
@@ -152,13 +153,14 @@ PYBIND11_MODULE(_C, m) {
   // ---- end group_norm_silu defs ----
   // ---- p_step defs ----
   m.def("p_step_fused_cpu", &ddpm_fast::p_step_fused_cpu,
-        "x_{t-1} = a * clip(p x + q m) + b x + sigma z in one pass; fp32; z injected or Philox (CPU)",
+        "x_{t-1} = a * clip(p x + q m) + b x + sigma z in one pass (m optionally guided); fp32; z injected or "
+        "Philox (CPU)",
         py::arg("x"), py::arg("mo"), py::arg("noise"), py::arg("out"), py::arg("N"), py::arg("C"), py::arg("S"),
         py::arg("channels_last"), py::arg("mo_sn"), py::arg("mo_sc"), py::arg("mo_ss"), py::arg("var_off"),
         py::arg("p"), py::arg("q"), py::arg("a"), py::arg("b"), py::arg("sigma"), py::arg("lv_lo"),
         py::arg("lv_hi"), py::arg("clip"), py::arg("learned"), py::arg("add_noise"), py::arg("seed"),
-        py::arg("step"), py::arg("stream"), py::arg("element_offset"), py::arg("num_threads"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("step"), py::arg("stream"), py::arg("element_offset"), py::arg("guided"), py::arg("w"),
+        py::arg("mo_un"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
   m.def("philox_randn_cpu", &ddpm_fast::philox_randn_fill_cpu,
         "fill n fp32 values with the Philox N(0, 1) stream of (seed, step, stream, element) (CPU)",
         py::arg("out"), py::arg("n"), py::arg("seed"), py::arg("step"), py::arg("stream"),
@@ -172,6 +174,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("mo_sc"), py::arg("mo_ss"), py::arg("p"), py::arg("q"), py::arg("cx"), py::arg("cl"),
         py::arg("c0"), py::arg("c1"), py::arg("c2"), py::arg("a"), py::arg("b0"), py::arg("b1"), py::arg("b2"),
         py::arg("s"), py::arg("add_noise"), py::arg("seed"), py::arg("step"), py::arg("stream"),
-        py::arg("element_offset"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
+        py::arg("element_offset"), py::arg("guided"), py::arg("w"), py::arg("mo_un"), py::arg("num_threads"),
+        py::call_guard<py::gil_scoped_release>());
   // ---- end solver_step defs ----
 }

@@ -261,7 +261,7 @@ struct PStepCpuArgs {
   float* out;
   int64_t N, C, S, mo_sn, mo_sc, mo_ss, var_off, element_offset;
   bool channels_last, clip, learned, add_noise;
-  DataPrediction dp;  // x0 = dp.p * x + dp.q * m
+  DataPrediction dp;  // x0 = dp.p * x + dp.q * m (m: the guided combine when dp.guided)
   float a, b, sigma, lv_lo, lv_hi;  // learned sigma = exp(lv_lo + lv_hi * v)
   uint64_t seed;
   uint32_t step, stream;
@@ -328,14 +328,15 @@ void p_step_fused_cpu(uintptr_t x, uintptr_t mo, uintptr_t noise, uintptr_t out,
                       bool channels_last, int64_t mo_sn, int64_t mo_sc, int64_t mo_ss, int64_t var_off, double p,
                       double q, double a, double b, double sigma, double lv_lo, double lv_hi, bool clip,
                       bool learned, bool add_noise, uint64_t seed, uint32_t step, uint32_t stream,
-                      int64_t element_offset, int threads) {
+                      int64_t element_offset, bool guided, double w, int64_t mo_un, int threads) {
   PStepCpuArgs A;
   A.x = reinterpret_cast<const float*>(x), A.mo = reinterpret_cast<const float*>(mo);
   A.noise = reinterpret_cast<const float*>(noise), A.out = reinterpret_cast<float*>(out);
   A.N = N, A.C = C, A.S = S, A.mo_sn = mo_sn, A.mo_sc = mo_sc, A.mo_ss = mo_ss, A.var_off = var_off;
   A.element_offset = element_offset, A.channels_last = channels_last, A.clip = clip, A.learned = learned;
   A.add_noise = add_noise, A.seed = seed, A.step = step, A.stream = stream;
-  A.dp = DataPrediction{static_cast<float>(p), static_cast<float>(q)}, A.a = static_cast<float>(a);
+  A.dp = DataPrediction{static_cast<float>(p), static_cast<float>(q), guided, static_cast<float>(w), mo_un};
+  A.a = static_cast<float>(a);
   A.b = static_cast<float>(b), A.sigma = static_cast<float>(sigma);
   A.lv_lo = static_cast<float>(lv_lo), A.lv_hi = static_cast<float>(lv_hi);
   p_step_cpu(A, threads);

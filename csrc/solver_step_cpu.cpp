@@ -135,14 +135,15 @@ void solver_step_fused_cpu(uintptr_t x, uintptr_t mo, uintptr_t noise, uintptr_t
                            uintptr_t last, int64_t N, int64_t C, int64_t S, bool channels_last, int64_t mo_sn,
                            int64_t mo_sc, int64_t mo_ss, double p, double q, double cx, double cl, double c0,
                            double c1, double c2, double a, double b0, double b1, double b2, double s, bool add_noise,
-                           uint64_t seed, uint32_t step, uint32_t stream, int64_t element_offset, int threads) {
+                           uint64_t seed, uint32_t step, uint32_t stream, int64_t element_offset, bool guided,
+                           double w, int64_t mo_un, int threads) {
   SolverStepCpuArgs A;
   A.x = reinterpret_cast<const float*>(x), A.mo = reinterpret_cast<const float*>(mo);
   A.noise = reinterpret_cast<const float*>(noise), A.out = reinterpret_cast<float*>(out);
   A.h1 = reinterpret_cast<float*>(h1), A.h2 = reinterpret_cast<float*>(h2), A.last = reinterpret_cast<float*>(last);
   A.N = N, A.C = C, A.S = S, A.mo_sn = mo_sn, A.mo_sc = mo_sc, A.mo_ss = mo_ss, A.element_offset = element_offset;
   A.channels_last = channels_last, A.add_noise = add_noise, A.seed = seed, A.step = step, A.stream = stream;
-  A.dp = DataPrediction{static_cast<float>(p), static_cast<float>(q)};
+  A.dp = DataPrediction{static_cast<float>(p), static_cast<float>(q), guided, static_cast<float>(w), mo_un};
   A.cx = static_cast<float>(cx), A.cl = static_cast<float>(cl), A.c0 = static_cast<float>(c0);
   A.c1 = static_cast<float>(c1), A.c2 = static_cast<float>(c2), A.a = static_cast<float>(a);
   A.b0 = static_cast<float>(b0), A.b1 = static_cast<float>(b1), A.b2 = static_cast<float>(b2);

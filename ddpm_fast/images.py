@@ -128,15 +128,21 @@ def save_grid_png(samples, path, nrow=None, padding=2):
     return os.fspath(path)
 
 
-def save_npz(samples, path):
-    """Writes "images" (float32 NCHW, [-1, 1]) and "arr_0" (uint8 NHWC) to ``path``; returns path."""
+def save_npz(samples, path, labels=None):
+    """Writes "images" (float32 NCHW, [-1, 1]) and "arr_0" (uint8 NHWC) to ``path``, and "arr_1": ``labels`` (N
+    class labels, int64) when given; returns path."""
     _check(samples)
     raw = samples.detach().float().cpu().numpy()
     pixels = to_uint8(samples)
+    arrays = {"images": raw, "arr_0": pixels}
+    if labels is not None:
+        arrays["arr_1"] = np.asarray(labels, dtype=np.int64)
+        if arrays["arr_1"].shape != (len(raw),):
+            raise ValueError(f"labels must be one per image: {len(raw)}, got shape {arrays['arr_1'].shape}")
 
     def write(tmp):
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
-            np.savez(f, images=raw, arr_0=pixels)
+            np.savez(f, **arrays)
     atomic_write(os.fspath(path), write)
     return os.fspath(path)
 

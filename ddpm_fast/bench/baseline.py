@@ -6,7 +6,9 @@ kept on the device), or diffusers' ``DDPMScheduler.step`` in its place. None of 
 ``PlainDiffusion`` derives its own tables from the betas, so tests can compare the two implementations
 (tests/test_baseline.py checks both against the closed-form Gaussian oracle).
 
-Also the plain training step (q_sample as torch ops, eps-MSE, AdamW), the baseline of benchmarks/bench_train.py.
+Also classifier-free guidance done the plain way (``plain_guided_sample``: the baseline of
+benchmarks/bench_guidance.py) and the plain training step (q_sample as torch ops, eps-MSE, AdamW), the baseline of
+benchmarks/bench_train.py.
 """
 import contextlib
 import inspect
@@ -140,6 +142,39 @@ def plain_sample(model, n, steps=None, *, diffusion: Optional[PlainDiffusion] = 
         else:
             noise = torch.randn(x.shape, generator=generator, device=device)
             x = diffusion.p_sample(out, x, torch.full((n,), i, device=device, dtype=torch.long), noise)
+    return x
+
+
+@torch.inference_mode()
+def plain_guided_sample(model, n, steps, labels, guidance_scale, *, null_label, batched=True,
+                        diffusion: Optional[PlainDiffusion] = None, shape=None,
+                        generator: Optional[torch.Generator] = None):
+    """Classifier-free guidance the plain way: per step the model on the labels and on the null label -- ONE call
+    on both halves concatenated (``batched``, what a careful user writes) or two calls --, the combine
+    eps_u + w (eps_c - eps_u) as torch ops (a learned variance from the conditional half), then the plain step
+    with torch.randn noise. (n, C, H, W) float32.
+
+    :param model: ``model(x, t, y)``, y an int64 (n,) (or (2n,)) tensor of labels, ``null_label`` = no class.
+    :param labels: (n,) int64 labels on the model's device.
+    """
+    device, dtype = _device_dtype(model)
+    shape = tuple(shape or model.diffusion.image_shape)
+    diffusion = diffusion or PlainDiffusion.for_model(model, steps, device)
+    null = torch.full_like(labels, null_label)
+    both = torch.cat([labels, null])
+    x = torch.randn((n, *shape), generator=generator, device=device)
+    for i in reversed(range(diffusion.num_steps)):
+        t = torch.full((n,), diffusion.timesteps[i], device=device, dtype=torch.long)
+        if batched:
+            cond, uncond = model(torch.cat([x, x]).to(dtype), torch.cat([t, t]), both).float().chunk(2)
+        else:
+            cond, uncond = model(x.to(dtype), t, labels).float(), model(x.to(dtype), t, null).float()
+        C = x.shape[1]
+        out = uncond[:, :C] + guidance_scale * (cond[:, :C] - uncond[:, :C])
+        if diffusion.variance == "learned_range":
+            out = torch.cat([out, cond[:, C:]], dim=1)
+        noise = torch.randn(x.shape, generator=generator, device=device)
+        x = diffusion.p_sample(out, x, torch.full((n,), i, device=device, dtype=torch.long), noise)
     return x
 
 

@@ -1,4 +1,5 @@
-"""What every `ddpm-fast` command shares: exit codes, error reporting, --threads, flags derived from dataclasses.
+"""What every `ddpm-fast` command shares: exit codes, error reporting, --threads, --class / --guidance, flags derived
+from dataclasses.
 
 Exit codes, the same for every command:
     0    done
@@ -63,6 +64,49 @@ def add_threads(parser, default="auto"):
                         help="torch CPU threads: N, or auto = 1 thread for a small model and batch, where a second "
                         "thread only waits for the first (measured: docs/sampling.md, \"Threads\"), else torch's "
                         f"default (default: {default})")
+
+
+def class_arg(text):
+    """--class: "all", or one class or a comma-separated list of classes (ints >= 0)."""
+    if text == "all":
+        return "all"
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a class, a comma-separated list of classes or 'all', got "
+                                         f"{text!r}") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"classes are >= 0, got {text!r}")
+    return values
+
+
+def add_class_flags(parser, what="images"):
+    """--class and --guidance (sample, eval): class labels and classifier-free guidance for a conditional model."""
+    parser.add_argument("--class", dest="classes", type=class_arg, metavar="K[,K...]|all",
+                        help=f"a class-conditional model's class(es): one class for all {what}, or a list (or "
+                        f"'all'): the {what} in equal blocks, one per class in order")
+    parser.add_argument("--guidance", type=float, metavar="W",
+                        help="classifier-free guidance scale with --class: the prediction u + W (c - u); 0 = the "
+                        "unconditional model, 1 = the conditional one without guidance (this W is the Ho & "
+                        "Salimans paper's w + 1); default: the measured default of docs/guidance.md")
+
+
+def class_labels(args, model, n):
+    """The labels of n images for --class (image i gets classes[i * k // n]: k blocks in the classes' order), or
+    None without --class; a UsageError for --guidance alone, an unconditional model or a class it lacks."""
+    if args.classes is None:
+        if args.guidance is not None:
+            raise UsageError("--guidance needs --class (the classes to guide towards)")
+        return None
+    null = getattr(model, "null_label", None)
+    if null is None:
+        raise UsageError("--class needs a class-conditional model (e.g. --checkpoint digits-cond); this one is "
+                         "unconditional")
+    classes = list(range(null)) if args.classes == "all" else args.classes
+    bad = [c for c in classes if c >= null]
+    if bad:
+        raise UsageError(f"--class {bad[0]}: the model's classes are 0..{null - 1}")
+    return [classes[i * len(classes) // n] for i in range(n)]
 
 
 def flag_name(field: str) -> str:

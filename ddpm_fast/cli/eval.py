@@ -4,7 +4,7 @@ import json
 import os
 import sys
 
-from .common import UsageError, add_sampler_flags, add_threads, usage_errors
+from .common import UsageError, add_class_flags, add_sampler_flags, add_threads, class_labels, usage_errors
 
 
 def add(sub):
@@ -21,6 +21,7 @@ def add(sub):
     p.add_argument("--n", type=int, default=None, help="images to sample and score (default: the held-out "
                    "split's size, which is also the maximum)")
     add_sampler_flags(p, int)
+    add_class_flags(p, "samples")
     p.add_argument("--seed", type=int, default=0, help="sampling and metric seed (default 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--batch-size", type=int, default=None, help="images per sampling chunk")
@@ -84,6 +85,7 @@ def run(args):
                      threads=args.threads, spacing=args.spacing)
     try:
         model, net, n, holdout = _prepare(args)
+        sample_kw.update(labels=class_labels(args, model, n), guidance_scale=args.guidance)
         resolve(model, n, **sample_kw)
     except UsageError:
         raise
@@ -96,6 +98,8 @@ def run(args):
                       holdout=holdout)
     scores.update(checkpoint=args.checkpoint or "bundled default", steps=used_steps, sampler=args.sampler,
                   spacing=args.spacing, seed=args.seed)
+    if sample_kw["labels"] is not None:
+        scores.update(classes=sorted(set(sample_kw["labels"])), guidance_scale=last_run_info()["guidance_scale"])
     print(format_eval(scores))
     if args.json:
         text = json.dumps(scores, indent=2) + "\n"
@@ -108,7 +112,9 @@ def format_eval(s):
     rows = [("samples", s["fd"], s["kid"], s["kid_std"]),
             ("real held-out (floor)", s["floor_fd"], s["floor_kid"], s["floor_kid_std"]),
             ("pure noise", s["noise_fd"], s["noise_kid"], s["noise_kid_std"])]
-    lines = [f"{s['dataset']}: {s['n']} samples ({s['sampler']}, {s['steps']} steps, seed {s['seed']}) vs "
+    guided = f", classes {min(s['classes'])}-{max(s['classes'])} in equal blocks, guidance " \
+        f"{s['guidance_scale']:g}" if "classes" in s else ""
+    lines = [f"{s['dataset']}: {s['n']} samples ({s['sampler']}, {s['steps']} steps, seed {s['seed']}{guided}) vs "
              f"{s['reference_n']} train images",
              f"{'':24s} {'FD':>10s} {'KIDx1e3':>10s} {'+-':>8s}"]
     lines += [f"{name:24s} {fd:10.3f} {k * 1e3:10.3f} {sd * 1e3:8.3f}" for name, fd, k, sd in rows]

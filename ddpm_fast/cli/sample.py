@@ -1,7 +1,9 @@
-"""`ddpm-fast sample`: images from a model (default: the bundled digits model) as a grid picture and/or .npz."""
+"""`ddpm-fast sample`: images from a model (default: the bundled digits model) as a grid picture and/or .npz; with
+--class, of a class-conditional model's classes (one grid row per class), guided by --guidance."""
 import os
 
-from .common import UsageError, add_sampler_flags, add_threads, positive_int, usage_errors
+from .common import (UsageError, add_class_flags, add_sampler_flags, add_threads, class_labels, positive_int,
+                     usage_errors)
 
 
 def add(sub):
@@ -11,9 +13,10 @@ def add(sub):
     p.add_argument("--checkpoint", metavar="PATH", help="a model file (ddpm_fast.save), a training checkpoint "
                    "(its EMA weights), a run directory, or a bundled model's name (digits, digits-cond) when no "
                    "such path exists; default: the bundled model, when this install has one")
-    p.add_argument("-n", "--n", type=positive_int, default=64, help="number of images (default 64; under torchrun "
-                   "write -n: torchrun reads --n as an abbreviation of its own options)")
+    p.add_argument("-n", "--n", type=positive_int, help="number of images (default 64; 8 per class with several "
+                   "--class; under torchrun write -n: torchrun reads --n as an abbreviation of its own options)")
     add_sampler_flags(p)
+    add_class_flags(p)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (sampler ddim only; default 0)")
     p.add_argument("--seed", type=int, help="same seed and thread count -> same images on a device (default: a "
                    "fresh one, printed)")
@@ -28,7 +31,7 @@ def add(sub):
                    help="enlarge each image K times (nearest neighbour, sharp pixels); auto (default): the "
                    "smallest K that makes images at least 32 px (8x8 digits: 4), 1 for larger images")
     p.add_argument("--npz", metavar="PATH", help="also write the samples as .npz (images: float32 NCHW in "
-                   "[-1, 1]; arr_0: uint8 NHWC)")
+                   "[-1, 1]; arr_0: uint8 NHWC; with --class arr_1: the labels)")
     p.add_argument("--out-dir", metavar="DIR", help="an evaluation run instead of a grid: one file per chunk, "
                    "resumable (rerun the same command), then DIR/samples.npz (arr_0: uint8 NHWC); under torchrun "
                    "every process draws its share (see docs/evaluation.md)")
@@ -68,6 +71,17 @@ def _load(args, device):
         raise UsageError(str(err)) from None
 
 
+def _images_and_labels(args, model):
+    """(n, labels or None, images per grid row or None): several classes make one grid row each, so -n must
+    divide among them (default 8 per class); otherwise -n images (default 64)."""
+    classes = args.classes
+    k = (getattr(model, "null_label", None) or 1) if classes == "all" else 1 if classes is None else len(classes)
+    n = args.n if args.n is not None else (8 * k if k > 1 else 64)
+    if k > 1 and n % k:
+        raise UsageError(f"-n {n} is not a multiple of the {k} classes (one grid row per class)")
+    return n, class_labels(args, model, n), (n // k if k > 1 else None)
+
+
 def run(args):
     import torch
 
@@ -90,26 +104,35 @@ def run(args):
         raise UsageError("--device cuda but CUDA is not available")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = _load(args, device)
+    n, labels, per_row = _images_and_labels(args, model)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     kwargs = dict(sampler=args.sampler, eta=args.eta, seed=args.seed, device=device, dtype=dtype,
                   batch_size=args.batch_size, progress=not args.no_progress, threads=args.threads,
-                  spacing=args.spacing)
+                  spacing=args.spacing, labels=labels, guidance_scale=args.guidance)
     try:
-        job = resolve(model, args.n, args.steps, **kwargs)  # every check, before any work
+        job = resolve(model, n, args.steps, **kwargs)  # every check, before any work
         check_image_path(args.out, job.plan.shape[0])
     except usage_errors() as err:
         raise UsageError(str(err)) from None
-    samples = ddpm_fast.sample(model, args.n, args.steps, **kwargs)
+    samples = ddpm_fast.sample(model, n, args.steps, **kwargs)
     scale = default_scale(samples.shape[-2:]) if args.scale == "auto" else args.scale
-    save_grid(samples, args.out, scale=scale)
+    save_grid(samples, args.out, nrow=per_row, scale=scale)
     if args.npz:
-        save_npz(samples, args.npz)
+        save_npz(samples, args.npz, labels=labels)
     info = last_run_info()
     written = args.out + (f" and {args.npz}" if args.npz else "")
-    print(f"wrote {args.n} samples to {written} ({info['steps']} {args.sampler} steps, seed {info['seed']}, "
-          f"{info['wall_s']:.1f} s on {info['device']} with {info['threads']} thread"
+    print(f"wrote {n} samples to {written} ({info['steps']} {args.sampler} steps, seed {info['seed']}, "
+          f"{_classes_text(labels, info)}{info['wall_s']:.1f} s on {info['device']} with {info['threads']} thread"
           f"{'s' if info['threads'] != 1 else ''}, {'/'.join(sorted(set(info['modes'])))})")
     return 0
+
+
+def _classes_text(labels, info):
+    if labels is None:
+        return ""
+    classes = sorted(set(labels))
+    what = f"class {classes[0]}" if len(classes) == 1 else f"classes {','.join(map(str, classes))}"
+    return f"{what}, guidance {info['guidance_scale']:g}, "
 
 
 def run_dir(args):
@@ -127,12 +150,15 @@ def run_dir(args):
     except usage_errors() as err:
         raise UsageError(str(err)) from None
     model = _load(args, device)
+    n = 64 if args.n is None else args.n
+    labels = class_labels(args, model, n)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     try:
-        run = ddpm_fast.sample_to_dir(model, args.n, args.out_dir, png_dir=args.png_dir, overwrite=args.overwrite,
+        run = ddpm_fast.sample_to_dir(model, n, args.out_dir, png_dir=args.png_dir, overwrite=args.overwrite,
                                       progress=not args.no_progress, steps=args.steps, sampler=args.sampler,
                                       eta=args.eta, seed=args.seed, dtype=dtype, batch_size=args.batch_size,
-                                      threads=args.threads, spacing=args.spacing)
+                                      threads=args.threads, spacing=args.spacing, labels=labels,
+                                      guidance_scale=args.guidance)
     except (ValueError, TypeError) as err:  # sample_to_dir checks everything before drawing
         raise UsageError(str(err)) from None
     if rank == 0:

@@ -114,6 +114,37 @@ def split_model_output(model_output, x_t, variance):
     return model_output, None
 
 
+def guided_model_output(model_output, x_t, variance, guidance_scale):
+    """Classifier-free guidance (Ho & Salimans 2022) on one batch of 2N model outputs at the N samples x_t:
+    rows 0..N-1 are the conditional outputs c, rows N..2N-1 the unconditional ones u (the null label), both at
+    x_t. Returns the N-row output a step uses, in the compute dtype: the prediction half u + w (c - u), and for
+    variance="learned_range" the variance half of c (unguided). w = 1 gives c and w = 0 gives u exactly (this w
+    is the paper's w + 1: the paper writes (1 + w) c - w u).
+
+    The combine acts on the model output before it becomes the data prediction. Whatever the model predicts
+    (eps, x0 or v), the data prediction is affine in that output with a coefficient of x_t that does not depend
+    on it, so guiding eps, x0 or v gives the same x0 = x0_u + w (x0_c - x0_u).
+
+    :param model_output: (2N, C, ...) or (2N, 2C, ...) for learned_range.
+    :param guidance_scale: w, a float or a one-element tensor.
+    """
+    n = x_t.shape[0]
+    want = (2 * n, 2 * x_t.shape[1] if variance == "learned_range" else x_t.shape[1], *x_t.shape[2:])
+    if tuple(model_output.shape) != want:
+        raise ValueError(f"a guided model_output must have shape {want} (the conditional outputs of the {n} "
+                         f"samples, then their unconditional ones) for variance={variance!r} and x_t "
+                         f"{tuple(x_t.shape)}, got {tuple(model_output.shape)}")
+    w = float(guidance_scale)
+    out = _f(model_output, x_t)
+    cond, uncond = out[:n], out[n:]
+    mean, _ = split_model_output(cond, x_t, variance)
+    if w == 0:
+        mean = split_model_output(uncond, x_t, variance)[0]
+    elif w != 1:
+        mean = uncond[:, :x_t.shape[1]] + w * (mean - uncond[:, :x_t.shape[1]])
+    return torch.cat([mean, cond[:, x_t.shape[1]:]], dim=1) if variance == "learned_range" else mean
+
+
 # ---- reverse process --------------------------------------------------------------------------------------
 
 def p_mean_variance(schedule, model_output, x_t, t, *, prediction="eps", variance="fixed_small", clip=True):

@@ -1,8 +1,11 @@
-"""What every fused op needs before it launches: argument checks with clear errors, the dense memory layouts the
-kernels accept (NCHW or channels-last) and how to view a tensor in them, and the one "triton is missing" warning."""
+"""What every fused op needs before it launches: argument checks with clear errors (the sampler steps' model
+output and guidance scale among them), the dense memory layouts the kernels accept (NCHW or channels-last) and how
+to view a tensor in them, and the one "triton is missing" warning."""
+import math
+
 import torch
 
-from ..diffusion import NoiseSchedule, ScheduleTables
+from ..diffusion import NoiseSchedule, ScheduleTables, split_model_output
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NCHW, NHWC = 0, 1  # layout codes shared with csrc/group_norm_silu.h
@@ -29,6 +32,37 @@ def check_float_tensor(name, t, device, shape=None):
         raise ValueError(f"{name} is on {t.device} but x is on {device}")
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_model_output(model_output, x, variance, guidance_scale, name="x"):
+    """Checks a sampler step's model output against x (N samples) and returns the guidance scale as the kernels
+    read it: None (unguided: N samples), or a float32 one-element tensor on x's device (guided: 2N samples, the
+    conditional outputs first). A float is copied to a new tensor; a tensor is used as is (read in the kernel, so
+    a captured graph replays with whatever value it holds then; a CPU tensor is checked to be finite here)."""
+    check_float_tensor("model_output", model_output, x.device)
+    if guidance_scale is None:
+        split_model_output(model_output, x, variance)
+        return None
+    n = x.shape[0]
+    if model_output.dim() != x.dim() or model_output.shape[0] != 2 * n:
+        raise ValueError(f"guidance_scale= needs a model_output of 2N = {2 * n} samples (the conditional outputs "
+                         f"of {name}'s {n} samples, then their unconditional ones), got {tuple(model_output.shape)}")
+    split_model_output(model_output[:n], x, variance)
+    if isinstance(guidance_scale, torch.Tensor):
+        if guidance_scale.dtype != torch.float32 or guidance_scale.numel() != 1:
+            raise ValueError(f"guidance_scale must be a float or a float32 tensor with one element, got "
+                             f"{guidance_scale.dtype} {tuple(guidance_scale.shape)}")
+        if guidance_scale.device != x.device:
+            raise ValueError(f"guidance_scale is on {guidance_scale.device} but {name} is on {x.device}")
+        value = float(guidance_scale) if x.device.type == "cpu" and not torch.compiler.is_compiling() else 0.0
+    elif isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+        raise ValueError(f"guidance_scale must be a float or a float32 tensor, got {type(guidance_scale).__name__}")
+    else:
+        value = float(guidance_scale)
+        guidance_scale = torch.tensor([value], dtype=torch.float32, device=x.device)
+    if not math.isfinite(value):
+        raise ValueError(f"guidance_scale must be finite, got {value}")
+    return guidance_scale
 
 
 def is_dense(x):

@@ -12,6 +12,10 @@ diffusers' convention), ``seed=`` (an int64 device tensor of one element, or an 
 (memory-order index + element_offset) of step k draws Philox4x32-10 with key = seed, counter = (e // 4, k,
 stream, e // 4 >> 32), so CPU and CUDA draw the same numbers up to float rounding (ops/noise.py).
 ``seeded_randn`` (the sampler's initial noise) lives in ops/noise.py and is importable from here too.
+
+Classifier-free guidance (``guidance_scale=w``): the model output holds 2N samples, the conditional outputs of
+x_t's N samples first, then their unconditional ones; the step uses u + w (c - u) (a learned variance: c's), read
+and combined inside the kernel (``diffusion.guided_model_output`` is the specification).
 """
 import math
 import weakref
@@ -22,8 +26,8 @@ import torch
 from .. import diffusion
 from ..diffusion.schedule import ROWS
 from . import _ext
-from .common import (check_backend, check_float_tensor, is_dense, match_layout, nc_s_strides, resolve_tables,
-                     warn_no_triton)
+from .common import (check_backend, check_float_tensor, check_model_output, is_dense, match_layout, nc_s_strides,
+                     resolve_tables, warn_no_triton)
 from .noise import STREAM_P_STEP, _MASK64, host_offset, noise_source, offset_arg, philox_noise
 from .noise import seeded_randn  # noqa: F401  (documented as ddpm_fast.ops.p_step.seeded_randn)
 
@@ -31,9 +35,12 @@ from .noise import seeded_randn  # noqa: F401  (documented as ddpm_fast.ops.p_st
 # ---- specification ----------------------------------------------------------------------------------------
 
 def p_step_ref(schedule, model_output, x_t, step, *, prediction="eps", variance="fixed_small", clip=True,
-               sampler="ddpm", eta=0.0, noise=None):
-    """The plain-PyTorch specification of ``p_step`` for one step index shared by the batch."""
+               sampler="ddpm", eta=0.0, noise=None, guidance_scale=None):
+    """The plain-PyTorch specification of ``p_step`` for one step index shared by the batch; with
+    ``guidance_scale`` the 2N-sample model output is first combined (``diffusion.guided_model_output``)."""
     t = torch.full((x_t.shape[0],), int(step), dtype=torch.int64, device=x_t.device)
+    if guidance_scale is not None:
+        model_output = diffusion.guided_model_output(model_output, x_t, variance, guidance_scale)
     kw = dict(prediction=prediction, variance=variance, clip=clip)
     if sampler == "ddpm":
         return diffusion.ddpm_step(schedule, model_output, x_t, t, noise, **kw)
@@ -77,12 +84,13 @@ def check_options(prediction, variance, sampler, eta):
 
 def p_step(schedule, model_output, x_t, step, *, prediction="eps", variance="fixed_small", clip=True,
            sampler="ddpm", eta=0.0, noise=None, seed=None, generator=None, element_offset=0, offset_mod4=None,
-           out=None, backend=None):
+           out=None, backend=None, guidance_scale=None):
     """One fused reverse step; returns x_{t-1} (``out`` when given).
 
     :param schedule: NoiseSchedule (or its ScheduleTables on x_t's device); call ``schedule.tables(device)``
         once before capturing a CUDA graph.
-    :param model_output: (N, C, *) or (N, 2C, *) for learned_range; fp32/fp16/bf16, any layout.
+    :param model_output: (N, C, *) or (N, 2C, *) for learned_range; fp32/fp16/bf16, any layout. With
+        ``guidance_scale``: (2N, C or 2C, *), x_t's conditional outputs then its unconditional ones.
     :param x_t: (N, C, *) fp32/fp16/bf16, on the schedule's device.
     :param step: the STEP INDEX (0 = last step, no noise): an int, or an int64 one-element tensor on x_t's
         device (read in the kernel: a captured graph can replay it with a new value).
@@ -95,12 +103,15 @@ def p_step(schedule, model_output, x_t, step, *, prediction="eps", variance="fix
     :param out: like x_t (same shape, dtype and strides); may be x_t itself for an in-place update.
     :param backend: None (automatic), or one of "triton", "cpp", "torch" (tests and benchmarks; "triton" on
         CPU tensors needs TRITON_INTERPRET=1, "cpp" needs fp32 CPU tensors and the compiled extension).
+    :param guidance_scale: classifier-free guidance's w: a float, or a float32 one-element tensor on x_t's device
+        (read in the kernel: a captured graph replays with any w); the step uses u + w (c - u) of the
+        conditional and unconditional outputs (w = 1: c, w = 0: u, exactly), a learned variance c's. None: no
+        guidance (N-sample output).
     """
     check_options(prediction, variance, sampler, eta)
     check_backend(backend)
     check_float_tensor("x_t", x_t, x_t.device)
-    check_float_tensor("model_output", model_output, x_t.device)
-    diffusion.split_model_output(model_output, x_t, variance)
+    guidance = check_model_output(model_output, x_t, variance, guidance_scale, "x_t")
     tables = resolve_tables(schedule, x_t)
     step_t, step_index, known = _step_arg(step, x_t.device, tables.num_steps)
     needed = (sampler == "ddpm" or eta > 0) and known != 0
@@ -108,7 +119,7 @@ def p_step(schedule, model_output, x_t, step, *, prediction="eps", variance="fix
     offset, host = offset_arg(element_offset, offset_mod4, x_t.device)
     x_t, model_output, noise, out = _layouts(x_t, model_output, noise, out)
     args = (x_t, model_output, tables.packed, step_t, step_index, noise, seed, host, offset, prediction,
-            variance, bool(clip), sampler == "ddim", float(eta), out)
+            variance, bool(clip), sampler == "ddim", float(eta), out, guidance)
     if backend is None and torch.compiler.is_compiling():
         torch.ops.ddpm_fast.p_step_(*args)
     else:  # eager: skip the custom op's Python dispatch (100-200 us per call measured here, under load)
@@ -136,7 +147,7 @@ def _layouts(x_t, model_output, noise, out):
 
 
 def _auto_backend(args):
-    x_t, model_output, _, _, _, noise, *_, out = args
+    x_t, model_output, _, _, _, noise, *_ = args
     if x_t.device.type != "cpu":
         if _ext.has_triton():
             return "triton"
@@ -152,17 +163,18 @@ def _auto_backend(args):
 def _p_step_op(x_t: torch.Tensor, model_output: torch.Tensor, table: torch.Tensor, step: Optional[torch.Tensor],
                step_index: int, noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], element_offset: int,
                offset: Optional[torch.Tensor], prediction: str, variance: str, clip: bool, ddim: bool, eta: float,
-               out: torch.Tensor) -> None:
+               out: torch.Tensor, guidance: Optional[torch.Tensor]) -> None:
     """Writes x_{t-1} into out. Arguments are validated by ``p_step``; element_offset and offset are what
-    ``ops.noise.offset_arg`` returns (the int offset, or the offset tensor with its residue mod 4)."""
+    ``ops.noise.offset_arg`` returns (the int offset, or the offset tensor with its residue mod 4); guidance the
+    guidance-scale tensor of a 2N-sample model output, or None."""
     args = (x_t, model_output, table, step, step_index, noise, seed, element_offset, offset, prediction, variance,
-            clip, ddim, eta, out)
+            clip, ddim, eta, out, guidance)
     _P_STEP_BACKENDS[_auto_backend(args)](*args)
 
 
 @_p_step_op.register_fake
 def _p_step_fake(x_t, model_output, table, step, step_index, noise, seed, element_offset, offset, prediction,
-                 variance, clip, ddim, eta, out):
+                 variance, clip, ddim, eta, out, guidance):
     return None
 
 
@@ -219,8 +231,26 @@ def _host_step(table, step, step_index, prediction, variance, ddim, eta):
     return result[1]
 
 
+def host_guidance(guidance, n, model_output):
+    """(guided, w, offset in elements from a conditional output to its unconditional one) for the C++ kernels."""
+    if guidance is None:
+        return False, 1.0, 0
+    return True, float(guidance), n * model_output.stride(0)
+
+
+def model_prediction(model_output, n, channels, guidance):
+    """The C-channel prediction a step uses, float32 (torch ops): the guided combine u + w (c - u) of a
+    2N-sample output (w = 1: c, w = 0: u, exactly), or the output's first C channels."""
+    c = model_output[:n, :channels].float()
+    w = None if guidance is None else float(guidance)  # a host read: a sync on CUDA, as every torch-path step
+    if w is None or w == 1:
+        return c
+    u = model_output[n:, :channels].float()
+    return u if w == 0 else torch.sub(c, u).mul_(w).add_(u)
+
+
 def _p_step_cpp(x_t, model_output, table, step, step_index, noise, seed, element_offset, offset, prediction,
-                variance, clip, ddim, eta, out):
+                variance, clip, ddim, eta, out, guidance=None):
     """One C++ pass (fp32 CPU tensors, x_t/out/noise dense alike, model_output with mergeable spatial dims)."""
     ext = _ext.load()
     if ext is None or x_t.device.type != "cpu" or any(
@@ -235,15 +265,16 @@ def _p_step_cpp(x_t, model_output, table, step, step_index, noise, seed, element
                          out.data_ptr(), N, C, math.prod(x_t.shape[2:]), not x_t.is_contiguous(), mo_sn, mo_sc, mo_ss,
                          C * mo_sc, p, q, a, b, sigma, 0.5 * (hi + lo), 0.5 * (hi - lo), bool(clip), learned,
                          i > 0 and (not ddim or eta > 0), 0 if seed is None else int(seed) & _MASK64, i,
-                         STREAM_P_STEP, host_offset(offset, element_offset), torch.get_num_threads())
+                         STREAM_P_STEP, host_offset(offset, element_offset),
+                         *host_guidance(guidance, N, model_output), torch.get_num_threads())
 
 
 def _p_step_torch(x_t, model_output, table, step, step_index, noise, seed, element_offset, offset, prediction,
-                  variance, clip, ddim, eta, out):
+                  variance, clip, ddim, eta, out, guidance=None):
     """In-place torch ops with Python-float coefficients (3-4 passes; reading them on CUDA syncs)."""
     i, c, p, q, a, b, sigma, learned = _host_step(table, step, step_index, prediction, variance, ddim, eta)
-    C = x_t.shape[1]
-    xf, mf = x_t.float(), model_output[:, :C].float()
+    N, C = x_t.shape[:2]
+    xf, mf = x_t.float(), model_prediction(model_output, N, C, guidance)
     work = out if out.dtype == torch.float32 else None
     if clip:
         x0 = mf.clamp(-1, 1) if prediction == "x0" else torch.mul(xf, p).add_(mf, alpha=q).clamp_(-1, 1)
@@ -257,7 +288,7 @@ def _p_step_torch(x_t, model_output, table, step, step_index, noise, seed, eleme
             philox_noise(x_t, seed, i, STREAM_P_STEP, host_offset(offset, element_offset))
         if learned:
             lo, hi = 0.5 * c["posterior_log_variance_clipped"], 0.5 * c["log_betas"]
-            sig = torch.mul(model_output[:, C:].float(), 0.5 * (hi - lo)).add_(0.5 * (hi + lo)).exp_()
+            sig = torch.mul(model_output[:N, C:].float(), 0.5 * (hi - lo)).add_(0.5 * (hi + lo)).exp_()
             res.addcmul_(sig, z)
         else:
             res.add_(z, alpha=sigma)

@@ -16,6 +16,9 @@ step's coefficients give it weight 0, and 0 * NaN would not be 0).
 dpmpp_2m_sde's noise: exactly one of ``noise=``, ``generator=``, ``seed=`` as for ``p_step``; the seeded stream is
 p_step's (STREAM_P_STEP, step word = the step index), so for one seed the SDE solver at step index i draws the
 numbers DDPM draws at step index i, and chunked == unchunked on every device.
+
+Classifier-free guidance (``guidance_scale=w``) as for ``p_step``: a 2N-sample model output (conditional outputs
+first), combined to u + w (c - u) inside the kernel before it becomes the data prediction.
 """
 import math
 from dataclasses import dataclass
@@ -26,9 +29,10 @@ import torch
 from .. import diffusion
 from ..diffusion import NoiseSchedule, solvers
 from . import _ext
-from .common import check_backend, check_float_tensor, is_dense, match_layout, nc_s_strides, warn_no_triton
+from .common import (check_backend, check_float_tensor, check_model_output, is_dense, match_layout, nc_s_strides,
+                     warn_no_triton)
 from .noise import STREAM_P_STEP, _MASK64, host_offset, noise_source, offset_arg, philox_noise
-from .p_step import _columns, _step_arg, step_coefs
+from .p_step import _columns, _step_arg, host_guidance, model_prediction, step_coefs
 
 
 @dataclass
@@ -59,12 +63,15 @@ class SolverState:
 # ---- specification ----------------------------------------------------------------------------------------
 
 def solver_step_ref(schedule, sampler, model_output, x, step, state, *, prediction="eps", variance="fixed_small",
-                    noise=None):
+                    noise=None, guidance_scale=None):
     """The plain-PyTorch specification of ``solver_step`` for one step index: returns (x after the step, the new
     SolverState); nothing is modified. Computes in float32 (float64 for float64 inputs), from the schedule's
-    float64 alphas."""
+    float64 alphas. With ``guidance_scale`` the 2N-sample model output is first combined
+    (``diffusion.guided_model_output``)."""
     if not isinstance(schedule, NoiseSchedule):
         raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    if guidance_scale is not None:
+        model_output = diffusion.guided_model_output(model_output, x, variance, guidance_scale)
     out, _ = diffusion.split_model_output(model_output, x, variance)
     t = torch.full((x.shape[0],), int(step), dtype=torch.int64, device=x.device)
     m = diffusion.predict_x0(schedule, x, t, out, prediction)  # compute dtype, never clipped
@@ -83,13 +90,15 @@ def solver_step_ref(schedule, sampler, model_output, x, step, state, *, predicti
 # ---- public API -------------------------------------------------------------------------------------------
 
 def solver_step(schedule, sampler, model_output, x, step, state, *, prediction="eps", variance="fixed_small",
-                noise=None, seed=None, generator=None, element_offset=0, offset_mod4=None, out=None, backend=None):
+                noise=None, seed=None, generator=None, element_offset=0, offset_mod4=None, out=None, backend=None,
+                guidance_scale=None):
     """One fused solver step; returns x after the step (``out`` when given) and updates ``state`` in place.
 
     :param schedule: the chain's NoiseSchedule (its solver table is computed once and cached per device; call
         ``schedule.tables(device)`` and ``schedule.solver_tables(sampler, device)`` before capturing a graph).
     :param sampler: "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde" or "unipc".
-    :param model_output: (N, C, *) or (N, 2C, *) for learned_range (its mean half is used); fp32/fp16/bf16.
+    :param model_output: (N, C, *) or (N, 2C, *) for learned_range (its mean half is used); fp32/fp16/bf16. With
+        ``guidance_scale``: (2N, C or 2C, *), x's conditional outputs then its unconditional ones.
     :param x: (N, C, *) fp32/fp16/bf16, dense (NCHW or channels_last).
     :param step: the STEP INDEX (num_steps-1 first, 0 = the last step, to sigma 0): an int, or an int64
         one-element tensor on x's device (read in the kernel: a captured graph can replay it with a new value).
@@ -100,9 +109,11 @@ def solver_step(schedule, sampler, model_output, x, step, state, *, prediction="
         on the host, required on CUDA), as for ``p_step``.
     :param out: like x (same shape, dtype and strides); may be x itself for an in-place update.
     :param backend: None (automatic), "triton", "cpp" or "torch" (as for ``p_step``).
+    :param guidance_scale: classifier-free guidance's w, as for ``p_step``: a float or a float32 one-element
+        tensor on x's device (read in the kernel); None: no guidance.
     """
-    tables, coefs, step_t, step_index, known = _check(schedule, sampler, model_output, x, step, state, prediction,
-                                                      variance, backend)
+    tables, coefs, step_t, step_index, known, guidance = _check(schedule, sampler, model_output, x, step, state,
+                                                                prediction, variance, backend, guidance_scale)
     needed = sampler in solvers.STOCHASTIC and known != 0
     noise, seed = noise_source(x, noise, generator, seed, needed)
     offset, host = offset_arg(element_offset, offset_mod4, x.device)
@@ -118,7 +129,7 @@ def solver_step(schedule, sampler, model_output, x, step, state, *, prediction="
     if nc_s_strides(model_output) is None:
         model_output = model_output.contiguous()  # the kernels need one stride for the spatial dims
     args = (x, model_output, tables.packed, coefs.packed, step_t, step_index, noise, seed, host, offset,
-            prediction, sampler, state.h1, state.h2, state.last, out)
+            prediction, sampler, state.h1, state.h2, state.last, out, guidance)
     if backend is None and torch.compiler.is_compiling():
         torch.ops.ddpm_fast.solver_step_(*args)
     else:  # eager: skip the custom op's Python dispatch
@@ -126,8 +137,9 @@ def solver_step(schedule, sampler, model_output, x, step, state, *, prediction="
     return out
 
 
-def _check(schedule, sampler, model_output, x, step, state, prediction, variance, backend):
-    """Every argument check, before any work -> (tables, solver tables, step tensor, step index, known step)."""
+def _check(schedule, sampler, model_output, x, step, state, prediction, variance, backend, guidance_scale):
+    """Every argument check, before any work -> (tables, solver tables, step tensor, step index, known step,
+    guidance tensor or None)."""
     solvers.check_solver(sampler)
     diffusion.check_choice("prediction", prediction, diffusion.PREDICTIONS)
     diffusion.check_choice("variance", variance, diffusion.VARIANCES)
@@ -136,14 +148,13 @@ def _check(schedule, sampler, model_output, x, step, state, prediction, variance
         raise ValueError(f"schedule must be a NoiseSchedule (its float64 alphas give the solver's coefficients), "
                          f"got {type(schedule).__name__}")
     check_float_tensor("x", x, x.device)
-    check_float_tensor("model_output", model_output, x.device)
-    diffusion.split_model_output(model_output, x, variance)
+    guidance = check_model_output(model_output, x, variance, guidance_scale)
     if not is_dense(x):
         raise ValueError("x must be dense (contiguous or channels_last)")
     _check_state(state, sampler, x)
     tables = schedule.tables(x.device)
     step_t, step_index, known = _step_arg(step, x.device, tables.num_steps)
-    return tables, schedule.solver_tables(sampler, x.device), step_t, step_index, known
+    return tables, schedule.solver_tables(sampler, x.device), step_t, step_index, known, guidance
 
 
 def _check_state(state, sampler, x):
@@ -180,17 +191,18 @@ def _solver_step_op(x: torch.Tensor, model_output: torch.Tensor, table: torch.Te
                     step: Optional[torch.Tensor], step_index: int, noise: Optional[torch.Tensor],
                     seed: Optional[torch.Tensor], element_offset: int, offset: Optional[torch.Tensor],
                     prediction: str, sampler: str, h1: torch.Tensor, h2: Optional[torch.Tensor],
-                    last: Optional[torch.Tensor], out: torch.Tensor) -> None:
+                    last: Optional[torch.Tensor], out: torch.Tensor, guidance: Optional[torch.Tensor]) -> None:
     """Writes x after the step into out and updates the history. Arguments are validated by ``solver_step``;
-    element_offset and offset are what ``ops.noise.offset_arg`` returns."""
+    element_offset and offset are what ``ops.noise.offset_arg`` returns; guidance the guidance-scale tensor of a
+    2N-sample model output, or None."""
     args = (x, model_output, table, coefs, step, step_index, noise, seed, element_offset, offset, prediction,
-            sampler, h1, h2, last, out)
+            sampler, h1, h2, last, out, guidance)
     _BACKENDS[_auto_backend(x, model_output, noise)](*args)
 
 
 @_solver_step_op.register_fake
 def _solver_step_fake(x, model_output, table, coefs, step, step_index, noise, seed, element_offset, offset,
-                      prediction, sampler, h1, h2, last, out):
+                      prediction, sampler, h1, h2, last, out, guidance):
     return None
 
 
@@ -206,7 +218,7 @@ def _host_coefs(table, coefs, step, step_index, prediction):
 
 
 def _solver_step_cpp(x, model_output, table, coefs, step, step_index, noise, seed, element_offset, offset,
-                     prediction, sampler, h1, h2, last, out):
+                     prediction, sampler, h1, h2, last, out, guidance=None):
     """One C++ pass (fp32 CPU tensors, x/out/noise/history dense alike, model output with mergeable spatial dims)."""
     ext = _ext.load()
     if ext is None or x.device.type != "cpu" or any(
@@ -222,14 +234,15 @@ def _solver_step_cpp(x, model_output, table, coefs, step, step_index, noise, see
                               math.prod(x.shape[2:]), not x.is_contiguous(), mo_sn, mo_sc, mo_ss, p, q,
                               *(c[name] for name in solvers.ROWS), sampler in solvers.STOCHASTIC and c["s"] != 0,
                               0 if seed is None else int(seed) & _MASK64, i, STREAM_P_STEP,
-                              host_offset(offset, element_offset), torch.get_num_threads())
+                              host_offset(offset, element_offset), *host_guidance(guidance, N, model_output),
+                              torch.get_num_threads())
 
 
 def _solver_step_torch(x, model_output, table, coefs, step, step_index, noise, seed, element_offset, offset,
-                       prediction, sampler, h1, h2, last, out):
+                       prediction, sampler, h1, h2, last, out, guidance=None):
     """torch ops with Python-float coefficients (several passes; reading them on CUDA syncs)."""
     i, p, q, c = _host_coefs(table, coefs, step, step_index, prediction)
-    xf, mf = x.float(), model_output[:, :x.shape[1]].float()
+    xf, mf = x.float(), model_prediction(model_output, x.shape[0], x.shape[1], guidance)
     m = mf.clone() if prediction == "x0" else torch.mul(xf, p).add_(mf, alpha=q)
     xc = xf
     if last is not None:

@@ -4,7 +4,7 @@ Defaults: a ddpm_fast UNet (also inside DDP / torch.compile wrappers) supplies s
 variance and clip from ``model.diffusion``; other modules need ``shape`` and ``schedule`` and get "eps",
 "fixed_small", clip=True. ``steps`` respaces the training schedule (``NoiseSchedule.respace(steps, spacing)``);
 ``steps=None`` / ``spacing=None`` take the sampler's defaults (diffusion.config.DEFAULT_STEPS / DEFAULT_SPACING),
-except that a schedule that is already respaced is used as given.
+except that a schedule that is already respaced is used as given. Class labels and guidance: conditioning.py.
 """
 import functools
 import itertools
@@ -22,6 +22,7 @@ from ..diffusion.schedule import SPACINGS, NoiseSchedule
 from ..diffusion.solvers import ORDER, SOLVERS
 from ..distributed import check_device
 from ..threads import model_work, resolve_threads
+from .conditioning import resolve_conditioning
 from .pipelines import from_pipeline, is_pipeline
 
 DEFAULT_MAX_BATCH = 256   # batch_size=None: one chunk up to this many samples, else chunks of this size
@@ -34,7 +35,9 @@ class SamplePlan:
 
     shape: (C, H, W); dtype: the model's compute dtype; autocast: the model runs under torch.autocast(dtype)
     (fp32 weights) rather than in its own dtype; channels_last: the model runs channels_last (its input, and a
-    channels_last twin of a ddpm_fast UNet).
+    channels_last twin of a ddpm_fast UNet). conditioning: "none" (unconditional), "labels" (the model gets the
+    chunk's labels) or "guided" (2B samples per model call, the labels then the null label ``null_label``, and
+    classifier-free guidance in the fused step); see conditioning.py.
     """
     device: torch.device
     batch: int
@@ -49,9 +52,16 @@ class SamplePlan:
     autocast: bool
     channels_last: bool
     x_T_given: bool = False
+    conditioning: str = "none"
+    null_label: Optional[int] = None
 
     def with_batch(self, batch):
         return SamplePlan(**{**self.__dict__, "batch": batch})
+
+    @property
+    def model_batch(self):
+        """Samples per model call: 2B with guidance (conditional and unconditional), else B."""
+        return 2 * self.batch if self.conditioning == "guided" else self.batch
 
 
 @dataclass
@@ -69,6 +79,8 @@ class SampleJob:
     start: int = 0         # the call's first image is image ``start`` of a longer run (element offset start*C*H*W)
     threads: Optional[int] = None  # CPU threads while sampling (None: torch's setting)
     x_T: Optional[torch.Tensor] = None   # (n, C, H, W) starting noise, or None to draw it from the seed
+    labels: Optional[torch.Tensor] = None  # (n,) int64 class labels (CPU), or None: unconditional
+    guidance_scale: Optional[float] = None  # classifier-free guidance's w with labels (conditioning.py)
 
     @property
     def chunks(self):
@@ -81,7 +93,7 @@ class SampleJob:
 def resolve(model, n, steps=None, *, shape=None, schedule=None, prediction=None, variance=None, sampler=None,
             eta=None, clip=None, seed=None, device=None, dtype=None, batch_size=None, cuda_graph="auto",
             progress=True, spacing=None, graph="auto", memory_format="auto", generator=None, start=0,
-            threads="auto", x_T=None):
+            threads="auto", x_T=None, labels=None, guidance_scale=None):
     """Validates a ``sample`` call and resolves its defaults (arguments as ``sample``) -> SampleJob.
     Wrong types raise TypeError, wrong values ValueError, both before any work."""
     pipe = from_pipeline(model) if is_pipeline(model) else None
@@ -113,11 +125,12 @@ def resolve(model, n, steps=None, *, shape=None, schedule=None, prediction=None,
     seed = _resolve_seed(seed, generator, dev)
     start = _check_start(start, n, shape, generator)
     x_T = _check_x_T(x_T, n, shape)
+    labels, w, mode, null = resolve_conditioning(labels, guidance_scale, model, unet, n)
     plan = SamplePlan(dev, batch, shape, schedule.key, prediction, variance, clip, sampler, eta, compute_dtype,
-                      autocast, channels_last, x_T is not None)
-    threads = resolve_threads(threads, model_work(model, shape[1:], batch), dev)
+                      autocast, channels_last, x_T is not None, mode, null)
+    threads = resolve_threads(threads, model_work(model, shape[1:], plan.model_batch), dev)
     return SampleJob(model, n, schedule, plan, seed, generator, cuda_graph, graph, _check_bool("progress", progress),
-                     start=start, threads=threads, x_T=x_T)
+                     start=start, threads=threads, x_T=x_T, labels=labels, guidance_scale=w)
 
 
 def _check_int(name, value, low, high=None):

@@ -6,7 +6,8 @@ the run manifest's digest, the chunk index, its first image index and the SHA-25
 written atomically (temp file + fsync + rename), so a killed process leaves at most a ``.tmp_*`` file, which the
 next run removes. A chunk file is used only when it reads completely, belongs to this manifest, is the chunk its
 name says, has the expected shape and matches its checksum; anything else is removed and redrawn.
-DIR/samples.npz: "arr_0", uint8 (n, H, W, C), streamed from the chunk files in order (``images.save_uint8_npz``).
+DIR/samples.npz: "arr_0", uint8 (n, H, W, C), streamed from the chunk files in order (``images.save_uint8_npz``),
+and "arr_1", the (n,) int64 class labels, for a run with labels.
 """
 import hashlib
 import os
@@ -118,9 +119,10 @@ def remove_run_files(directory):
         os.remove(os.path.join(directory, SAMPLES))
 
 
-def assemble(directory, digest, chunks, shape, png_dir=None):
+def assemble(directory, digest, chunks, shape, png_dir=None, labels=None):
     """DIR/samples.npz from every chunk file, in order, each checked again (and one PNG per image into png_dir).
-    chunks: [(start, b)] of the run; shape: (C, H, W). Returns the .npz path."""
+    chunks: [(start, b)] of the run; shape: (C, H, W); labels: the run's (n,) class labels (arr_1), or None.
+    Returns the .npz path."""
     n, (C, H, W) = sum(b for _, b in chunks), shape
     folder = os.path.join(directory, SUBDIR)
     if png_dir is not None:  # temp files of a run killed while writing PNGs: some FID tools would read them
@@ -138,7 +140,8 @@ def assemble(directory, digest, chunks, shape, png_dir=None):
             if png_dir is not None:
                 save_pngs(pixels, png_dir, start, n)
             yield pixels
-    path = save_uint8_npz(os.path.join(directory, SAMPLES), parts(), (n, H, W, C))
+    path = save_uint8_npz(os.path.join(directory, SAMPLES), parts(), (n, H, W, C),
+                          labels=None if labels is None else labels.numpy())
     if png_dir is not None:
         os.sync()  # the PNGs were renamed into place without an fsync each: make them durable at once
     return path

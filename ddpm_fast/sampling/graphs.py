@@ -3,7 +3,8 @@
 "whole": x_T (Philox from the static seed and offset tensors, or a copy of the caller's x_T from a static buffer)
     and every step (model + the fused step: p_step, or solver_step with the solver's history in static buffers;
     each node baking its own step index and coefficients) captured once; a chunk writes its seed, element offset
-    (and x_T) into the static tensors and replays: one launch for the entire chain.
+    (and x_T, its class labels and the guidance scale) into the static tensors and replays: one launch for the
+    entire chain.
 "step": one step (timesteps gathered by a static step-index tensor, model, the fused step reading the step index
     from device memory) captured once and replayed ``steps`` times after writing the index; x_T is drawn eagerly.
 The kernels read the chunk's element offset from device memory and take only its residue mod 4 as a launch
@@ -29,12 +30,13 @@ import torch
 
 from ..ops import device as _device
 from ..ops.solver_step import SolverState
-from .loop import (Statics, autocast_for, check_model_output, fused_step, init_x, load_x_T, model_step,
-                   refresh_time_proj, run_loop)
+from .loop import (Statics, autocast_for, check_model_output, fused_step, init_x, load_labels, load_x_T,
+                   model_input, model_step, refresh_time_proj, run_loop)
 
 log = logging.getLogger("ddpm_fast")
 
-WHOLE_GRAPH_MAX = 2 ** 16   # "auto" captures the whole loop only while steps * batch <= this (see below)
+WHOLE_GRAPH_MAX = 2 ** 16   # "auto" captures the whole loop only while steps * batch <= this (see below; batch:
+                            # the model's, 2B with classifier-free guidance)
 # Why steps * batch: the whole-loop graph removes per-launch CPU overhead, which matters when the GPU work per
 # step is small (small batch); its capture costs time and graph memory roughly proportional to steps (~hundreds
 # of nodes per step). At large steps * batch the GPU is busy anyway and a one-step graph gets nearly all of the
@@ -110,7 +112,7 @@ def _kinds(job, plan):
         return ["whole", "step"]
     if job.graph == "step":
         return ["step"]
-    whole_ok = job.schedule.num_steps * plan.batch <= WHOLE_GRAPH_MAX
+    whole_ok = job.schedule.num_steps * plan.model_batch <= WHOLE_GRAPH_MAX
     return ["whole", "step"] if whole_ok else ["step"]
 
 
@@ -127,6 +129,7 @@ def run_chunk_graph(job, model, plan, offset, bar, info, start=0):
     st.set_seed(job.seed)
     st.set_offset(offset)  # before a capture too: warm-up and capture run with this chunk's offset
     load_x_T(st, job.x_T, start)
+    load_labels(st, job, start)
     for kind in _kinds(job, plan):
         key = (kind, st.offset_mod4)
         graph = entry.graphs.get(key)
@@ -196,7 +199,7 @@ def _warm_up_baked_steps(model, st, plan):
     scratch = st.x.clone()
     state = None if st.state is None else SolverState(*(None if t is None else t.clone() for t in (
         st.state.h1, st.state.h2, st.state.last)))
-    inp = scratch if st.x_in is None else st.x_in.copy_(scratch)
+    inp = model_input(st, scratch)
     with autocast_for(plan):
         out = check_model_output(model(inp, st.t[0]), plan)
     for i in range(st.t.shape[0]):

@@ -1,8 +1,9 @@
 """The sampling loop of one chunk, shared by eager runs and CUDA-graph captures: the static buffers a plan's loop
-reads and writes (``Statics``), the model call with its dtype/memory-format handling, and the chain
-x_T -> x_0 as fused steps (``run_loop``): ``p_step`` for DDPM/DDIM, ``solver_step`` (with the solver's history in
-static buffers) for the few-step solvers; which one is fixed by the plan, never decided per step. Nothing here
-decides between graph and eager (sample.py, graphs.py).
+reads and writes (``Statics``), the model call with its dtype/memory-format handling (and its class labels:
+guided plans run the conditional and unconditional inputs as one batch of 2B), and the chain x_T -> x_0 as fused
+steps (``run_loop``): ``p_step`` for DDPM/DDIM, ``solver_step`` (with the solver's history in static buffers) for
+the few-step solvers, either combining a guided output in the kernel; which one is fixed by the plan, never
+decided per step. Nothing here decides between graph and eager (sample.py, graphs.py).
 """
 import contextlib
 import copy
@@ -64,6 +65,8 @@ class Statics:
     time_proj, proj_step: see refresh_time_proj (ddpm_fast UNets only).
     state: a solver's history (float32, like x; ops.solver_step.SolverState), None for DDPM/DDIM.
     x_init: the caller's x_T for this chunk (plan.x_T_given), copied in before each run or replay.
+    labels, model_labels, guidance: see set_conditioning (plan.conditioning "labels" / "guided"), else None.
+    emb_t, emb_y, proj_weights, emb_step: a conditional UNet's precomputed conditioning (refresh_time_proj).
     """
 
     def __init__(self, plan, schedule):
@@ -78,16 +81,37 @@ class Statics:
         self.x_init = torch.empty_like(self.x) if plan.x_T_given else None
         in_dtype = torch.float32 if plan.autocast else plan.dtype
         fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
-        self.x_in = None if in_dtype == torch.float32 and not plan.channels_last else \
-            torch.empty_like(self.x, dtype=in_dtype, memory_format=fmt)
+        MB = plan.model_batch
+        self.x_in = None if in_dtype == torch.float32 and not plan.channels_last and MB == B else \
+            torch.empty((MB, *plan.shape), dtype=in_dtype, device=dev).contiguous(memory_format=fmt)
+        self._conditioning_buffers(plan)
         self.seed = torch.zeros(1, dtype=torch.int64, device=dev)
         self.offset = torch.zeros(1, dtype=torch.int64, device=dev)
         self.offset_mod4 = 0
-        self.t = self.tables.timesteps[:, None].expand(-1, B).contiguous()
+        self.t = self.tables.timesteps[:, None].expand(-1, MB).contiguous()
         self.step = torch.zeros(1, dtype=torch.int64, device=dev)
-        self.t_step = torch.empty(B, dtype=torch.int64, device=dev)
+        self.t_step = torch.empty(MB, dtype=torch.int64, device=dev)
         self.time_proj = None  # (steps, P): a UNet's time projections of every step (refresh_time_proj)
         self.proj_step = None  # (1, P): the one-step graph's row, gathered by the step index
+        self.emb_t = self.emb_y = self.proj_weights = self.emb_step = None
+
+    def _conditioning_buffers(self, plan):
+        """model_labels: (B,) labels, or (2B,) the labels then the null label (guided); labels: its first B rows,
+        written per chunk; guidance: (1,) float32 w (guided). Device memory, so one graph serves any labels / w."""
+        self.labels = self.model_labels = self.guidance = None
+        if plan.conditioning == "none":
+            return
+        self.model_labels = torch.full((plan.model_batch,), plan.null_label, dtype=torch.int64, device=plan.device)
+        self.labels = self.model_labels[:plan.batch]
+        if plan.conditioning == "guided":
+            self.guidance = torch.ones(1, dtype=torch.float32, device=plan.device)
+
+    def set_conditioning(self, labels, guidance_scale):
+        """The chunk's labels ((B,) ints, any device) and w into the device buffers (a copy and a fill)."""
+        if self.labels is not None:
+            self.labels.copy_(labels)
+        if self.guidance is not None:
+            self.guidance.fill_(guidance_scale)
 
     def set_seed(self, seed):
         value = seed & _MASK64  # the int64 with the seed's low 64 bits, as p_step.seed_tensor
@@ -123,8 +147,9 @@ def model_tensor(out):
 
 
 def check_model_output(out, plan):
-    """The C-channel (or 2C for learned_range) output p_step reads; metadata checks only (no sync)."""
-    B, (C, H, W) = plan.batch, plan.shape
+    """The C-channel (or 2C for learned_range) output p_step reads; metadata checks only (no sync). A guided
+    plan's model returns 2B samples."""
+    B, (C, H, W) = plan.model_batch, plan.shape
     learned = plan.variance == "learned_range"
     tensor = model_tensor(out)
     if tensor is None:
@@ -148,9 +173,12 @@ def refresh_time_proj(model, st, plan):
     """For a ddpm_fast UNet: everything it computes from t alone (its ResBlocks' time projections), for every
     step in ONE batched pass, into st.time_proj (steps, P). All samples of a reverse step share t, so each
     forward then reads a (1, P) row instead of running ~30 small matmuls. Recomputed at the start of every
-    chain (inside the whole-loop graph too), so updated weights are always used."""
+    chain (inside the whole-loop graph too), so updated weights are always used. With labels: the t-only and
+    class parts (refresh_class_conditioning)."""
     if not isinstance(model, UNet):
         return
+    if st.model_labels is not None:
+        return refresh_class_conditioning(model, st, plan)
     with autocast_for(plan):
         proj = model.time_projections(st.tables.timesteps)
     if st.time_proj is None or st.time_proj.dtype != proj.dtype:
@@ -159,18 +187,58 @@ def refresh_time_proj(model, st, plan):
         st.time_proj.copy_(proj)
 
 
+def refresh_class_conditioning(model, st, plan):
+    """A conditional UNet's conditioning split at the embedding (UNet.time_projections explains why): the timestep
+    MLP of every step (st.emb_t, (steps, E)), the class rows of the chunk's model labels (st.emb_y, (B or 2B,
+    E)) and every ResBlock's projection stacked (st.proj_weights), once per chain, into buffers allocated once
+    (a captured one-step graph reads their addresses); per step ``step_projections`` adds, applies SiLU and runs
+    ONE matmul."""
+    with autocast_for(plan):
+        fresh = (model.time_embeddings(st.tables.timesteps), model.class_embeddings(st.model_labels),
+                 model.projection_weights())
+    if st.emb_t is None or st.emb_t.dtype != fresh[0].dtype:
+        st.emb_t, st.emb_y, st.proj_weights = fresh[0], fresh[1], fresh[2]
+        st.emb_step = torch.empty_like(fresh[0][:1])
+        return
+    for mine, new in zip((st.emb_t, st.emb_y, *st.proj_weights), (fresh[0], fresh[1], *fresh[2])):
+        mine.copy_(new)
+
+
+def step_projections(model, st, step):
+    """The time projections of step ``step`` (an int, or st.step on the device): a (1, P) row of st.time_proj,
+    or with labels projections(emb_t[step] + emb_y) -> (B or 2B, P)."""
+    if st.emb_t is None:
+        if isinstance(step, int):
+            return st.time_proj[step:step + 1]
+        return torch.index_select(st.time_proj, 0, step, out=st.proj_step)
+    emb = st.emb_t[step:step + 1] if isinstance(step, int) else torch.index_select(st.emb_t, 0, step, out=st.emb_step)
+    return model.projections(emb + st.emb_y, st.proj_weights)
+
+
+def model_input(st, x=None):
+    """What the model gets: the chain (or ``x``), converted into st.x_in when the model needs another dtype or
+    memory format; for a guided plan x twice (its conditional and unconditional inputs), one copy."""
+    x = st.x if x is None else x
+    if st.x_in is None:
+        return x
+    if st.x_in.shape[0] == x.shape[0]:
+        return st.x_in.copy_(x)
+    st.x_in.view(2, *x.shape).copy_(x.unsqueeze(0).expand(2, *x.shape))
+    return st.x_in
+
+
 def model_step(model, st, plan, step, t, noise):
     """x <- the fused step (p_step or solver_step) of model(x, t) in place. step: int (baked into a graph) or
     st.step (read on device);
     noise: {"seed": st.seed} or {"generator": g}; the element offset is read from st.offset."""
-    inp = st.x if st.x_in is None else st.x_in.copy_(st.x)
+    inp = model_input(st)
     with autocast_for(plan):
-        if st.time_proj is None:
-            out = model(inp, t)
-        elif isinstance(step, int):
-            out = model(inp, t, time_proj=st.time_proj[step:step + 1])
+        if st.time_proj is not None or st.emb_t is not None:
+            out = model(inp, t, time_proj=step_projections(model, st, step))
+        elif st.model_labels is not None:
+            out = model(inp, t, st.model_labels)
         else:
-            out = model(inp, t, time_proj=torch.index_select(st.time_proj, 0, step, out=st.proj_step))
+            out = model(inp, t)
     fused_step(st, plan, check_model_output(out, plan), step, noise)
 
 
@@ -181,10 +249,11 @@ def fused_step(st, plan, out, step, noise, x=None, state=None):
     x = st.x if x is None else x
     if plan.sampler in SOLVERS:
         solver_step(st.schedule, plan.sampler, out, x, step, st.state if state is None else state,
-                    prediction=plan.prediction, variance=plan.variance, out=x, **st.offset_kw(), **noise)
+                    prediction=plan.prediction, variance=plan.variance, out=x, guidance_scale=st.guidance,
+                    **st.offset_kw(), **noise)
     else:
         p_step(st.tables, out, x, step, prediction=plan.prediction, variance=plan.variance, clip=plan.clip,
-               sampler=plan.sampler, eta=plan.eta, out=x, **st.offset_kw(), **noise)
+               sampler=plan.sampler, eta=plan.eta, out=x, guidance_scale=st.guidance, **st.offset_kw(), **noise)
 
 
 def load_x_T(st, x_T, start):
@@ -192,6 +261,13 @@ def load_x_T(st, x_T, start):
     st.x_init, before a run or a replay."""
     if st.x_init is not None:
         st.x_init.copy_(x_T[start:start + st.x.shape[0]])
+
+
+def load_labels(st, job, start):
+    """Writes the chunk's rows of the job's labels (``start``: the chunk's first row) and its guidance scale into
+    the static buffers, before a run or a replay."""
+    if st.labels is not None:
+        st.set_conditioning(job.labels[start:start + st.x.shape[0]], job.guidance_scale)
 
 
 def init_x(st, generator=None):

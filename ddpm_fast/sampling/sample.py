@@ -30,7 +30,7 @@ from torch import nn
 from . import graphs
 from .args import resolve
 from ..threads import using_threads
-from .loop import Statics, load_x_T, model_to_run, run_loop
+from .loop import Statics, load_labels, load_x_T, model_to_run, run_loop
 
 log = logging.getLogger("ddpm_fast")
 
@@ -42,7 +42,7 @@ _LAST_INFO = {}
 def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, variance=None, sampler=None,
            eta=None, clip=None, seed=None, device=None, dtype=None, batch_size=None, cuda_graph="auto",
            progress=True, spacing=None, graph="auto", memory_format="auto", generator=None, start=0,
-           threads="auto", x_T=None):
+           threads="auto", x_T=None, labels=None, guidance_scale=None):
     """Draws ``n`` images from a diffusion model: returns (n, C, H, W) float32 on ``device``, in [-1, 1] when
     ``clip`` (the final x_0 is clipped); with clip=False the raw final x_0.
 
@@ -98,16 +98,27 @@ def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, 
         batch below ``ddpm_fast.threads.SMALL_WORK``, such as the bundled digits model --, else torch's
         setting), an int, or None (torch's setting). torch's setting is restored afterwards. Images of a seed
         are reproducible for a given thread count.
+    :param labels: class labels of a class-conditional model (a ddpm_fast UNet with ``num_classes`` K, or a module
+        with an int ``null_label`` called as ``model(x_t, t, y)``): an int (every image of that class), a
+        sequence or tensor of n ints 0..K-1 (K, the null label: that image unconditional), or None
+        (unconditional). Chunks take their rows.
+    :param guidance_scale: classifier-free guidance's w with ``labels`` (default
+        ``conditioning.DEFAULT_GUIDANCE_SCALE``): each step uses u + w (c - u) of the conditional and unconditional
+        predictions. w = 0 is the unconditional model and w = 1 the conditional one, with no guidance work; this
+        w is Ho & Salimans' w + 1. Any other w runs both as ONE model call on 2B samples and combines them inside
+        the fused step kernel, w read from device memory (one CUDA graph serves every w and every labels).
     """
     t_start = time.perf_counter()
     job = resolve(model, n, steps, shape=shape, schedule=schedule, prediction=prediction, variance=variance,
                   sampler=sampler, eta=eta, clip=clip, seed=seed, device=device, dtype=dtype,
                   batch_size=batch_size, cuda_graph=cuda_graph, progress=progress, spacing=spacing, graph=graph,
-                  memory_format=memory_format, generator=generator, start=start, threads=threads, x_T=x_T)
+                  memory_format=memory_format, generator=generator, start=start, threads=threads, x_T=x_T,
+                  labels=labels, guidance_scale=guidance_scale)
     info = {"device": str(job.plan.device), "n": job.n, "start": job.start, "batch_size": job.plan.batch,
             "chunks": len(job.chunks),
             "steps": job.schedule.num_steps, "sampler": job.plan.sampler, "seed": job.seed,
             "dtype": str(job.plan.dtype), "autocast": job.plan.autocast, "channels_last": job.plan.channels_last,
+            "conditioning": job.plan.conditioning, "guidance_scale": job.guidance_scale,
             "modes": [], "captures": [], "cache_hits": 0}
     C, H, W = job.plan.shape
     result = torch.empty((job.n, C, H, W), device=job.plan.device)  # a normal tensor, not an inference tensor
@@ -124,7 +135,7 @@ def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, 
 
 def last_run_info():
     """What the last ``sample`` call did (a copy): device, n, start, batch_size, chunks, steps, seed, dtype,
-    autocast, channels_last, modes (per chunk: "eager" | "graph-whole" | "graph-step"), captures (per capture:
+    autocast, channels_last, conditioning ("none" | "labels" | "guided") and guidance_scale, modes (per chunk: "eager" | "graph-whole" | "graph-step"), captures (per capture:
     mode, batch, steps, offset_mod4, capture_s, graph_bytes = device memory the capture took, pool_bytes = its
     memory-pool growth),
     cache_hits (chunks that replayed a cached graph), wall_s (the call, synchronized)."""
@@ -152,6 +163,7 @@ def _run(job, result, info):
                 st.set_seed(job.seed or 0)
                 st.set_offset(offset)
                 load_x_T(st, job.x_T, start)
+                load_labels(st, job, start)
                 run_loop(model, st, chunk_plan, job.generator, bar)
                 mode, x = "eager", st.x
             log.debug("ddpm_fast.sample: chunk %d/%d (samples %d..%d) ran %s", k + 1, len(job.chunks), start,

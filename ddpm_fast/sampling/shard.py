@@ -11,6 +11,8 @@ be on cuda:LOCAL_RANK), rank 0 checks the directory against the manifest and lis
 rank r draws missing chunks r, r + world, r + 2 world, ... (a static assignment: equal GPUs finish together).
 Each finished chunk is its own file (chunkfiles.py); when all exist, rank 0 streams them into DIR/samples.npz
 (and one PNG per image into png_dir). A rerun skips every usable chunk file; other settings are refused.
+With ``labels=`` (a class-conditional model) each chunk call gets its rows of the labels, the manifest records the
+labels and the guidance scale, and samples.npz holds the labels as "arr_1" (guided-diffusion's convention).
 """
 import builtins
 import contextlib
@@ -71,7 +73,8 @@ class DirRun:
 def sample_to_dir(model, n, out_dir, *, png_dir=None, overwrite=False, progress=True, **sample_args):
     """Draws ``n`` images into ``out_dir``, resumably, over every process torchrun started; returns a DirRun.
 
-    The result is ``out_dir/samples.npz`` with "arr_0": uint8 (n, H, W, C), image i equal to image i of
+    The result is ``out_dir/samples.npz`` with "arr_0": uint8 (n, H, W, C) (and with ``labels``, "arr_1": the
+    (n,) int64 class labels), image i equal to image i of
     ``sample(model, n, batch_size=B, seed=S, ...)`` converted by ``images.to_uint8``, bitwise on the same device
     and thread count (B: the resolved batch size; S: the seed, drawn from torch's RNG when None, or the seed of
     the run already in out_dir). Beside it: manifest.json (every setting that fixes the images, the model's
@@ -83,8 +86,8 @@ def sample_to_dir(model, n, out_dir, *, png_dir=None, overwrite=False, progress=
     :param png_dir: also write one PNG per image there (000000.png ...), for folder-based FID tools; it must not
         hold other images. C must be 1, 3 or 4.
     :param progress: one bar (rank 0) over the images of all ranks.
-    :param sample_args: ``sample``'s keyword arguments (steps, sampler, eta, seed, batch_size, dtype, ...), not
-        start / generator / x_T / progress.
+    :param sample_args: ``sample``'s keyword arguments (steps, sampler, eta, seed, batch_size, dtype, labels,
+        guidance_scale, ...), not start / generator / x_T / progress.
     """
     t0 = time.perf_counter()
     out_dir, png_dir = _check_call(model, n, out_dir, png_dir, overwrite, progress, sample_args)
@@ -99,7 +102,7 @@ def sample_to_dir(model, n, out_dir, *, png_dir=None, overwrite=False, progress=
         seconds = time.perf_counter() - t_draw
         distributed.barrier(info)
         path = _on_main(info, lambda: chunkfiles.assemble(out_dir, record["digest"], job.chunks, job.plan.shape,
-                                                          png_dir))
+                                                          png_dir, labels=job.labels))
         stats = distributed.gather_objects((drawn, seconds), info)
     missing = set(todo)
     reused = n - sum(b for k, (_, b) in enumerate(job.chunks) if k in missing)
@@ -272,8 +275,10 @@ def _draw(model, job, sample_args, digest, out_dir, todo, info, progress):
 
 
 def _draw_chunk(model, job, sample_args, k, start, b):
-    """Chunk k: images start..start+b-1 of the run, as uint8 (b, H, W, C)."""
+    """Chunk k: images start..start+b-1 of the run (with their rows of the run's labels), as uint8 (b, H, W, C)."""
     kw = {**sample_args, "seed": job.seed, "batch_size": job.plan.batch, "start": start, "progress": False}
+    if job.labels is not None:
+        kw.update(labels=job.labels[start:start + b], guidance_scale=job.guidance_scale)
     try:
         x = sample(model, b, **kw)
     except FloatingPointError as err:

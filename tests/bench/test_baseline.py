@@ -13,7 +13,7 @@ from torch import nn
 
 import ddpm_fast
 from ddpm_fast import NoiseSchedule
-from ddpm_fast.bench.baseline import PlainDiffusion, plain_sample
+from ddpm_fast.bench.baseline import PlainDiffusion, plain_guided_sample, plain_sample
 from ddpm_fast.ops.p_step import p_step_ref
 
 T = 1000
@@ -155,3 +155,25 @@ def test_step_matches_the_reference(seed, prediction, variance, clip):
         ref64 = p_step_ref(sched, out.double(), x.double(), step, **{**kw, "noise": noise.double()})
         ref32 = p_step_ref(sched, out, x, step, **kw)
         assert (got.double() - ref64).abs().max() <= 2 * (ref32.double() - ref64).abs().max() + 1e-6, step
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_plain_guided_loop_has_the_exact_guided_law(seed, batched):
+    """plain_guided_sample (the guidance benchmark's baseline) draws the exact law of guided DDPM on the
+    class-conditional Gaussian oracle (tests/oracles.py), per class, one call of 2n or two calls per step."""
+    from oracles import GuidedGaussianOracle, assert_moments, exact_moments, gaussian_x0, guided_x0
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.rand((3, 2, 3, 3), generator=g, dtype=torch.float64) * 0.8 - 0.4
+    s = torch.rand((3, 2, 3, 3), generator=g, dtype=torch.float64) * 0.3 + 0.3
+    base = NoiseSchedule.linear(T)
+    model = GuidedGaussianOracle(base, mu, s)
+    labels = torch.tensor([0, 1]).repeat(N)
+    diff = PlainDiffusion(base.betas, 25, variance="fixed_small", clip=False)
+    x = plain_guided_sample(model, 2 * N, 25, labels, 3.0, null_label=2, batched=batched, diffusion=diff,
+                            shape=(2, 3, 3), generator=torch.Generator().manual_seed(seed))
+    assert model.batches == ([2 * 2 * N] if batched else [2 * N, 2 * N]) * 25
+    uncond = gaussian_x0(mu[2].numpy(), s[2].numpy())
+    for k in (0, 1):
+        law = guided_x0(gaussian_x0(mu[k].numpy(), s[k].numpy()), uncond, 3.0)
+        m, v = exact_moments(base.respace(25), mu[k], s[k], x0=law)
+        assert_moments(x[labels == k], m, v, f"class {k}", z_max=Z_MAX)

@@ -373,7 +373,7 @@ def test_opcheck():
                                         (None, None, torch.tensor([7]), torch.tensor([9]))):
         torch.library.opcheck(torch.ops.ddpm_fast.p_step_.default,
                               (x, mo, table, step, 4, noise, seed_t, 1 if offset is not None else 0, offset, "v",
-                               "learned_range", True, False, 0.0, torch.empty_like(x)))
+                               "learned_range", True, False, 0.0, torch.empty_like(x), None))
     for host, offset in ((5, None), (1, torch.tensor([5]))):
         torch.library.opcheck(torch.ops.ddpm_fast.seeded_randn_.default, (torch.tensor([3]), host, offset,
                                                                            STREAM_INIT, torch.empty(2, 3)))

@@ -96,7 +96,8 @@ def test_large_tensors_take_every_code_path(seed, backend):
             from ddpm_fast.ops.triton.solver_step import solver_step_triton
             out = torch.empty_like(x)
             solver_step_triton(x, mo, SCHED.tables().packed, SCHED.solver_tables(sampler).packed, None, 4, z, None,
-                               0, None, "v", sampler, st.h1, st.h2, st.last, out, STREAM_P_STEP, block)
+                               0, None, "v", sampler, st.h1, st.h2, st.last, out, stream=STREAM_P_STEP,
+                               block=block)
         else:
             out = solver_step(SCHED, sampler, mo, x, 4, st, prediction="v", backend=backend,
                               noise=z if sampler in solvers.STOCHASTIC else None)
@@ -231,7 +232,7 @@ def test_opcheck():
         st = _state(sampler, x, gen)
         torch.library.opcheck(torch.ops.ddpm_fast.solver_step_.default,
                               (x, mo, table, SCHED.solver_tables(sampler).packed, step, 4, noise, seed_t, 1,
-                               torch.tensor([5]), "v", sampler, st.h1, st.h2, st.last, torch.empty_like(x)))
+                               torch.tensor([5]), "v", sampler, st.h1, st.h2, st.last, torch.empty_like(x), None))
 
 
 def test_bad_inputs():
@@ -274,26 +275,28 @@ from triton.compiler import ASTSource
 from ddpm_fast.ops.triton import p_step as tp, solver_step as ts
 target = GPUTarget("cuda", 90, 32)
 i32, f32, ptr = "i32", "fp32", "*fp32"
-common = {"n_elements": i32, "C": i32, "S": i32, "mo_sn": i32, "mo_sc": i32, "mo_ss": i32, "num_steps": i32,
-          "lead": i32}
-ptrs = {"step_ptr": "*i64", "seed_ptr": "*i64", "offset_ptr": "*i64", "step_arg": i32, "offset_arg": "i64"}
+common = {"n_elements": i32, "C": i32, "S": i32, "mo_sn": i32, "mo_sc": i32, "mo_ss": i32, "mo_un": i32,
+          "num_steps": i32, "lead": i32}
+ptrs = {"step_ptr": "*i64", "seed_ptr": "*i64", "offset_ptr": "*i64", "w_ptr": ptr, "step_arg": i32,
+        "offset_arg": "i64"}
 solver = {"x_ptr": "*bf16", "mo_ptr": "*bf16", "noise_ptr": ptr, "out_ptr": "*bf16", "h1_ptr": ptr, "h2_ptr": ptr,
           "last_ptr": ptr, "tab_ptr": ptr, "coef_ptr": ptr, **ptrs, **common}
 flags = ["PRED", "HIST", "CORRECTOR", "NOISE", "STREAM", "STEP_FROM_PTR", "OFFSET_FROM_PTR", "CHANNELS_LAST",
-         "MO_LIKE_X", "BLOCK"]
-for hist, corr, noise, from_ptr in ((1, False, 2, True), (2, True, 0, False), (2, False, 1, True), (1, False, 2, False)):
+         "MO_LIKE_X", "GUIDED", "BLOCK"]
+for hist, corr, noise, from_ptr, guided in ((1, False, 2, True, True), (2, True, 0, False, False),
+                                            (2, False, 1, True, True), (1, False, 2, False, False)):
     const = dict(PRED=2, HIST=hist, CORRECTOR=corr, NOISE=noise, STREAM=0, STEP_FROM_PTR=from_ptr,
-                 OFFSET_FROM_PTR=from_ptr, CHANNELS_LAST=False, MO_LIKE_X=not corr, BLOCK=1024)
+                 OFFSET_FROM_PTR=from_ptr, CHANNELS_LAST=False, MO_LIKE_X=not corr, GUIDED=guided, BLOCK=1024)
     src = ASTSource(ts._solver_step_kernel, {**solver, **{k: "constexpr" for k in flags}}, const)
     assert "ptx" in triton.compile(src, target=target).asm
 pstep = {"x_ptr": "*fp16", "mo_ptr": "*fp16", "noise_ptr": "*fp16", "out_ptr": "*fp16", "tab_ptr": ptr, **ptrs,
          "n_elements": i32, "C": i32, "S": i32, "mo_sn": i32, "mo_sc": i32, "mo_ss": i32, "var_off": i32,
-         "num_steps": i32, "lead": i32, "eta": f32}
+         "mo_un": i32, "num_steps": i32, "lead": i32, "eta": f32}
 pflags = ["PRED", "VAR", "CLIP", "DDIM", "NOISE", "STREAM", "STEP_FROM_PTR", "OFFSET_FROM_PTR", "CHANNELS_LAST",
-          "MO_LIKE_X", "BLOCK"]
-for var, ddim in ((2, False), (0, True)):
+          "MO_LIKE_X", "GUIDED", "BLOCK"]
+for var, ddim, guided in ((2, False, True), (0, True, False)):
     const = dict(PRED=0, VAR=var, CLIP=True, DDIM=ddim, NOISE=2, STREAM=0, STEP_FROM_PTR=True, OFFSET_FROM_PTR=True,
-                 CHANNELS_LAST=True, MO_LIKE_X=False, BLOCK=1024)
+                 CHANNELS_LAST=True, MO_LIKE_X=False, GUIDED=guided, BLOCK=1024)
     src = ASTSource(tp._p_step_kernel, {**pstep, **{k: "constexpr" for k in pflags}}, const)
     assert "ptx" in triton.compile(src, target=target).asm
 print("compiled")
@@ -304,7 +307,8 @@ print("compiled")
 @needs_triton
 def test_triton_kernels_compile_for_sm90():
     """The interpreter does not type-check like the compiler: build the solver kernel (and p_step's, which now
-    shares its data-prediction helper) for sm_90 without a GPU, in a subprocess (this one interprets Triton)."""
+    shares its data-prediction helper, guided and not) for sm_90 without a GPU, in a subprocess (this one
+    interprets Triton)."""
     import os
     import subprocess
     import sys

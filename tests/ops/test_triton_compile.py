@@ -35,18 +35,20 @@ def build(kernel, args, constexprs, name):
 
 def p_step_args(dt, mo_dt, int_t):
     return {"x_ptr": dt, "mo_ptr": mo_dt, "noise_ptr": dt, "out_ptr": dt, "tab_ptr": "*fp32",
-            "step_ptr": "*i64", "seed_ptr": "*i64", "offset_ptr": "*i64", "step_arg": "i32", "offset_arg": int_t,
-            **{k: "i32" for k in ("n_elements", "C", "S", "mo_sn", "mo_sc", "mo_ss", "var_off", "num_steps",
-                                  "lead")}, "eta": "fp32"}
+            "step_ptr": "*i64", "seed_ptr": "*i64", "offset_ptr": "*i64", "w_ptr": "*fp32", "step_arg": "i32",
+            "offset_arg": int_t, **{k: "i32" for k in ("n_elements", "C", "S", "mo_sn", "mo_sc", "mo_ss", "var_off",
+                                                      "mo_un", "num_steps", "lead")}, "eta": "fp32"}
 
 
-# (PRED, VAR, CLIP, DDIM, NOISE, STEP_FROM_PTR, OFFSET_FROM_PTR, CHANNELS_LAST, MO_LIKE_X): every value of every
-# flag at least once, the sampler's whole-loop node (baked step, offset from memory) and one-step node first
-P_STEP = [(0, 0, True, False, 2, False, True, False, True), (0, 1, True, False, 2, True, True, True, True),
-          (1, 1, False, False, 1, True, False, True, False), (2, 2, True, False, 2, False, True, False, False),
-          (0, 0, True, True, 0, True, False, False, True), (2, 0, False, True, 2, True, True, True, False)]
+# (PRED, VAR, CLIP, DDIM, NOISE, STEP_FROM_PTR, OFFSET_FROM_PTR, CHANNELS_LAST, MO_LIKE_X, GUIDED): every value of
+# every flag at least once, the sampler's whole-loop node (baked step, offset from memory) and one-step node first,
+# then the guided whole-loop and one-step nodes (classifier-free guidance)
+F, T = False, True
+P_STEP = [(0, 0, T, F, 2, F, T, F, T, F), (0, 1, T, F, 2, T, T, T, T, F), (1, 1, F, F, 1, T, F, T, F, F),
+          (2, 2, T, F, 2, F, T, F, F, F), (0, 0, T, T, 0, T, F, F, T, F), (2, 0, F, T, 2, T, T, T, F, F),
+          (0, 1, T, F, 2, F, T, F, T, T), (1, 2, T, F, 2, T, T, T, F, T)]
 NAMES = ("PRED", "VAR", "CLIP", "DDIM", "NOISE", "STREAM", "STEP_FROM_PTR", "OFFSET_FROM_PTR", "CHANNELS_LAST",
-         "MO_LIKE_X", "BLOCK")
+         "MO_LIKE_X", "GUIDED", "BLOCK")
 for k, flags in enumerate(P_STEP):
     values = dict(zip(NAMES, (*flags[:5], 0, *flags[5:], 1024)))
     dt = ("*fp32", "*bf16", "*fp16")[k % 3]
@@ -91,4 +93,4 @@ def test_every_triton_kernel_compiles_for_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split()[-2:] == ["compiled", str(6 + 4 + 4 + 9)], out.stdout
+    assert out.stdout.split()[-2:] == ["compiled", str(8 + 4 + 4 + 9)], out.stdout

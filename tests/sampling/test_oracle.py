@@ -18,7 +18,7 @@ import torch
 
 import ddpm_fast
 from ddpm_fast import NoiseSchedule
-from oracles import GaussianOracle, exact_moments
+from oracles import GaussianOracle, assert_moments, exact_moments
 
 SHAPE = (2, 4, 4)
 Z_MAX = 5.0
@@ -31,18 +31,6 @@ def _data(gen):
     mu = torch.rand(SHAPE, generator=gen, dtype=torch.float64) * 0.8 - 0.4
     s = torch.rand(SHAPE, generator=gen, dtype=torch.float64) * 0.3 + 0.3
     return mu, s
-
-
-def assert_moments(x, m, v, what):
-    """Sample mean/variance of x (n, *SHAPE) vs exact (m, v): per-pixel and pooled z within Z_MAX."""
-    n = x.shape[0]
-    xd = x.double().numpy()
-    z_mean = (xd.mean(0) - m) / np.sqrt(v / n)
-    z_var = (xd.var(0, ddof=1) - v) / (v * math.sqrt(2 / (n - 1)))
-    for name, z in (("mean", z_mean), ("variance", z_var)):
-        pooled = z.mean() * math.sqrt(z.size)
-        assert np.abs(z).max() < Z_MAX and abs(pooled) < Z_MAX, \
-            f"{what}: {name} off the exact chain by z max {np.abs(z).max():.2f}, pooled {pooled:.2f}"
 
 
 # (steps, spacing, sampler, eta, prediction, variance, var_value, n, mean tol, std rel tol): the tolerances of

@@ -433,6 +433,28 @@ def test_one_graph_serves_every_chunk(seed, fake_graphs, graph):
     assert not torch.equal(chunked[:3], chunked[3:6])
 
 
+@pytest.mark.parametrize("graph", ["whole", "step"])
+def test_one_graph_serves_any_labels_and_any_guidance_scale(seed, fake_graphs, graph):
+    """Class labels and the guidance scale live in static device buffers written before each replay: ONE captured
+    graph of a guided plan replays two label sets and two scales, each bitwise its eager run (a graph that baked
+    its first labels or w would repeat them); chunks take their rows. w = 1 is another plan (no guidance work)."""
+    backend = fake_graphs()
+    torch.manual_seed(seed)
+    unet = tiny_unet(num_classes=3)
+    with torch.no_grad():
+        unet.class_embedding.weight.mul_(4)  # labels that matter after no training
+    kw = dict(seed=seed, progress=False, graph=graph, batch_size=3)
+    results = []
+    for labels, w in (([0, 1, 2, 3, 0, 1], 2.0), ([2, 2, 0, 1, 1, 2], 2.0), ([2, 2, 0, 1, 1, 2], 4.5)):
+        eager = ddpm_fast.sample(unet, 6, 4, labels=labels, guidance_scale=w, cuda_graph=False, **kw)
+        results.append(ddpm_fast.sample(unet, 6, 4, labels=labels, guidance_scale=w, **kw))
+        assert last_run_info()["modes"] == [f"graph-{graph}"] * 2 and torch.equal(results[-1], eager)
+    assert backend.captured == [graph]
+    assert not torch.equal(results[0], results[1]) and not torch.equal(results[1], results[2])
+    ddpm_fast.sample(unet, 6, 4, labels=[0] * 6, guidance_scale=1.0, **kw)
+    assert backend.captured == [graph, graph] and last_run_info()["conditioning"] == "labels"
+
+
 def test_the_loop_reads_the_offset_from_the_statics_tensor(seed):
     """run_loop has no offset argument: writing a chunk's element offset into Statics.offset alone makes the loop
     draw that chunk's noise (the same code runs eagerly and inside a captured graph)."""

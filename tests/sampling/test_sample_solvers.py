@@ -14,24 +14,11 @@ from ddpm_fast.diffusion.config import DEFAULT_SPACING, DEFAULT_STEPS
 from ddpm_fast.diffusion.solvers import SOLVERS
 from ddpm_fast.sampling import last_run_info
 
-from oracles import GaussianOracle, MixtureOracle, exact_solver_moments
+from oracles import GaussianOracle, MixtureOracle, assert_moments, exact_solver_moments
 
 SHAPE = (2, 4, 4)
 Z_MAX = 5.0
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
-def assert_moments(x, m, v, what):
-    """Sample mean/variance of x (n, ...) vs the exact (m, v): per-pixel and pooled z within Z_MAX (Gaussian
-    output: these standard errors are exact)."""
-    n = x.shape[0]
-    xd = x.double().numpy()
-    z_mean = (xd.mean(0) - m) / np.sqrt(v / n)
-    z_var = (xd.var(0, ddof=1) - v) / (v * math.sqrt(2 / (n - 1)))
-    for name, z in (("mean", z_mean), ("variance", z_var)):
-        pooled = z.mean() * math.sqrt(z.size)
-        assert np.abs(z).max() < Z_MAX and abs(pooled) < Z_MAX, \
-            f"{what}: {name} off the exact law by z max {np.abs(z).max():.2f}, pooled {pooled:.2f}"
 
 
 # ---- exact output laws ---------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """How every fused sampler kernel reads the model: where an element's model output lives, and ONE function that
 turns it into the data prediction x_0 (``data_prediction``), shared by the DDPM/DDIM step and the few-step
-solvers. Whatever later changes how a model output becomes x_0 (e.g. classifier-free guidance combining two
-halves of a batch) changes it here, for every sampler at once.
+solvers. Classifier-free guidance lives here too, for every sampler at once: with GUIDED the model ran on 2N
+samples (the conditional outputs first), an element's conditional value c is at ``mo_off`` and its unconditional
+value u at ``mo_off + mo_un``, and the prediction the step uses is u + w (c - u), w read from device memory (so a
+captured graph replays with any w); w = 1 gives c and w = 0 gives u exactly (diffusion.guided_model_output is the
+specification).
 """
 import triton
 import triton.language as tl
@@ -52,7 +55,20 @@ def predict_x0(x, m, tab_ptr, num_steps, step, PRED: tl.constexpr):
 
 
 @triton.jit
-def data_prediction(x, mo_ptr, mo_off, mask, tab_ptr, num_steps, step, PRED: tl.constexpr):
-    """The data prediction x_0 (unclipped, fp32) at x_t (fp32 block) from the model output at ``mo_off``."""
+def model_prediction(mo_ptr, mo_off, mask, w_ptr, mo_un, GUIDED: tl.constexpr):
+    """The model's prediction (fp32 block) at ``mo_off``: the guided combine when GUIDED, else the output."""
     m = tl.load(mo_ptr + mo_off, mask=mask, other=0.0).to(tl.float32)
+    if GUIDED:
+        w = tl.load(w_ptr)
+        u = tl.load(mo_ptr + mo_off + mo_un, mask=mask, other=0.0).to(tl.float32)
+        m = tl.where(w == 1.0, m, tl.where(w == 0.0, u, u + w * (m - u)))
+    return m
+
+
+@triton.jit
+def data_prediction(x, mo_ptr, mo_off, mask, tab_ptr, num_steps, step, w_ptr, mo_un, PRED: tl.constexpr,
+                    GUIDED: tl.constexpr):
+    """The data prediction x_0 (unclipped, fp32) at x_t (fp32 block) from the model output at ``mo_off`` (and,
+    GUIDED, the unconditional output at ``mo_off + mo_un`` with the guidance scale at ``w_ptr``)."""
+    m = model_prediction(mo_ptr, mo_off, mask, w_ptr, mo_un, GUIDED)
     return predict_x0(x, m, tab_ptr, num_steps, step, PRED)

@@ -2,7 +2,8 @@
 
 Every combination of prediction (eps / x0 / v), variance (fixed_small / fixed_large / learned_range), clip and
 sampler (DDPM, DDIM with eta) is one specialisation (constexpr flags). Both samplers reduce to
-    x0  = data_prediction(x_t, model output)   (model_output.py, shared by every sampler; clipped if CLIP)
+    x0  = data_prediction(x_t, model output)   (model_output.py, shared by every sampler, guidance included;
+                                                clipped if CLIP)
     out = a * x0 + b * x_t + [step > 0] * sigma * z
 with a, b, sigma and the x0 coefficients gathered from the packed schedule table at a step index read from device
 memory (or passed as an argument, for graphs whose every node bakes its own step). The element offset of the
@@ -60,21 +61,23 @@ def _step_coefs(tab_ptr, num_steps, step, eta, VAR: tl.constexpr, DDIM: tl.const
 @triton.jit
 def _p_step_kernel(
         x_ptr,        # x_t: N*C*S elements, dense, NCHW or channels-last memory order; fp32/fp16/bf16
-        mo_ptr,       # model output: element (n, c, s) at n*mo_sn + c*mo_sc + s*mo_ss; variance half at +var_off
+        mo_ptr,       # model output: element (n, c, s) at n*mo_sn + c*mo_sc + s*mo_ss; variance half at +var_off;
+                      # GUIDED: the unconditional output of (n, c, s) at +mo_un
         noise_ptr,    # injected noise laid out like x (read when NOISE == 1)
         out_ptr,      # x_{t-1} laid out like x; may alias x_ptr (each element is read before it is written)
         tab_ptr,      # packed float32 schedule table (len(ROWS), num_steps)
         step_ptr,     # int64 step index in device memory (read when STEP_FROM_PTR)
         seed_ptr,     # int64 Philox key in device memory (read when NOISE == 2)
         offset_ptr,   # int64 element offset in device memory (read when OFFSET_FROM_PTR)
+        w_ptr,        # float32 guidance scale in device memory (read when GUIDED)
         step_arg,     # the step index when not STEP_FROM_PTR
         offset_arg,   # the element offset when not OFFSET_FROM_PTR
-        n_elements, C, S, mo_sn, mo_sc, mo_ss, var_off, num_steps,
+        n_elements, C, S, mo_sn, mo_sc, mo_ss, var_off, mo_un, num_steps,
         lead,         # element_offset % 4: the launch starts this many elements early so Philox groups align
         eta,
         PRED: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr, DDIM: tl.constexpr, NOISE: tl.constexpr,
         STREAM: tl.constexpr, STEP_FROM_PTR: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr,
-        CHANNELS_LAST: tl.constexpr, MO_LIKE_X: tl.constexpr, BLOCK: tl.constexpr):
+        CHANNELS_LAST: tl.constexpr, MO_LIKE_X: tl.constexpr, GUIDED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     local = pid * BLOCK + tl.arange(0, BLOCK) - lead
     mask = (local >= 0) & (local < n_elements)
@@ -87,7 +90,7 @@ def _p_step_kernel(
 
     x = tl.load(x_ptr + local, mask=mask, other=0.0).to(tl.float32)
     mo_off = model_output_offsets(local, C, S, mo_sn, mo_sc, mo_ss, CHANNELS_LAST, MO_LIKE_X)
-    x0 = data_prediction(x, mo_ptr, mo_off, mask, tab_ptr, num_steps, step, PRED)
+    x0 = data_prediction(x, mo_ptr, mo_off, mask, tab_ptr, num_steps, step, w_ptr, mo_un, PRED, GUIDED)
     if CLIP:
         x0 = tl.where(x0 < -1.0, -1.0, tl.where(x0 > 1.0, 1.0, x0))  # NaN stays NaN, as torch.clamp
     a, b, sigma = _step_coefs(tab_ptr, num_steps, step, eta, VAR, DDIM)
@@ -110,15 +113,16 @@ def _p_step_kernel(
 
 
 def p_step_triton(x_t, model_output, table, step, step_index, noise, seed, element_offset, offset, prediction,
-                  variance, clip, ddim, eta, out, stream=0, block=None):
+                  variance, clip, ddim, eta, out, guidance=None, stream=0, block=None):
     """Launch the fused step. Arguments as ``torch.ops.ddpm_fast.p_step_`` (validated there; element_offset and
-    offset as ``ops.noise.offset_arg`` returns them), plus the Philox stream id and an optional block size (tests).
-    x_t/out/noise dense with equal strides; model_output any layout whose spatial dims merge into one stride (the
-    caller makes it contiguous otherwise)."""
+    offset as ``ops.noise.offset_arg`` returns them; guidance the guidance-scale tensor of a 2N-sample model
+    output, or None), plus the Philox stream id and an optional block size (tests). x_t/out/noise dense with
+    equal strides; model_output any layout whose spatial dims merge into one stride (the caller makes it
+    contiguous otherwise)."""
     N, C = x_t.shape[:2]
     S = math.prod(x_t.shape[2:])
     mo_sn, mo_sc, mo_ss = nc_s_strides(model_output)
-    like_x = model_output.shape == x_t.shape and model_output.stride() == x_t.stride()
+    like_x = model_output.shape[1:] == x_t.shape[1:] and model_output.stride() == x_t.stride()
     need_noise = (not ddim) or eta > 0
     noise_mode = NOISE_NONE if not need_noise else NOISE_INPUT if noise is not None else NOISE_PHILOX
     grid, lead, offset_ptr, offset_arg, block = launch_geometry(x_t.numel(), element_offset, offset, block)
@@ -128,9 +132,10 @@ def p_step_triton(x_t, model_output, table, step, step_index, noise, seed, eleme
         _p_step_kernel[grid](
             x_t, model_output, noise if noise is not None else dummy, out, table,
             step if step is not None else dummy, seed if seed is not None else dummy,
-            offset_ptr if offset_ptr is not None else dummy, step_index, offset_arg,
-            x_t.numel(), C, S, mo_sn, mo_sc, mo_ss, C * mo_sc, table.shape[1], lead, float(eta),
+            offset_ptr if offset_ptr is not None else dummy, guidance if guidance is not None else dummy, step_index,
+            offset_arg, x_t.numel(), C, S, mo_sn, mo_sc, mo_ss, C * mo_sc, N * mo_sn, table.shape[1], lead,
+            float(eta),
             PRED=PRED_CODES[prediction], VAR=VAR_CODES[variance], CLIP=bool(clip), DDIM=bool(ddim),
             NOISE=noise_mode, STREAM=stream, STEP_FROM_PTR=step is not None,
             OFFSET_FROM_PTR=offset_ptr is not None, CHANNELS_LAST=channels_last,
-            MO_LIKE_X=like_x and variance != "learned_range", BLOCK=block)
+            MO_LIKE_X=like_x and variance != "learned_range", GUIDED=guidance is not None, BLOCK=block)

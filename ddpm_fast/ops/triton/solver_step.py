@@ -1,6 +1,7 @@
 """The few-step solvers' fused step as one Triton kernel (DPM-Solver++ 2M/3M/SDE-2M, UniPC; diffusion/solvers.py):
 read x, the model output and the history once, write x and the history:
-    m    = data_prediction(x, model output)                  (model_output.py: shared by every sampler)
+    m    = data_prediction(x, model output)                  (model_output.py: shared by every sampler, guidance
+                                                              included)
     xc   = cx x + cl last + c0 m + c1 h1 + c2 h2             (CORRECTOR: UniPC; xc = x otherwise)
     out  = a xc + b0 m + b1 h1 + b2 h2 + s z                 (NOISE: dpmpp_2m_sde)
     last = xc;  h2 = h1;  h1 = m
@@ -26,7 +27,8 @@ _A, _B0, _B1, _B2, _S = (tl.constexpr(solvers.ROW[n]) for n in ("a", "b0", "b1",
 @triton.jit
 def _solver_step_kernel(
         x_ptr,        # x: N*C*S elements, dense, NCHW or channels-last memory order; fp32/fp16/bf16
-        mo_ptr,       # model output: element (n, c, s) at n*mo_sn + c*mo_sc + s*mo_ss
+        mo_ptr,       # model output: element (n, c, s) at n*mo_sn + c*mo_sc + s*mo_ss; GUIDED: the unconditional
+                      # output of (n, c, s) at +mo_un
         noise_ptr,    # injected noise laid out like x (read when NOISE == 1)
         out_ptr,      # x after the step, laid out like x; may alias x_ptr (each element is read before written)
         h1_ptr,       # fp32, laid out like x: the previous data prediction (read, then overwritten with m)
@@ -37,13 +39,14 @@ def _solver_step_kernel(
         step_ptr,     # int64 step index in device memory (read when STEP_FROM_PTR)
         seed_ptr,     # int64 Philox key in device memory (read when NOISE == 2)
         offset_ptr,   # int64 element offset in device memory (read when OFFSET_FROM_PTR)
+        w_ptr,        # float32 guidance scale in device memory (read when GUIDED)
         step_arg,     # the step index when not STEP_FROM_PTR
         offset_arg,   # the element offset when not OFFSET_FROM_PTR
-        n_elements, C, S, mo_sn, mo_sc, mo_ss, num_steps,
+        n_elements, C, S, mo_sn, mo_sc, mo_ss, mo_un, num_steps,
         lead,         # element_offset % 4: the launch starts this many elements early so Philox groups align
         PRED: tl.constexpr, HIST: tl.constexpr, CORRECTOR: tl.constexpr, NOISE: tl.constexpr,
         STREAM: tl.constexpr, STEP_FROM_PTR: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr,
-        CHANNELS_LAST: tl.constexpr, MO_LIKE_X: tl.constexpr, BLOCK: tl.constexpr):
+        CHANNELS_LAST: tl.constexpr, MO_LIKE_X: tl.constexpr, GUIDED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     local = pid * BLOCK + tl.arange(0, BLOCK) - lead
     mask = (local >= 0) & (local < n_elements)
@@ -56,7 +59,7 @@ def _solver_step_kernel(
 
     x = tl.load(x_ptr + local, mask=mask, other=0.0).to(tl.float32)
     mo_off = model_output_offsets(local, C, S, mo_sn, mo_sc, mo_ss, CHANNELS_LAST, MO_LIKE_X)
-    m = data_prediction(x, mo_ptr, mo_off, mask, tab_ptr, num_steps, step, PRED)
+    m = data_prediction(x, mo_ptr, mo_off, mask, tab_ptr, num_steps, step, w_ptr, mo_un, PRED, GUIDED)
     h1 = tl.load(h1_ptr + local, mask=mask, other=0.0)
     if HIST == 2:
         h2 = tl.load(h2_ptr + local, mask=mask, other=0.0)
@@ -87,14 +90,14 @@ def _solver_step_kernel(
 
 
 def solver_step_triton(x, model_output, table, coefs, step, step_index, noise, seed, element_offset, offset,
-                       prediction, sampler, h1, h2, last, out, stream=0, block=None):
+                       prediction, sampler, h1, h2, last, out, guidance=None, stream=0, block=None):
     """Launch the fused solver step. Arguments as ``torch.ops.ddpm_fast.solver_step_`` (validated there;
-    element_offset and offset as ``ops.noise.offset_arg`` returns them), plus the Philox stream id and an optional
-    block size (tests)."""
+    element_offset and offset as ``ops.noise.offset_arg`` returns them; guidance the guidance-scale tensor of a
+    2N-sample model output, or None), plus the Philox stream id and an optional block size (tests)."""
     N, C = x.shape[:2]
     S = math.prod(x.shape[2:])
     mo_sn, mo_sc, mo_ss = nc_s_strides(model_output)
-    like_x = model_output.shape == x.shape and model_output.stride() == x.stride()
+    like_x = model_output.shape[1:] == x.shape[1:] and model_output.stride() == x.stride()
     stochastic = sampler in solvers.STOCHASTIC
     noise_mode = NOISE_NONE if not stochastic else NOISE_INPUT if noise is not None else NOISE_PHILOX
     grid, lead, offset_ptr, offset_arg, block = launch_geometry(x.numel(), element_offset, offset, block)
@@ -102,8 +105,9 @@ def solver_step_triton(x, model_output, table, coefs, step, step_index, noise, s
     _solver_step_kernel[grid](
         x, model_output, noise if noise is not None else dummy, out, h1, h2 if h2 is not None else dummy,
         last if last is not None else dummy, table, coefs, step if step is not None else dummy,
-        seed if seed is not None else dummy, offset_ptr if offset_ptr is not None else dummy, step_index,
-        offset_arg, x.numel(), C, S, mo_sn, mo_sc, mo_ss, table.shape[1], lead, PRED=PRED_CODES[prediction],
+        seed if seed is not None else dummy, offset_ptr if offset_ptr is not None else dummy,
+        guidance if guidance is not None else dummy, step_index, offset_arg, x.numel(), C, S, mo_sn, mo_sc, mo_ss,
+        N * mo_sn, table.shape[1], lead, PRED=PRED_CODES[prediction],
         HIST=solvers.HISTORY[sampler], CORRECTOR=sampler in solvers.CORRECTOR, NOISE=noise_mode, STREAM=stream,
         STEP_FROM_PTR=step is not None, OFFSET_FROM_PTR=offset_ptr is not None, CHANNELS_LAST=not x.is_contiguous(),
-        MO_LIKE_X=like_x, BLOCK=block)
+        MO_LIKE_X=like_x, GUIDED=guidance is not None, BLOCK=block)
