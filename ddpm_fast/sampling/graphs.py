@@ -197,8 +197,9 @@ def _warm_up_baked_steps(model, st, plan):
     state = None if st.state is None else SolverState(*(None if t is None else t.clone() for t in (
         st.state.h1, st.state.h2, st.state.last)))
     inp = scratch if st.x_in is None else st.x_in.copy_(scratch)
-    with autocast_for(plan):
-        out = check_model_output(model(inp, st.t[0]), plan)
+    kw = {} if st.time_proj is None else {"time_proj": st.time_proj[:1]}  # the call the loop makes (a compiled
+    with autocast_for(plan):                                            # model would recompile for another)
+        out = check_model_output(model(inp, st.t[0], **kw), plan)
     for i in range(st.t.shape[0]):
         fused_step(st, plan, out, i, {"seed": st.seed}, x=scratch, state=state)
 

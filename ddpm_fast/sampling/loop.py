@@ -148,11 +148,13 @@ def refresh_time_proj(model, st, plan):
     """For a ddpm_fast UNet: everything it computes from t alone (its ResBlocks' time projections), for every
     step in ONE batched pass, into st.time_proj (steps, P). All samples of a reverse step share t, so each
     forward then reads a (1, P) row instead of running ~30 small matmuls. Recomputed at the start of every
-    chain (inside the whole-loop graph too), so updated weights are always used."""
-    if not isinstance(model, UNet):
+    chain (inside the whole-loop graph too), so updated weights are always used. A compiled model
+    (sampling/compiled.py) is looked through: the projections run once per chain, uncompiled."""
+    unet = getattr(model, "_orig_mod", model)
+    if not isinstance(unet, UNet):
         return
     with autocast_for(plan):
-        proj = model.time_projections(st.tables.timesteps)
+        proj = unet.time_projections(st.tables.timesteps)
     if st.time_proj is None or st.time_proj.dtype != proj.dtype:
         st.time_proj, st.proj_step = proj, torch.empty_like(proj[:1])
     else:
