@@ -11,7 +11,8 @@
 #   capture        whole-loop and one-step graphs of the CIFAR U-Net: capture time, graph memory, 100 and 1000 steps;
 #                  one graph serving every chunk (benchmarks/bench_capture.py)
 #   sampling       the CIFAR U-Net at n = 1 and 128, bf16 and fp32, vs eager and the whole-step torch.compile
-#                  variants (compiled only where it matters: each compile costs tens of seconds)
+#                  variants, and ddpm_fast + compile in the whole-loop graph (compiled only where it matters:
+#                  each compile costs tens of seconds)
 #   groupnorm      GroupNorm+SiLU forward/backward vs eager and torch.compile: GB/s and % of copy bandwidth
 #   train          the training step, one ddpm_fast piece at a time (benchmarks/bench_train.py)
 #   sample-to-dir  evaluation-run images/s of the CIFAR U-Net per batch size (benchmarks/bench_sample_to_dir.py)
@@ -101,8 +102,9 @@ if [ $DRY -eq 0 ]; then
   B=(--allow-dirty); DEV=cuda
   CAPTURE=(--device cuda --cases 1:100,1:1000,64:100)
   SAMPLING=(--device cuda --cases ddpm_cifar10:bf16:1:100,ddpm_cifar10:bf16:128:100,ddpm_cifar10:fp32:1:100,ddpm_cifar10:fp32:128:100
-            --variants eager,compile-step,compile-step-ro,ddpm_fast-whole,ddpm_fast-step
-            --compile-where compile-step-ro:bf16:1,compile-step-ro:fp32:1,compile-step:bf16:128 --repeats 3 --warmup 0)
+            --variants eager,compile-step,compile-step-ro,ddpm_fast-whole,ddpm_fast-step,ddpm_fast-whole-compile
+            --compile-where compile-step-ro:bf16:1,compile-step-ro:fp32:1,compile-step:bf16:128,ddpm_fast-whole-compile:bf16:1,ddpm_fast-whole-compile:bf16:128
+            --repeats 3 --warmup 0)
   GROUPNORM=(--device cuda --dtype bfloat16 --batch 64 --shapes 128x1024,256x16 --repeats 10)
   TRAIN=(--device cuda --burst 3 --repeats 3 --warmup 1)
   TO_DIR=(--mode batches --device cuda --batch-sizes 128,256 --chunks 2 --repeats 1)
@@ -111,8 +113,9 @@ else
   part install 110 30 env DDPM_FAST_CUDA=OFF $PY -m pip wheel -q --no-build-isolation --no-deps -w "$SCRATCH/wheel" .
   B=(--allow-dirty --threads 1); DEV=cpu
   CAPTURE=(--dry-run)
-  SAMPLING=(--device cpu --quick --cases tiny:fp32:1:3,tiny:fp32:2:3 --variants eager,compile-step,ddpm_fast
-            --compile-where compile-step:fp32:1 --compile all --repeats 2 --threads 1)
+  SAMPLING=(--device cpu --quick --cases tiny:fp32:1:3,tiny:fp32:2:3
+            --variants eager,compile-step,ddpm_fast,ddpm_fast-compile
+            --compile-where compile-step:fp32:1,ddpm_fast-compile:fp32:1 --compile all --repeats 2 --threads 1)
   GROUPNORM=(--device cpu --quick --threads 1)
   TRAIN=(--device cpu --quick --batch 2 --burst 1 --repeats 1 --warmup 0)
   TO_DIR=(--mode batches --device cpu --quick --threads 1)
@@ -121,8 +124,8 @@ fi
 part gpu-tests 100 30 $PY -P -m pytest -q -p no:cacheprovider -m gpu tests
 part capture 50 20 $PY -P benchmarks/bench_capture.py "${CAPTURE[@]}" --allow-dirty \
   --time-budget $(( $(left) > 80 ? 35 * SCALE : 5 )) --json "$SCRATCH/capture.json"
-part sampling 100 40 $PY -P -m ddpm_fast bench "${SAMPLING[@]}" --allow-dirty --out-dir "$SCRATCH/sampling" \
-  --time-budget $(( $(left) > 130 ? 60 * SCALE : 20 ))
+part sampling 130 40 $PY -P -m ddpm_fast bench "${SAMPLING[@]}" --allow-dirty --out-dir "$SCRATCH/sampling" \
+  --time-budget $(( $(left) > 160 ? 90 * SCALE : 20 ))
 part groupnorm 45 20 $PY -P benchmarks/bench_group_norm_silu.py "${GROUPNORM[@]}" --allow-dirty \
   --json "$SCRATCH/groupnorm.json"
 part train 45 20 $PY -P benchmarks/bench_train.py "${TRAIN[@]}" "${B[@]}" --out-dir "$SCRATCH/train"

@@ -196,10 +196,32 @@ def test_config_defaults_and_policy():
     (dict(repeats=0), "repeats"),
     (dict(compile_where=("compile-step:bf16",)), "not compile-variant:dtype:batch"),
     (dict(compile_where=("eager:bf16:1",)), "not compile-variant:dtype:batch"),
+    (dict(variants=("ddpm_fast-whole-compile",)), "GPU variants"),
+    (dict(device="cuda", variants=("ddpm_fast-compile",)), "on a GPU"),
 ])
 def test_config_errors(kw, words):
     with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
         BenchConfig(**kw).resolved()
+
+
+def test_compile_targets_read_the_ddpm_fast_compile_row():
+    """The ddpm_fast + compile targets (docs/benchmarks.md) judge that row against the best compile variant."""
+    from ddpm_fast.bench.sampling import targets
+
+    def rows(preset, n, device, vs_compile, vs_eager):
+        fast = "ddpm_fast-compile" if device == "cpu" else "ddpm_fast-whole-compile"
+        return [dict(preset=preset, dtype="fp32", batch=n, steps=20, variant=fast, ms_per_step=1.0,
+                     speedup_vs_best_compile=vs_compile, speedup_vs_eager=vs_eager)]
+
+    def status(items, words):
+        return [t["status"] for t in items if words in t["target"]]
+
+    got = targets(rows("tiny", 16, "cpu", 1.06, 1.49), "cpu")
+    assert status(got, ">= 1.05x the best torch.compile") == ["met"]
+    assert status(got, ">= 1.5x eager") == ["MISSED"]
+    assert status(targets(rows("ddpm_cifar10", 1, "cpu", 0.99, 2.0), "cpu"), "no slower") == ["MISSED"]
+    assert status(targets(rows("ddpm_cifar10", 128, "cuda", 1.01, 2.0), "cuda"), "ahead of every") == ["met"]
+    assert not status(targets(rows("tiny", 1, "cpu", 2.0, 2.0), "cpu"), "ddpm_fast + compile")
 
 
 def test_cli_flags_come_from_the_config(capsys):

@@ -105,7 +105,7 @@ def test_cycle_finder_can_fail(tmp_path):
 
 FLOORS = [  # who may import whom: a module may import only from its own floor or below
     ("bottom", ("ddpm_fast._version", "ddpm_fast._aliases", "ddpm_fast.files", "ddpm_fast.data", "ddpm_fast.threads",
-                "ddpm_fast.distributed", "ddpm_fast.images", "ddpm_fast.diffusion")),
+                "ddpm_fast.distributed", "ddpm_fast.images", "ddpm_fast.diffusion", "ddpm_fast.compiler")),
     ("ops", ("ddpm_fast.ops",)),
     ("models", ("ddpm_fast.models",)),
     ("checkpoint", ("ddpm_fast.checkpoint",)),

@@ -14,9 +14,13 @@ Variants (each a full sampling call of ``batch`` images x ``steps`` steps):
                            per-step timestep and index passed as tensors, so nothing recompiles per step), mode
                            default / "reduce-overhead" (GPU only: it adds CUDA graphs): the best a user can do
                            with torch.compile
+    compile-step-cl        the whole step compiled, channels_last weights and input
     ddpm_fast              ddpm_fast.sample (CPU: the fused eager path)
+    ddpm_fast-compile      ddpm_fast.sample(compile=True): the U-Net (its channels_last twin on the CPU) compiled
+                           by torch.compile, ddpm_fast's fused step; the first call's compile time is reported apart
     ddpm_fast-whole, ddpm_fast-step, ddpm_fast-eager   (GPU) the whole loop as one CUDA graph / one step's graph
                            replayed / no graph
+    ddpm_fast-whole-compile   (GPU) compile=True inside the whole-loop CUDA graph
 With ``--sampler`` other than ddpm (ddim or a few-step solver) every variant uses that sampler: the baselines
 (eager, compile, diffusers) step with diffusers' scheduler of that sampler (DDIMScheduler,
 DPMSolverMultistepScheduler, UniPCMultistepScheduler) on its own default grid of ``steps`` steps, ddpm_fast with
@@ -39,16 +43,23 @@ VARIANTS = {
     "compile-cl": "plain loop, torch.compile(unet) on channels_last weights and input",
     "compile-step": "torch.compile of the whole step (U-Net + update + randn), default mode",
     "compile-step-ro": "torch.compile of the whole step, mode='reduce-overhead' (CUDA graphs; GPU only)",
+    "compile-step-cl": "torch.compile of the whole step, channels_last weights and input",
     "ddpm_fast": "ddpm_fast.sample (fused U-Net and step)",
+    "ddpm_fast-compile": "ddpm_fast.sample(compile=True): compiled U-Net, fused step",
     "ddpm_fast-whole": "ddpm_fast.sample, whole reverse loop in one CUDA graph",
     "ddpm_fast-step": "ddpm_fast.sample, one step's CUDA graph replayed",
     "ddpm_fast-eager": "ddpm_fast.sample, cuda_graph=False",
+    "ddpm_fast-whole-compile": "ddpm_fast.sample(compile=True), the compiled U-Net inside the whole-loop graph",
 }
 CPU_VARIANTS = ("eager", "eager-cl", "eager+diffusers-step", "diffusers", "compile", "compile-ro", "compile-cl",
-                "compile-step", "ddpm_fast")
+                "compile-step", "compile-step-cl", "ddpm_fast", "ddpm_fast-compile")
 GPU_VARIANTS = ("eager", "eager-cl", "eager+diffusers-step", "diffusers", "compile", "compile-ro", "compile-cl",
-                "compile-step", "compile-step-ro", "ddpm_fast-whole", "ddpm_fast-step", "ddpm_fast-eager")
-COMPILE_VARIANTS = ("compile", "compile-ro", "compile-cl", "compile-step", "compile-step-ro")
+                "compile-step", "compile-step-ro", "compile-step-cl", "ddpm_fast-whole", "ddpm_fast-step",
+                "ddpm_fast-eager", "ddpm_fast-whole-compile")
+COMPILE_VARIANTS = ("compile", "compile-ro", "compile-cl", "compile-step", "compile-step-ro", "compile-step-cl")
+FAST_COMPILE_VARIANTS = ("ddpm_fast-compile", "ddpm_fast-whole-compile")  # ddpm_fast + torch.compile
+CPU_ONLY, GPU_ONLY = ("ddpm_fast", "ddpm_fast-compile"), ("ddpm_fast-whole", "ddpm_fast-step", "ddpm_fast-eager",
+                                                          "ddpm_fast-whole-compile")
 REDUCE_OVERHEAD = ("compile-ro", "compile-step-ro")  # add CUDA graphs: nothing on the CPU
 # What a user could run instead of ddpm_fast: each row's "vs best plain" divides the fastest of these
 PLAIN_VARIANTS = ("eager", "eager-cl", "eager+diffusers-step", "diffusers", *COMPILE_VARIANTS)
@@ -80,9 +91,10 @@ class BenchConfig:
                                            kind="list")
     variants: Optional[Tuple[str, ...]] = _f(None, f"variants to run (default: all for the device): "
                                              f"{', '.join(VARIANTS)}", kind="list")
-    compile: str = _f("auto", "torch.compile variants: auto (GPU: every compile variant everywhere; CPU: the "
-                      "default-mode ones on the tiny preset only, since compiling the CIFAR U-Net takes minutes "
-                      "there and reduce-overhead only adds CUDA graphs), all, none",
+    compile: str = _f("auto", "torch.compile variants (the baselines and ddpm_fast-compile): auto (GPU: every "
+                      "compile variant everywhere; CPU: the default-mode ones on the tiny preset only, since "
+                      "compiling the CIFAR U-Net takes minutes there and reduce-overhead only adds CUDA graphs), "
+                      "all, none",
                       choices=("auto", "all", "none"))
     compile_batches: Optional[Tuple[int, ...]] = _f(None, "batch sizes that get compile variants (default all)",
                                                     kind="ints")
@@ -135,7 +147,8 @@ class BenchConfig:
                 bad(name, f"unknown {unknown}; choose from {', '.join(allowed)}")
         for spec in self.compile_where or ():
             parts = spec.split(":")
-            if len(parts) != 3 or parts[0] not in COMPILE_VARIANTS or parts[1] not in DTYPES or \
+            if len(parts) != 3 or parts[0] not in COMPILE_VARIANTS + FAST_COMPILE_VARIANTS or \
+                    parts[1] not in DTYPES or \
                     not (parts[2].isdigit() and int(parts[2]) > 0):
                 bad("compile_where", f"{spec!r} is not compile-variant:dtype:batch (e.g. compile-step:bf16:128)")
         for spec in self.cases or ():
@@ -148,10 +161,12 @@ class BenchConfig:
                 bad(name, "must be positive")
         if self.repeats < 1 or self.warmup < 0:
             bad("repeats", "repeats must be >= 1 and warmup >= 0")
-        if self.device == "cpu" and any(v.startswith("ddpm_fast-") for v in self.variants):
-            bad("variants", "ddpm_fast-whole/-step/-eager are GPU variants; on the CPU use ddpm_fast")
-        if self.device == "cuda" and "ddpm_fast" in self.variants:
-            bad("variants", "on a GPU choose ddpm_fast-whole, ddpm_fast-step or ddpm_fast-eager")
+        if self.device == "cpu" and any(v in GPU_ONLY for v in self.variants):
+            bad("variants", "ddpm_fast-whole/-step/-eager/-whole-compile are GPU variants; on the CPU use "
+                "ddpm_fast or ddpm_fast-compile")
+        if self.device == "cuda" and any(v in CPU_ONLY for v in self.variants):
+            bad("variants", "on a GPU choose ddpm_fast-whole, ddpm_fast-step, ddpm_fast-eager or "
+                "ddpm_fast-whole-compile")
         if self.threads is not None and self.threads < 1:
             bad("threads", "must be >= 1")
         if self.sampler not in BENCH_SAMPLERS:
@@ -173,7 +188,7 @@ class BenchConfig:
         """The variants of one case, after the compile policy."""
         out = []
         for v in self.variants:
-            if v in COMPILE_VARIANTS:
+            if v in COMPILE_VARIANTS + FAST_COMPILE_VARIANTS:
                 if self.compile == "none" or (self.compile_batches and batch not in self.compile_batches):
                     continue
                 if self.compile_where is not None and f"{v}:{dtype}:{batch}" not in self.compile_where:

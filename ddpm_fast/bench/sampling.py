@@ -58,11 +58,13 @@ class Models:
             self._compiled[key] = torch.compile(model, mode=mode, dynamic=False)
         return self._compiled[key]
 
-    def compiled_step(self, mode, steps):
-        """The whole step compiled (baseline.CompiledStepSampler), one per (mode, steps): the tables differ."""
-        key = ("step", mode, steps)
+    def compiled_step(self, mode, steps, channels_last=False):
+        """The whole step compiled (baseline.CompiledStepSampler), one per (mode, steps, layout): the tables
+        differ."""
+        key = ("step", mode, steps, channels_last)
         if key not in self._compiled:
-            self._compiled[key] = CompiledStepSampler(self.plain, steps, mode=mode)
+            model = self.plain_cl() if channels_last else self.plain
+            self._compiled[key] = CompiledStepSampler(model, steps, mode=mode, channels_last=channels_last)
         return self._compiled[key]
 
     def scheduler(self, sampler="ddpm"):
@@ -106,7 +108,7 @@ class FastSample:
 
     def __init__(self, model, n, steps, seed, **kw):
         self.model, self.n, self.steps, self.seed, self.kw = model, n, steps, seed, kw
-        self.captures, self.modes = [], None
+        self.captures, self.modes, self.compile_s = [], None, None
 
     def __call__(self):
         from ..sampling import last_run_info, sample
@@ -114,6 +116,8 @@ class FastSample:
         info = last_run_info()
         self.captures = info["captures"] or self.captures
         self.modes = sorted(set(info["modes"]))
+        if info["compiles"]:  # the call that compiled (the benchmark's first call)
+            self.compile_s = info["compile_s"]
         return out
 
 
@@ -124,12 +128,15 @@ def make_variant(name, models: Models, n, steps, seed, sampler="ddpm", spacing=N
         return "mode='reduce-overhead' only adds CUDA graphs: GPU only"
     if name.startswith("ddpm_fast"):
         kw = {"ddpm_fast": {}, "ddpm_fast-whole": {"cuda_graph": True, "graph": "whole"},
-              "ddpm_fast-step": {"cuda_graph": True, "graph": "step"}, "ddpm_fast-eager": {"cuda_graph": False}}[name]
+              "ddpm_fast-step": {"cuda_graph": True, "graph": "step"}, "ddpm_fast-eager": {"cuda_graph": False},
+              "ddpm_fast-compile": {"compile": True},
+              "ddpm_fast-whole-compile": {"cuda_graph": True, "graph": "whole", "compile": True}}[name]
         return FastSample(models.fused, n, steps, seed, sampler=sampler, spacing=spacing, **kw)
-    if name in ("compile-step", "compile-step-ro"):
+    if name in ("compile-step", "compile-step-ro", "compile-step-cl"):
         if sampler != "ddpm":
             return f"the compiled whole step is the DDPM step (for {sampler}: the compile variants)"
-        compiled = models.compiled_step(None if name == "compile-step" else "reduce-overhead", steps)
+        compiled = models.compiled_step("reduce-overhead" if name == "compile-step-ro" else None, steps,
+                                        channels_last=name == "compile-step-cl")
         return lambda: compiled.sample(n)
     cl = name.endswith("-cl")
     model = models.plain
@@ -190,6 +197,8 @@ def case_rows(case, timed, fns, skipped, gflops, matmul):
         fn = fns.get(name)
         if isinstance(fn, FastSample):
             row["graph_modes"] = fn.modes
+            if fn.compile_s is not None:
+                row["compile_s"] = fn.compile_s
             if fn.captures:
                 row["capture_s"] = sum(c["capture_s"] for c in fn.captures)
                 row["graph_mib"] = sum(c["graph_bytes"] for c in fn.captures) / 2 ** 20
@@ -292,6 +301,7 @@ def targets(rows, device):
 
     for case, case_rows_ in by_case.items():
         preset, dtype, n, steps = case
+        _compile_targets(check, case, case_rows_, device)
         fast = _fast_row(case_rows_, device)
         if fast is None:
             continue
@@ -310,6 +320,26 @@ def targets(rows, device):
                 check(">= 50% of the measured bf16 matmul rate", case, fast.get("pct_of_matmul"),
                       lambda v: v >= 50, unit="%")
     return out
+
+
+def _compile_targets(check, case, rows, device):
+    """ddpm_fast + torch.compile against torch.compile of the plain loop (docs/benchmarks.md, "Targets")."""
+    preset, dtype, n, steps = case
+    name = "ddpm_fast-compile" if device == "cpu" else "ddpm_fast-whole-compile"
+    row = next((r for r in rows if r["variant"] == name and "ms_per_step" in r), None)
+    if row is None:
+        return
+    vs_compile = row.get("speedup_vs_best_compile")
+    if device == "cpu" and preset == "tiny" and n == 16:
+        check(">= 1.05x the best torch.compile variant (CPU, tiny, ddpm_fast + compile)", case, vs_compile,
+              lambda v: v >= 1.05)
+        check(">= 1.5x eager (CPU, tiny, ddpm_fast + compile)", case, row.get("speedup_vs_eager"), lambda v: v >= 1.5)
+    elif device == "cpu" and preset == "ddpm_cifar10" and n == 1:
+        check("no slower than the best torch.compile variant (CPU, CIFAR, ddpm_fast + compile)", case, vs_compile,
+              lambda v: v >= 1.0)
+    elif device == "cuda" and n in (1, 16, 128):
+        check("ahead of every torch.compile variant (GPU, ddpm_fast + compile in the whole-loop graph)", case,
+              vs_compile, lambda v: v > 1.0)
 
 
 def targets_markdown(items):

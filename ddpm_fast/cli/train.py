@@ -11,7 +11,7 @@ def add(sub):
                        description="Train a DDPM on a dataset; writes checkpoints, the EMA model, metrics and a "
                        "loss curve into --out. `--out RUN --resume` continues a run with the settings it was "
                        "started with (only --steps, --save-every, --log-every, --device, --threads, "
-                       "--num-workers, --data-dir, --cuda-graph may be given then). Ctrl-C or SIGTERM: the "
+                       "--num-workers, --data-dir, --cuda-graph, --compile may be given then). Ctrl-C or SIGTERM: the "
                        "current step finishes, the checkpoint is written, and the command to resume is printed "
                        "(exit 130 / 143). Under `torchrun --nproc_per_node K -m ddpm_fast train ...` it runs DDP "
                        "(NCCL on GPUs, gloo on the CPU).")

@@ -264,6 +264,36 @@ def _backward(ctx, dy, _dmean, _drstd):
 _group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ----------------------------------------------------------------------------- the inference op (torch.compile)
+# Under torch.compile each fused op is one node of inductor's graph. On the CPU, a compiled model that wants no
+# gradient (sampling) calls this op instead of the one above: y written into ``out``, no statistics, registered
+# with the plain torch.library API (custom_op's Python layers cost ~15 us a call, as much as the kernel at a small
+# U-Net's shapes), and ``out`` allocated by inductor, which reuses dead buffers for it: a fresh output per call
+# costs a malloc and its page faults, as much again (measured: benchmarks/bench_compile.py).
+_LIB = torch.library.Library("ddpm_fast", "FRAGMENT")
+_LIB.define("group_norm_silu_inference_out(Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps, "
+            "Tensor(a!) out) -> ()")
+
+
+def _inference_out_kernel(x, weight, bias, num_groups, eps, out):
+    """out <- silu(group_norm(x)); out: x's shape and dtype (any strides; x's dense layout takes the fast path)."""
+    if tuple(out.shape) != tuple(x.shape) or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"group_norm_silu_inference_out: out must be like x {tuple(x.shape)} {x.dtype} on "
+                         f"{x.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
+    if x.is_cpu and _fwd_cpu_inference(x, num_groups, weight, bias, eps, out=out) is not None:
+        return
+    _check(x, num_groups, weight, bias, eps)
+    out.copy_(_pick_fwd(x, num_groups)(x, weight, bias, num_groups, eps)[0])
+
+
+_LIB.impl("group_norm_silu_inference_out", _inference_out_kernel, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("ddpm_fast::group_norm_silu_inference_out", lib=_LIB)
+def _inference_out_fake(x, weight, bias, num_groups, eps, out):
+    _check(x, num_groups, weight, bias, eps)
+
+
 # ----------------------------------------------------------------------------- eager fast path
 # torch.library dispatch costs ~50-80 us per call here (measured), as much as the kernel on small tensors.
 # Plain eager calls therefore go straight to the same kernels through an autograd.Function; anything that
@@ -334,6 +364,10 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5):
             return y
     eps = float(eps)
     if not _plain_eager(x, weight, bias):
+        if x.is_cpu and torch.compiler.is_compiling() and not _wants_grad(x, weight, bias):
+            y = torch.empty_like(x)  # x's strides when x is dense (the kernel's fast path)
+            torch.ops.ddpm_fast.group_norm_silu_inference_out(x, weight, bias, num_groups, eps, y)
+            return y
         return torch.ops.ddpm_fast.group_norm_silu(x, weight, bias, num_groups, eps)[0]
     _check(x, num_groups, weight, bias, eps)
     if _wants_grad(x, weight, bias):
@@ -354,11 +388,12 @@ _CPU_CODES = {torch.float32: (0, torch.float32), torch.bfloat16: (2, torch.float
               torch.float64: (3, torch.float64)}
 
 
-def _fwd_cpu_inference(x, num_groups, weight, bias, eps):
+def _fwd_cpu_inference(x, num_groups, weight, bias, eps, out=None):
     """y for the common inference call on the CPU (no autograd; 4-D float32/bfloat16/float64, NCHW- or
     channels_last-dense; plain float parameters of the stats dtype), straight into the C++ kernel, which keeps
     mean/rstd to itself: the checks of the general path cost ~3x the kernel on small tensors. None when the
-    call is not that common case (the general path then handles it, or raises the clear error)."""
+    call is not that common case (the general path then handles it, or raises the clear error). ``out``: write
+    y there (x's shape, dtype and strides; else None is returned) instead of a new tensor."""
     spec = _CPU_CODES.get(x.dtype)
     if spec is None or x.dim() != 4 or type(num_groups) is not int or num_groups < 1:
         return None
@@ -377,9 +412,9 @@ def _fwd_cpu_inference(x, num_groups, weight, bias, eps):
                                   and t.is_cpu and t.dim() == 1 and t.shape[0] == C and t.is_contiguous()):
             return None
     ext = _ext.load()
-    if ext is None:
+    if ext is None or (out is not None and (out.stride() != x.stride() or out.dtype is not x.dtype)):
         return None
-    y = torch.empty_like(x)
+    y = torch.empty_like(x) if out is None else out
     ext.group_norm_silu_fwd_cpu(x.data_ptr(), 0 if weight is None else weight.data_ptr(),
                                 0 if bias is None else bias.data_ptr(), y.data_ptr(), 0, 0,
                                 N, C, H * W, num_groups, eps, spec[0], layout, torch.get_num_threads())

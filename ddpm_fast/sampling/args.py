@@ -20,6 +20,7 @@ from .. import diffusion as _diffusion
 from ..diffusion.config import DEFAULT_SPACING, DEFAULT_STEPS
 from ..diffusion.schedule import SPACINGS, NoiseSchedule
 from ..diffusion.solvers import ORDER, SOLVERS
+from ..compiler import check_mode
 from ..distributed import check_device
 from ..threads import model_work, resolve_threads
 from .conditioning import resolve_conditioning
@@ -81,6 +82,8 @@ class SampleJob:
     x_T: Optional[torch.Tensor] = None   # (n, C, H, W) starting noise, or None to draw it from the seed
     labels: Optional[torch.Tensor] = None  # (n,) int64 class labels (CPU), or None: unconditional
     guidance_scale: Optional[float] = None  # classifier-free guidance's w with labels (conditioning.py)
+    compile: Optional[str] = None  # the torch.compile mode of the model's forward (None: not compiled)
+    compile_explicit: bool = False  # compile was asked for (True or a mode), not chosen by "auto"
 
     @property
     def chunks(self):
@@ -93,7 +96,7 @@ class SampleJob:
 def resolve(model, n, steps=None, *, shape=None, schedule=None, prediction=None, variance=None, sampler=None,
             eta=None, clip=None, seed=None, device=None, dtype=None, batch_size=None, cuda_graph="auto",
             progress=True, spacing=None, graph="auto", memory_format="auto", generator=None, start=0,
-            threads="auto", x_T=None, labels=None, guidance_scale=None):
+            threads="auto", x_T=None, labels=None, guidance_scale=None, compile=False):
     """Validates a ``sample`` call and resolves its defaults (arguments as ``sample``) -> SampleJob.
     Wrong types raise TypeError, wrong values ValueError, both before any work."""
     pipe = from_pipeline(model) if is_pipeline(model) else None
@@ -128,9 +131,12 @@ def resolve(model, n, steps=None, *, shape=None, schedule=None, prediction=None,
     labels, w, mode, null = resolve_conditioning(labels, guidance_scale, model, unet, n)
     plan = SamplePlan(dev, batch, shape, schedule.key, prediction, variance, clip, sampler, eta, compute_dtype,
                       autocast, channels_last, x_T is not None, mode, null)
-    threads = resolve_threads(threads, model_work(model, shape[1:], plan.model_batch), dev)
+    work = model_work(model, shape[1:], plan.model_batch)
+    threads = resolve_threads(threads, work, dev)
+    compile_mode, explicit = _resolve_compile(compile, unet, dev, work)
     return SampleJob(model, n, schedule, plan, seed, generator, cuda_graph, graph, _check_bool("progress", progress),
-                     start=start, threads=threads, x_T=x_T, labels=labels, guidance_scale=w)
+                     start=start, threads=threads, x_T=x_T, labels=labels, guidance_scale=w, compile=compile_mode,
+                     compile_explicit=explicit)
 
 
 def _check_int(name, value, low, high=None):
@@ -332,6 +338,20 @@ def _resolve_memory_format(memory_format, unet, device, dtype):
     if memory_format not in ("contiguous", "channels_last"):
         raise ValueError(f"memory_format must be 'auto', 'contiguous' or 'channels_last', got {memory_format!r}")
     return memory_format == "channels_last"
+
+
+def choose_compile(unet, device, work):
+    """compile="auto": where compiling measured to pay off (see docs/sampling.md, "torch.compile")."""
+    return False
+
+
+def _resolve_compile(value, unet, device, work):
+    """(torch.compile mode or None, explicit?) of ``compile=``: "auto" decides by ``choose_compile`` and is not
+    explicit (a model that cannot be compiled then falls back with a warning instead of raising)."""
+    if isinstance(value, str) and value == "auto":
+        return check_mode(choose_compile(unet, device, work)), False
+    mode = check_mode(value)
+    return mode, mode is not None
 
 
 def _resolve_seed(seed, generator, device):

@@ -30,7 +30,7 @@ import torch
 
 from ..ops import device as _device
 from ..ops.solver_step import SolverState
-from .loop import (Statics, autocast_for, check_model_output, fused_step, init_x, load_labels, load_x_T,
+from .loop import (Statics, call_model, check_model_output, fused_step, init_x, load_labels, load_x_T,
                    model_input, model_step, refresh_time_proj, run_loop)
 
 log = logging.getLogger("ddpm_fast")
@@ -199,9 +199,7 @@ def _warm_up_baked_steps(model, st, plan):
     scratch = st.x.clone()
     state = None if st.state is None else SolverState(*(None if t is None else t.clone() for t in (
         st.state.h1, st.state.h2, st.state.last)))
-    inp = model_input(st, scratch)
-    with autocast_for(plan):
-        out = check_model_output(model(inp, st.t[0]), plan)
+    out = check_model_output(call_model(model, st, plan, model_input(st, scratch), 0, st.t[0]), plan)
     for i in range(st.t.shape[0]):
         fused_step(st, plan, out, i, {"seed": st.seed}, x=scratch, state=state)
 

@@ -174,13 +174,15 @@ def refresh_time_proj(model, st, plan):
     step in ONE batched pass, into st.time_proj (steps, P). All samples of a reverse step share t, so each
     forward then reads a (1, P) row instead of running ~30 small matmuls. Recomputed at the start of every
     chain (inside the whole-loop graph too), so updated weights are always used. With labels: the t-only and
-    class parts (refresh_class_conditioning)."""
-    if not isinstance(model, UNet):
+    class parts (refresh_class_conditioning). A compiled model (sampling/compiled.py) is looked through: these
+    run once per chain, uncompiled."""
+    unet = getattr(model, "_orig_mod", model)
+    if not isinstance(unet, UNet):
         return
     if st.model_labels is not None:
-        return refresh_class_conditioning(model, st, plan)
+        return refresh_class_conditioning(unet, st, plan)
     with autocast_for(plan):
-        proj = model.time_projections(st.tables.timesteps)
+        proj = unet.time_projections(st.tables.timesteps)
     if st.time_proj is None or st.time_proj.dtype != proj.dtype:
         st.time_proj, st.proj_step = proj, torch.empty_like(proj[:1])
     else:
@@ -212,7 +214,7 @@ def step_projections(model, st, step):
             return st.time_proj[step:step + 1]
         return torch.index_select(st.time_proj, 0, step, out=st.proj_step)
     emb = st.emb_t[step:step + 1] if isinstance(step, int) else torch.index_select(st.emb_t, 0, step, out=st.emb_step)
-    return model.projections(emb + st.emb_y, st.proj_weights)
+    return getattr(model, "_orig_mod", model).projections(emb + st.emb_y, st.proj_weights)  # uncompiled
 
 
 def model_input(st, x=None):
@@ -231,15 +233,19 @@ def model_step(model, st, plan, step, t, noise):
     """x <- the fused step (p_step or solver_step) of model(x, t) in place. step: int (baked into a graph) or
     st.step (read on device);
     noise: {"seed": st.seed} or {"generator": g}; the element offset is read from st.offset."""
-    inp = model_input(st)
+    out = call_model(model, st, plan, model_input(st), step, t)
+    fused_step(st, plan, check_model_output(out, plan), step, noise)
+
+
+def call_model(model, st, plan, inp, step, t):
+    """The model's output for step ``step`` (int or st.step) on ``inp``, called as every loop calls it (a compiled
+    model compiles for exactly this call): with the precomputed projections, or the labels, or plain (x, t)."""
     with autocast_for(plan):
         if st.time_proj is not None or st.emb_t is not None:
-            out = model(inp, t, time_proj=step_projections(model, st, step))
-        elif st.model_labels is not None:
-            out = model(inp, t, st.model_labels)
-        else:
-            out = model(inp, t)
-    fused_step(st, plan, check_model_output(out, plan), step, noise)
+            return model(inp, t, time_proj=step_projections(model, st, step))
+        if st.model_labels is not None:
+            return model(inp, t, st.model_labels)
+        return model(inp, t)
 
 
 def fused_step(st, plan, out, step, noise, x=None, state=None):

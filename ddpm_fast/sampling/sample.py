@@ -29,6 +29,7 @@ from torch import nn
 
 from . import graphs
 from .args import resolve
+from .compiled import compiled_for
 from ..threads import using_threads
 from .loop import Statics, load_labels, load_x_T, model_to_run, run_loop
 
@@ -42,7 +43,7 @@ _LAST_INFO = {}
 def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, variance=None, sampler=None,
            eta=None, clip=None, seed=None, device=None, dtype=None, batch_size=None, cuda_graph="auto",
            progress=True, spacing=None, graph="auto", memory_format="auto", generator=None, start=0,
-           threads="auto", x_T=None, labels=None, guidance_scale=None):
+           threads="auto", x_T=None, labels=None, guidance_scale=None, compile=False):
     """Draws ``n`` images from a diffusion model: returns (n, C, H, W) float32 on ``device``, in [-1, 1] when
     ``clip`` (the final x_0 is clipped); with clip=False the raw final x_0.
 
@@ -107,19 +108,28 @@ def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, 
         predictions. w = 0 is the unconditional model and w = 1 the conditional one, with no guidance work; this
         w is Ho & Salimans' w + 1. Any other w runs both as ONE model call on 2B samples and combines them inside
         the fused step kernel, w read from device memory (one CUDA graph serves every w and every labels).
+    :param compile: False (default); True or a torch.compile mode ("default", "max-autotune-no-cudagraphs") runs
+        the model's forward compiled by torch.compile (inductor; ddpm_fast's GroupNorm+SiLU stays one node per
+        site, the fused step stays ddpm_fast's, and on CUDA the compiled model runs inside the whole-loop
+        graph). Compiled once per architecture, batch size, dtype and memory format, before the first chunk,
+        and cached across calls (``last_run_info()["compiles"]``: what this call compiled, with the time).
+        Modes with inductor's own CUDA graphs ("reduce-overhead", "max-autotune") are refused. A model that
+        cannot be compiled (e.g. a graph break) raises RuntimeError. "auto": compile where it measured to pay
+        off (``sampling.args.choose_compile``); a model that cannot be compiled then falls back with one warning.
     """
     t_start = time.perf_counter()
     job = resolve(model, n, steps, shape=shape, schedule=schedule, prediction=prediction, variance=variance,
                   sampler=sampler, eta=eta, clip=clip, seed=seed, device=device, dtype=dtype,
                   batch_size=batch_size, cuda_graph=cuda_graph, progress=progress, spacing=spacing, graph=graph,
                   memory_format=memory_format, generator=generator, start=start, threads=threads, x_T=x_T,
-                  labels=labels, guidance_scale=guidance_scale)
+                  labels=labels, guidance_scale=guidance_scale, compile=compile)
     info = {"device": str(job.plan.device), "n": job.n, "start": job.start, "batch_size": job.plan.batch,
             "chunks": len(job.chunks),
             "steps": job.schedule.num_steps, "sampler": job.plan.sampler, "seed": job.seed,
             "dtype": str(job.plan.dtype), "autocast": job.plan.autocast, "channels_last": job.plan.channels_last,
             "conditioning": job.plan.conditioning, "guidance_scale": job.guidance_scale,
-            "modes": [], "captures": [], "cache_hits": 0}
+            "modes": [], "captures": [], "cache_hits": 0, "compile": job.compile, "compiles": [],
+            "compile_error": None}
     C, H, W = job.plan.shape
     result = torch.empty((job.n, C, H, W), device=job.plan.device)  # a normal tensor, not an inference tensor
     with _eval_mode(job.model), torch.inference_mode(), using_threads(job.threads):
@@ -128,6 +138,7 @@ def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, 
     if job.plan.device.type == "cuda":
         torch.cuda.synchronize(job.plan.device)
     info["wall_s"] = time.perf_counter() - t_start
+    info["compile_s"] = sum(c["compile_s"] for c in info["compiles"])
     _LAST_INFO.clear()
     _LAST_INFO.update(info)
     return result
@@ -138,7 +149,11 @@ def last_run_info():
     autocast, channels_last, conditioning ("none" | "labels" | "guided") and guidance_scale, modes (per chunk: "eager" | "graph-whole" | "graph-step"), captures (per capture:
     mode, batch, steps, offset_mod4, capture_s, graph_bytes = device memory the capture took, pool_bytes = its
     memory-pool growth),
-    cache_hits (chunks that replayed a cached graph), wall_s (the call, synchronized)."""
+    cache_hits (chunks that replayed a cached graph), compile (the torch.compile mode, or None), compiles (per
+    batch size compiled in this call: mode, batch, compile_s = the warm-up model call that compiled, new_graphs =
+    graphs dynamo compiled, 0 when one compiled before for the same architecture and input was reused),
+    compile_s (their sum), compile_error (why compile="auto" fell back, else None), wall_s (the call,
+    synchronized; compile_s included)."""
     return json.loads(json.dumps(_LAST_INFO, default=str))
 
 
@@ -149,7 +164,7 @@ def _run(job, result, info):
     plan, steps = job.plan, job.schedule.num_steps
     C, H, W = plan.shape
     use_graphs = job.generator is None and job.cuda_graph is not False and graphs.BACKEND.available(plan.device)
-    model = model_to_run(job)
+    model = compiled_for(job, model_to_run(job), info)
     finite, statics = [], {}
     with tqdm(total=len(job.chunks) * steps, disable=not job.progress, desc="ddpm_fast.sample", unit="step",
               dynamic_ncols=True) as bar:

@@ -73,6 +73,9 @@ class TrainConfig:
     num_workers: int = _f(0, "DataLoader worker processes preparing batches (0: in the training process)")
     log_every: int = _f(50, "log the mean loss and steps/s every K steps")
     cuda_graph: bool = _f(False, "capture the whole training step in one CUDA graph (CUDA only, one process)")
+    compile: bool = _f(False, "compile the U-Net's forward and backward with torch.compile (inductor, its own CUDA "
+                       "graphs off, so --cuda-graph captures the compiled step); the first step compiles (tens "
+                       "of seconds on a CPU)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N (torchrun: each process takes cuda:LOCAL_RANK)")
     threads: Optional[int] = _f(None, "torch CPU threads per process: N, or auto = 1 for a small model and batch "
                                 "(see docs/training.md), else torch's default", parse=parse_threads,
@@ -143,7 +146,7 @@ class TrainConfig:
 # Fields a resumed run may change; every other one must match the checkpoint's (else the run would not be the
 # same run: another dataset, batch, seed, ... would silently change what "continue exactly" means).
 RESUMABLE_CHANGES = ("steps", "save_every", "out", "resume", "num_workers", "log_every", "cuda_graph", "device",
-                     "data_dir", "threads")
+                     "data_dir", "threads", "compile")
 
 
 def _is_int(v) -> bool:

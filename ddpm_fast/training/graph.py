@@ -18,7 +18,7 @@ def check_capturable(step: TrainStep) -> None:
         raise ValueError(f"--cuda-graph needs a CUDA device; training runs on {step.x0.device}")
     if step.scaler is not None:
         raise ValueError("--cuda-graph cannot capture fp16's GradScaler (it syncs on inf checks); use --amp bf16")
-    if step.model is not step.net:
+    if getattr(step.model, "_orig_mod", step.model) is not step.net:  # a compiled net is fine, DDP is not
         raise ValueError("--cuda-graph runs in one process; under torchrun (DDP) train without it")
     for group in step.optimizer.param_groups:
         if not group.get("capturable", False) or not isinstance(group["lr"], torch.Tensor):

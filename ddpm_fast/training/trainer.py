@@ -73,6 +73,9 @@ class Trainer:
         if self.dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+        if cfg.compile:  # after DDP: dynamo then splits the graph at DDP's gradient buckets
+            from ..compiler import compile_kwargs
+            self.model = torch.compile(self.model, **compile_kwargs("default"))
         self.stepper = TrainStep(self.model, self.net, self.optimizer, self.ema, self.tables,
                                  (cfg.batch_size // self.dist.world_size, c, h, w), self.device, cfg.amp,
                                  cfg.grad_clip, self.scaler, channels_last=self.device.type == "cuda")
@@ -130,6 +133,7 @@ class Trainer:
         held = "" if held_out is None else f", {held_out} held out for eval (--holdout {cfg.holdout:g})"
         params = sum(p.numel() for p in self.net.parameters())
         amp = {"none": "float32", "bf16": "bfloat16 autocast", "fp16": "float16 autocast"}[cfg.amp]
+        amp += ", torch.compile (the first step compiles)" if cfg.compile else ""
         return [f"dataset {cfg.dataset}: {len(ds)} training images, {c}x{h}x{w}{held}",
                 f"model: {cfg.preset} preset U-Net, {params / 1e6:.2f} M parameters, {h}x{w}x{c}",
                 f"device {self.device} ({self.dist.world_size} process{'es' if self.dist.distributed else ''}), "
