@@ -40,6 +40,8 @@ def add(sub):
     p.add_argument("--overwrite", action="store_true", help="with --out-dir: start over when DIR holds a run "
                    "with other settings")
     add_threads(p)
+    p.add_argument("--compile", action="store_true", help="run the model compiled by torch.compile inside "
+                   "ddpm_fast's loop (the first call compiles: tens of seconds; docs/compile.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -108,7 +110,7 @@ def run(args):
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     kwargs = dict(sampler=args.sampler, eta=args.eta, seed=args.seed, device=device, dtype=dtype,
                   batch_size=args.batch_size, progress=not args.no_progress, threads=args.threads,
-                  spacing=args.spacing, labels=labels, guidance_scale=args.guidance)
+                  spacing=args.spacing, labels=labels, guidance_scale=args.guidance, compile=args.compile)
     try:
         job = resolve(model, n, args.steps, **kwargs)  # every check, before any work
         check_image_path(args.out, job.plan.shape[0])
@@ -123,8 +125,15 @@ def run(args):
     written = args.out + (f" and {args.npz}" if args.npz else "")
     print(f"wrote {n} samples to {written} ({info['steps']} {args.sampler} steps, seed {info['seed']}, "
           f"{_classes_text(labels, info)}{info['wall_s']:.1f} s on {info['device']} with {info['threads']} thread"
-          f"{'s' if info['threads'] != 1 else ''}, {'/'.join(sorted(set(info['modes'])))})")
+          f"{'s' if info['threads'] != 1 else ''}, {'/'.join(sorted(set(info['modes'])))}{_compile_text(info)})")
     return 0
+
+
+def _compile_text(info):
+    if not info["compile"]:
+        return ""
+    return f", model compiled ({info['compile']}" + (f", {info['compile_s']:.1f} s of it compiling)"
+                                                        if info["compiles"] else ", cached)")
 
 
 def _classes_text(labels, info):
@@ -158,7 +167,7 @@ def run_dir(args):
                                       progress=not args.no_progress, steps=args.steps, sampler=args.sampler,
                                       eta=args.eta, seed=args.seed, dtype=dtype, batch_size=args.batch_size,
                                       threads=args.threads, spacing=args.spacing, labels=labels,
-                                      guidance_scale=args.guidance)
+                                      guidance_scale=args.guidance, compile=args.compile)
     except (ValueError, TypeError) as err:  # sample_to_dir checks everything before drawing
         raise UsageError(str(err)) from None
     if rank == 0:
