@@ -7,6 +7,8 @@ Per sampling step, median of interleaved rounds (each round times every piece on
   unet     the compiled U-Net forward alone, called as the loop calls it (ddpm_fast: its input copy and
            precomputed time projections; baseline: torch.compile of the plain channels_last U-Net)
   step     ddpm_fast's fused step alone (p_step on the U-Net's output)
+and, as a control, ddpm_fast.sample(compile=True) of the plain U-Net (fused=False: inductor generates the
+GroupNorm+SiLU code instead of calling ddpm_fast's op),
   outside  full - unet: the step, noise, input copies, Python and dispatch of the loop
 and, from torch.profiler over the same U-Net calls, the ops by self CPU time (ddpm_fast's GroupNorm+SiLU, the
 convolutions, matmuls, and inductor's generated code, which the profiler sees as the compiled region's own time).
@@ -84,11 +86,14 @@ def pieces(preset, n, steps, seed=0):
     whole = CompiledStepSampler(plain, steps, channels_last=True)
     fast_full = lambda: ddpm_fast.sample(models.fused, n, steps, seed=seed, compile=True, progress=False)  # noqa
     eager_full = lambda: ddpm_fast.sample(models.fused, n, steps, seed=seed, progress=False)  # noqa
+    # the same loop with the U-Net's GroupNorm+SiLU left to inductor (the plain U-Net compiled inside ddpm_fast)
+    plain_gn = lambda: ddpm_fast.sample(models.plain, n, steps, seed=seed, compile=True, progress=False)  # noqa
     return {
         "ddpm_fast+compile full": (fast_full, steps),
         "ddpm_fast+compile unet": (unet_fast, 1),
         "ddpm_fast step": (step_fast, 1),
         "ddpm_fast (no compile) full": (eager_full, steps),
+        "ddpm_fast+compile, inductor's GroupNorm+SiLU full": (plain_gn, steps),
         "compile-step-cl full": (lambda: whole.sample(n), steps),
         "compile-step-cl unet": (lambda: unet_plain(x_cl, t), 1),
     }, info
