@@ -57,7 +57,7 @@ def pieces(preset, n, steps, seed=0):
         refresh_time_proj
 
     models = Models(preset, "fp32", "cpu", seed=seed)
-    job = resolve(models.fused, n, steps, seed=seed, compile=True, progress=False)
+    job = resolve(models.fused, n, steps, seed=seed, compile=True, progress=False, threads=None)
     info = {"compiles": []}
     model = compiled_for(job, model_to_run(job), info)
     st = Statics(job.plan, job.schedule)
@@ -84,10 +84,11 @@ def pieces(preset, n, steps, seed=0):
     x_cl = torch.randn((n, *job.plan.shape)).contiguous(memory_format=torch.channels_last)
     t = torch.full((n,), int(st.t[last, 0]), dtype=torch.long)
     whole = CompiledStepSampler(plain, steps, channels_last=True)
-    fast_full = lambda: ddpm_fast.sample(models.fused, n, steps, seed=seed, compile=True, progress=False)  # noqa
-    eager_full = lambda: ddpm_fast.sample(models.fused, n, steps, seed=seed, progress=False)  # noqa
+    run = dict(seed=seed, progress=False, threads=None)  # threads: the count set for every piece, not "auto"
+    fast_full = lambda: ddpm_fast.sample(models.fused, n, steps, compile=True, **run)  # noqa
+    eager_full = lambda: ddpm_fast.sample(models.fused, n, steps, **run)  # noqa
     # the same loop with the U-Net's GroupNorm+SiLU left to inductor (the plain U-Net compiled inside ddpm_fast)
-    plain_gn = lambda: ddpm_fast.sample(models.plain, n, steps, seed=seed, compile=True, progress=False)  # noqa
+    plain_gn = lambda: ddpm_fast.sample(models.plain, n, steps, compile=True, **run)  # noqa
     return {
         "ddpm_fast+compile full": (fast_full, steps),
         "ddpm_fast+compile unet": (unet_fast, 1),

@@ -57,6 +57,20 @@ def test_sampling_variant(benchmark, tiny_models, device, variant):
     assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all()
 
 
+def test_ddpm_fast_runs_at_the_benchmarks_thread_count(tiny_models):
+    """Every variant runs at the thread count the benchmark set: sample's "auto" rule (one thread for a small
+    model) must not quietly give ddpm_fast other threads than the baselines."""
+    from ddpm_fast.bench.sampling import make_variant
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        fn = make_variant("ddpm_fast", tiny_models["cpu"], 2, 3, seed=0)
+        fn()
+        assert fn.threads == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_models_share_weights(tiny_models):
     m = tiny_models["cpu"]
     plain, fused = m.plain.state_dict(), m.fused.state_dict()

@@ -112,10 +112,12 @@ class FastSample:
 
     def __call__(self):
         from ..sampling import last_run_info, sample
-        out = sample(self.model, self.n, self.steps, seed=self.seed, batch_size=self.n, progress=False, **self.kw)
+        # threads=None: the thread count the benchmark set for every variant (not sample's "auto" rule)
+        out = sample(self.model, self.n, self.steps, seed=self.seed, batch_size=self.n, progress=False, threads=None,
+                     **self.kw)
         info = last_run_info()
         self.captures = info["captures"] or self.captures
-        self.modes = sorted(set(info["modes"]))
+        self.modes, self.threads = sorted(set(info["modes"])), info["threads"]
         if info["compiles"]:  # the call that compiled (the benchmark's first call)
             self.compile_s = info["compile_s"]
         return out
@@ -196,7 +198,7 @@ def case_rows(case, timed, fns, skipped, gflops, matmul):
             row.update(peak_mib=t.peak_bytes / 2 ** 20, resident_mib=t.resident_bytes / 2 ** 20)
         fn = fns.get(name)
         if isinstance(fn, FastSample):
-            row["graph_modes"] = fn.modes
+            row["graph_modes"], row["threads"] = fn.modes, fn.threads
             if fn.compile_s is not None:
                 row["compile_s"] = fn.compile_s
             if fn.captures:
