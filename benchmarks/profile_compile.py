@@ -7,8 +7,9 @@ Per sampling step, median of interleaved rounds (each round times every piece on
   unet     the compiled U-Net forward alone, called as the loop calls it (ddpm_fast: its input copy and
            precomputed time projections; baseline: torch.compile of the plain channels_last U-Net)
   step     ddpm_fast's fused step alone (p_step on the U-Net's output)
-and, as a control, ddpm_fast.sample(compile=True) of the plain U-Net (fused=False: inductor generates the
-GroupNorm+SiLU code instead of calling ddpm_fast's op),
+and the same sample(compile=True) with the compiled graph calling ddpm_fast's GroupNorm+SiLU op at every site
+(ops.group_norm_silu.COMPILED_CPU_INFERENCE = "op") instead of the plain ops that inductor fuses itself (the
+default, chosen by this measurement: docs/compile.md),
   outside  full - unet: the step, noise, input copies, Python and dispatch of the loop
 and, from torch.profiler over the same U-Net calls, the ops by self CPU time (ddpm_fast's GroupNorm+SiLU, the
 convolutions, matmuls, and inductor's generated code, which the profiler sees as the compiled region's own time).
@@ -87,14 +88,20 @@ def pieces(preset, n, steps, seed=0):
     run = dict(seed=seed, progress=False, threads=None)  # threads: the count set for every piece, not "auto"
     fast_full = lambda: ddpm_fast.sample(models.fused, n, steps, compile=True, **run)  # noqa
     eager_full = lambda: ddpm_fast.sample(models.fused, n, steps, **run)  # noqa
-    # the same loop with the U-Net's GroupNorm+SiLU left to inductor (the plain U-Net compiled inside ddpm_fast)
-    plain_gn = lambda: ddpm_fast.sample(models.plain, n, steps, compile=True, **run)  # noqa
+    from ddpm_fast.ops import group_norm_silu as gns
+
+    def gn_op():  # the same call with ddpm_fast's GroupNorm+SiLU op as one node per site of the compiled graph
+        before, gns.COMPILED_CPU_INFERENCE = gns.COMPILED_CPU_INFERENCE, "op"
+        try:
+            return fast_full()
+        finally:
+            gns.COMPILED_CPU_INFERENCE = before
     return {
         "ddpm_fast+compile full": (fast_full, steps),
         "ddpm_fast+compile unet": (unet_fast, 1),
         "ddpm_fast step": (step_fast, 1),
         "ddpm_fast (no compile) full": (eager_full, steps),
-        "ddpm_fast+compile, inductor's GroupNorm+SiLU full": (plain_gn, steps),
+        "ddpm_fast+compile, GroupNorm+SiLU as ddpm_fast's op, full": (gn_op, steps),
         "compile-step-cl full": (lambda: whole.sample(n), steps),
         "compile-step-cl unet": (lambda: unet_plain(x_cl, t), 1),
     }, info

@@ -263,7 +263,8 @@ def test_cli_reference_writes_the_datasets_pixels(tmp_path):
 def test_cli_compile_runs_the_compiled_model(tmp_path, model_file):
     """--compile: the grid and the --out-dir run go through sample(compile=True) (dynamo's "eager" backend here,
     so the images equal the uncompiled ones bitwise; a sentence in the output says it compiled)."""
-    prologue = "import sys\nfrom ddpm_fast import compiler\ncompiler.BACKEND = 'eager'"
+    prologue = ("import sys\nfrom ddpm_fast import compiler\nfrom ddpm_fast.ops import group_norm_silu as gns\n"
+                "compiler.BACKEND = 'eager'\ngns.COMPILED_CPU_INFERENCE = 'op'")  # the uncompiled kernels: bitwise
     common = ("--checkpoint", model_file, "--n", "3", "--steps", "3", "--seed", "2", "--device", "cpu",
               "--no-progress")
     done = ddpm_fast_cli("sample", *common, "--compile", "--out", tmp_path / "c.png", "--npz", tmp_path / "c.npz",

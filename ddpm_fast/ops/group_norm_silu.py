@@ -269,7 +269,12 @@ _group_norm_silu_op.register_autograd(_backward, setup_context=_setup_context)
 # gradient (sampling) calls this op instead of the one above: y written into ``out``, no statistics, registered
 # with the plain torch.library API (custom_op's Python layers cost ~15 us a call, as much as the kernel at a small
 # U-Net's shapes), and ``out`` allocated by inductor, which reuses dead buffers for it: a fresh output per call
-# costs a malloc and its page faults, as much again (measured: benchmarks/bench_compile.py).
+# costs a malloc and its page faults, as much again.
+#
+# COMPILED_CPU_INFERENCE picks what a compiled CPU graph without gradients gets: "op" (this op, one node per
+# site) or "inductor" (the plain group_norm + silu, which inductor fuses into its own generated C++ loop with no
+# Python call per site). Chosen by measurement: docs/compile.md, benchmarks/profile_compile.py.
+COMPILED_CPU_INFERENCE = "inductor"
 _LIB = torch.library.Library("ddpm_fast", "FRAGMENT")
 _LIB.define("group_norm_silu_inference_out(Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps, "
             "Tensor(a!) out) -> ()")
@@ -365,6 +370,9 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5):
     eps = float(eps)
     if not _plain_eager(x, weight, bias):
         if x.is_cpu and torch.compiler.is_compiling() and not _wants_grad(x, weight, bias):
+            if COMPILED_CPU_INFERENCE == "inductor":  # inductor generates the fused loop itself (fp32 math)
+                f = (lambda t: None if t is None else t.to(_stats_dtype(x)))  # noqa: E731
+                return F.silu(F.group_norm(f(x), num_groups, f(weight), f(bias), eps)).to(x.dtype)
             y = torch.empty_like(x)  # x's strides when x is dense (the kernel's fast path)
             torch.ops.ddpm_fast.group_norm_silu_inference_out(x, weight, bias, num_groups, eps, y)
             return y

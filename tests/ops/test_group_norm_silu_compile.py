@@ -5,6 +5,7 @@ specification under the error rule, every dtype and layout (the fast path and th
 import pytest
 import torch
 
+from ddpm_fast.ops import group_norm_silu as gns
 from ddpm_fast.ops.group_norm_silu import GroupNormSiLU, group_norm_silu
 from group_norm_silu_rule import ATOL, assert_rule, make_x, naive, ref64
 
@@ -58,7 +59,8 @@ def _graph_ops(fn, *args):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_compiled_module_calls_one_node_per_site(seed, layout):
+def test_compiled_module_calls_one_node_per_site(seed, layout, monkeypatch):
+    monkeypatch.setattr(gns, "COMPILED_CPU_INFERENCE", "op")
     norm = GroupNormSiLU(4, 16, eps=1e-6)
     with torch.no_grad():
         norm.weight.normal_(), norm.bias.normal_()
@@ -71,3 +73,24 @@ def test_compiled_module_calls_one_node_per_site(seed, layout):
     # gradients wanted: the differentiable op (and its backward op), not the inference one
     _, ops = _graph_ops(lambda x: group_norm_silu(x, 4, norm.weight, norm.bias).sum(), x.requires_grad_())
     assert OP not in ops and torch.ops.ddpm_fast.group_norm_silu.default in ops
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_inference_left_to_inductor(seed, layout, dtype, monkeypatch):
+    """COMPILED_CPU_INFERENCE = "inductor": a compiled graph without gradients holds the plain group_norm and silu
+    (inductor fuses them into its own loop), in fp32 math with y in x's dtype, within the error rule; with
+    gradients wanted, still the differentiable op."""
+    monkeypatch.setattr(gns, "COMPILED_CPU_INFERENCE", "inductor")
+    norm = GroupNormSiLU(4, 16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x = make_x((3, 16, 6, 5), layout, dtype)
+    with torch.no_grad():
+        y, ops = _graph_ops(norm, x)
+    assert OP not in ops and torch.ops.ddpm_fast.group_norm_silu.default not in ops
+    assert torch.ops.aten.native_group_norm.default in ops and torch.ops.aten.silu.default in ops
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_rule(y, ref64(x, 4, norm.weight, norm.bias, 1e-6), naive(x, 4, norm.weight, norm.bias, 1e-6), ATOL[dtype])
+    _, ops = _graph_ops(lambda x: group_norm_silu(x, 4, norm.weight, norm.bias).sum(), x.requires_grad_())
+    assert torch.ops.ddpm_fast.group_norm_silu.default in ops

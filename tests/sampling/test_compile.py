@@ -40,8 +40,13 @@ def counter():
 
 @pytest.fixture
 def counting(counter, monkeypatch):
-    """compiler.BACKEND = the counting backend for the test; frame_count = graphs compiled."""
+    """compiler.BACKEND = the counting backend for the test; frame_count = graphs compiled. The compiled CPU
+    graph keeps ddpm_fast's GroupNorm+SiLU op (COMPILED_CPU_INFERENCE = "op"): the eager backend then runs the
+    uncompiled model's kernels, so images agree bitwise (the default, "inductor", has inductor fuse the plain
+    ops: close, not bitwise; tested with inductor below)."""
+    from ddpm_fast.ops import group_norm_silu as gns
     monkeypatch.setattr(compiler, "BACKEND", counter)
+    monkeypatch.setattr(gns, "COMPILED_CPU_INFERENCE", "op")
     return counter
 
 
@@ -178,8 +183,11 @@ def _calls(gm, op):
 
 
 def test_group_norm_silu_stays_one_node_per_site(seed, monkeypatch):
+    """With COMPILED_CPU_INFERENCE = "op": ddpm_fast's inference op, one node per GroupNorm+SiLU site."""
     from ddpm_fast.models.unet import AttentionBlock
+    from ddpm_fast.ops import group_norm_silu as gns
     from ddpm_fast.ops.group_norm_silu import GroupNormSiLU
+    monkeypatch.setattr(gns, "COMPILED_CPU_INFERENCE", "op")
     backend, seen = _aten_graphs()
     monkeypatch.setattr(compiler, "BACKEND", backend)
     model = micro_unet()
@@ -192,6 +200,25 @@ def test_group_norm_silu_stays_one_node_per_site(seed, monkeypatch):
     assert _calls(seen[0], fused) == sites
     assert _calls(seen[0], aten.native_group_norm.default) == attention  # attention's GroupNorm (no SiLU)
     assert _calls(seen[0], aten.silu.default) == 0  # no SiLU outside the fused op (time projections precomputed)
+    torch.testing.assert_close(got, _sample(model, seed=seed), rtol=0, atol=1e-5)
+
+
+def test_group_norm_silu_left_to_inductor(seed, monkeypatch):
+    """With COMPILED_CPU_INFERENCE = "inductor": every GroupNorm of the graph is the plain one (inductor's to
+    fuse), none of ddpm_fast's ops, and the chain agrees with the uncompiled one within rounding."""
+    from ddpm_fast.ops import group_norm_silu as gns
+    from ddpm_fast.ops.group_norm_silu import GroupNormSiLU
+    monkeypatch.setattr(gns, "COMPILED_CPU_INFERENCE", "inductor")
+    backend, seen = _aten_graphs()
+    monkeypatch.setattr(compiler, "BACKEND", backend)
+    model = micro_unet()
+    got = _sample(model, seed=seed, compile=True)
+    assert len(seen) == 1
+    sites = sum(isinstance(m, GroupNormSiLU) for m in model.modules())
+    aten = torch.ops.aten
+    assert _calls(seen[0], torch.ops.ddpm_fast.group_norm_silu_inference_out.default) == 0
+    assert _calls(seen[0], aten.native_group_norm.default) == sites + 4  # and the 4 attention blocks'
+    assert _calls(seen[0], aten.silu.default) == sites
     torch.testing.assert_close(got, _sample(model, seed=seed), rtol=0, atol=1e-5)
 
 
