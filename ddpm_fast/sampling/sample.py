@@ -109,9 +109,9 @@ def sample(model, n, steps=None, *, shape=None, schedule=None, prediction=None, 
         w is Ho & Salimans' w + 1. Any other w runs both as ONE model call on 2B samples and combines them inside
         the fused step kernel, w read from device memory (one CUDA graph serves every w and every labels).
     :param compile: False (default); True or a torch.compile mode ("default", "max-autotune-no-cudagraphs") runs
-        the model's forward compiled by torch.compile (inductor; ddpm_fast's GroupNorm+SiLU stays one node per
-        site, the fused step stays ddpm_fast's, and on CUDA the compiled model runs inside the whole-loop
-        graph). Compiled once per architecture, batch size, dtype and memory format, before the first chunk,
+        the model's forward compiled by torch.compile (inductor; on the CPU inductor fuses GroupNorm+SiLU
+        itself, measured faster than a call of ddpm_fast's op per site: docs/compile.md; the fused step stays
+        ddpm_fast's, and on CUDA the compiled model runs inside the whole-loop graph). Compiled once per architecture, batch size, dtype and memory format, before the first chunk,
         and cached across calls (``last_run_info()["compiles"]``: what this call compiled, with the time).
         Modes with inductor's own CUDA graphs ("reduce-overhead", "max-autotune") are refused. A model that
         cannot be compiled (e.g. a graph break) raises RuntimeError. "auto": compile where it measured to pay

@@ -7,8 +7,6 @@ traces, guards and recompiles exactly as for inductor, in seconds instead of ten
 run the same kernels as the uncompiled model, so compiled and uncompiled images agree bitwise. One test compiles
 with inductor itself (a micro U-Net, ~15 s on 2 cores) and checks every sampler against the uncompiled run.
 """
-import contextlib
-import types
 import warnings
 
 import pytest
@@ -21,6 +19,8 @@ from ddpm_fast.diffusion import SAMPLERS
 from ddpm_fast.sampling import args as sample_args
 from ddpm_fast.sampling import graphs as sampler_graph
 from ddpm_fast.sampling import last_run_info
+
+from fake_graphs import ReplayBody
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 MICRO = dict(ch=8, ch_mult=(1,), num_groups=4)  # 1 level at 8x8: 5 ResBlocks, 4 attention blocks
@@ -255,33 +255,18 @@ def test_a_model_that_cannot_be_compiled(seed, counting, monkeypatch):
 
 # ---- inside the whole-loop graph (CPU stand-in for CUDA graphs) ---------------------------------------------
 
-class ReplayGraphs(sampler_graph.CudaGraphBackend):
-    """CUDA graphs' contract on the CPU: capture keeps the body, replay re-runs it (tests/sampling/test_sample.py
-    has the full stand-in); records how many graphs dynamo had compiled at each capture."""
+class ReplayGraphs(ReplayBody):
+    """CUDA graphs' contract on the CPU (tests/fake_graphs.py); records how many graphs dynamo had compiled at
+    each capture, and runs the body once while capturing (as a real capture records it)."""
 
     def __init__(self, counter):
+        super().__init__()
         self.counter, self.at_capture = counter, []
-
-    def available(self, device):
-        return True
-
-    def pool(self):
-        return None
-
-    @contextlib.contextmanager
-    def side_stream(self, device):
-        yield
-
-    def synchronize(self, device):
-        pass
-
-    def memory(self, device):
-        return 0, 0
 
     def capture(self, body, pool, kind, device):
         self.at_capture.append(self.counter.frame_count)
         body()
-        return types.SimpleNamespace(replay=body)
+        return super().capture(body, pool, kind, device)
 
 
 def test_the_compiled_model_is_captured_in_the_whole_loop_graph(seed, counting, monkeypatch):

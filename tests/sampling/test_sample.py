@@ -16,6 +16,7 @@ from ddpm_fast import NoiseSchedule, UNet
 from ddpm_fast.sampling import graphs as sampler_graph
 from ddpm_fast.sampling import last_run_info
 
+from fake_graphs import ReplayBody
 from oracles import GaussianOracle
 
 HAS_CUDA = torch.cuda.is_available()
@@ -330,34 +331,9 @@ def test_generator_path_reproduces_diffusers_ddpm_pipeline(seed, variance):
 
 # ---- the graph machinery's control flow, on the CPU with a stand-in for CUDA graphs --------------------------
 
-class EagerReplayGraphs(sampler_graph.CudaGraphBackend):
-    """CUDA graphs' contract on the CPU: capture records body (here: keeps it), replay re-runs it. Proves caching,
-    replay order (seed written before replay, x_T inside the whole graph, step index in a tensor), fallbacks."""
-
-    def __init__(self, fail=()):
-        self.fail, self.captured = set(fail), []
-
-    def available(self, device):
-        return True
-
-    def pool(self):
-        return None
-
-    @contextlib.contextmanager
-    def side_stream(self, device):
-        yield
-
-    def synchronize(self, device):
-        pass
-
-    def memory(self, device):
-        return 0, 0
-
-    def capture(self, body, pool, kind, device):
-        self.captured.append(kind)
-        if kind in self.fail:
-            raise RuntimeError(f"simulated {kind} capture failure")
-        return types.SimpleNamespace(replay=body)
+class EagerReplayGraphs(ReplayBody):
+    """CUDA graphs' contract on the CPU (tests/fake_graphs.py): proves caching, replay order (seed written before
+    replay, x_T inside the whole graph, step index in a tensor), fallbacks."""
 
 
 @pytest.fixture

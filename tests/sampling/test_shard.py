@@ -1,12 +1,10 @@
 """ddpm_fast.sample_to_dir in one process: the images are sample()'s, bitwise; a rerun resumes and never uses a
 missing, truncated, corrupt or foreign chunk file; other settings are refused before any work; bad input fails
 first; the files are in the layouts FID tools read. (Several processes under torchrun: test_shard_torchrun.py.)"""
-import contextlib
 import glob
 import json
 import os
 import shutil
-import types
 import zipfile
 
 import numpy as np
@@ -19,6 +17,8 @@ from ddpm_fast import UNet, sample_to_dir
 from ddpm_fast.images import to_uint8
 from ddpm_fast.sampling import chunkfiles, last_run_info
 from ddpm_fast.sampling import graphs as sampler_graph
+
+from fake_graphs import ReplayBody
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -285,32 +285,7 @@ def test_chunk_reader_names_every_problem(tmp_path):
 
 # ---- CUDA graphs: every chunk is the same plan, so the runs share cached graphs ---------------------------------
 
-class ReplayBody(sampler_graph.CudaGraphBackend):
-    """The CUDA-graph contract on the CPU (as tests/sampling/test_sample.py's stand-in): capture keeps the body,
-    replay runs it again."""
 
-    def __init__(self):
-        self.captured = []
-
-    def available(self, device):
-        return True
-
-    def pool(self):
-        return None
-
-    @contextlib.contextmanager
-    def side_stream(self, device):
-        yield
-
-    def synchronize(self, device):
-        pass
-
-    def memory(self, device):
-        return 0, 0
-
-    def capture(self, body, pool, kind, device=None):
-        self.captured.append(kind)
-        return types.SimpleNamespace(replay=body)
 
 
 def test_chunks_share_one_captured_graph(tmp_path, seed, monkeypatch):
