@@ -64,19 +64,29 @@ def compile_kwargs(mode, backend=None):
     return kw
 
 
-def _forward(module, x, t, **kw):
-    return module(x, t, **kw)
+def _forward(module, x, t, *args, **kw):
+    return module(x, t, *args, **kw)
 
 
 def compiled_forward(mode):
-    """The compiled ``forward(module, x, t, **kw)`` of ``mode`` (one per mode and backend, made on first use)."""
+    """The compiled ``forward(module, x, t, *args, **kw)`` of ``mode`` (one per mode and backend, made on first
+    use)."""
     key = (mode, BACKEND if isinstance(BACKEND, str) else id(BACKEND))
     if key not in _FORWARDS:
         kw = compile_kwargs(mode)
-        if "recompile_limit" in inspect.signature(torch.compile).parameters:  # torch >= 2.13; else the global
+        if "recompile_limit" in inspect.signature(torch.compile).parameters:  # torch >= 2.13
             kw.update(recompile_limit=RECOMPILE_LIMIT, isolate_recompiles=True)
+        else:  # older torch: dynamo's global limit (default 8) would make the 9th input a hard failure
+            _raise_global_recompile_limit()
         _FORWARDS[key] = torch.compile(_forward, fullgraph=True, **kw)
     return _FORWARDS[key]
+
+
+def _raise_global_recompile_limit():
+    import torch._dynamo
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name) and getattr(torch._dynamo.config, name) < RECOMPILE_LIMIT:
+            setattr(torch._dynamo.config, name, RECOMPILE_LIMIT)
 
 
 class CompiledModel(nn.Module):
@@ -97,13 +107,15 @@ class CompiledModel(nn.Module):
         return self._module()
 
     def parameters(self, recurse=True):
-        return self._orig_mod.parameters(recurse)
+        module = self._orig_mod
+        return module.parameters(recurse) if isinstance(module, nn.Module) else iter(())
 
     def buffers(self, recurse=True):
-        return self._orig_mod.buffers(recurse)
+        module = self._orig_mod
+        return module.buffers(recurse) if isinstance(module, nn.Module) else iter(())
 
-    def forward(self, x, t, **kw):
-        return compiled_forward(self.mode)(self._orig_mod, x, t, **kw)
+    def forward(self, x, t, *args, **kw):  # *args: a conditional model's labels (sampling/loop.call_model)
+        return compiled_forward(self.mode)(self._orig_mod, x, t, *args, **kw)
 
 
 _HANDLES = weakref.WeakKeyDictionary()  # module -> {(mode, backend): CompiledModel}

@@ -370,7 +370,7 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5):
     eps = float(eps)
     if not _plain_eager(x, weight, bias):
         if x.is_cpu and torch.compiler.is_compiling() and not _wants_grad(x, weight, bias):
-            if COMPILED_CPU_INFERENCE == "inductor":  # inductor generates the fused loop itself (fp32 math)
+            if COMPILED_CPU_INFERENCE == "inductor":  # inductor generates the fused loop (fp32/fp64 math)
                 f = (lambda t: None if t is None else t.to(_stats_dtype(x)))  # noqa: E731
                 return F.silu(F.group_norm(f(x), num_groups, f(weight), f(bias), eps)).to(x.dtype)
             y = torch.empty_like(x)  # x's strides when x is dense (the kernel's fast path)

@@ -21,9 +21,9 @@ from .loop import Statics, init_x, model_step, refresh_time_proj
 
 
 def _input_key(plan):
-    """What the compiled forward's guards see of a plan: the model's batch (2B when guided), how it is called
-    (conditioning), image shape, dtype, autocast, memory format."""
-    return plan.model_batch, plan.conditioning, plan.shape, plan.dtype, plan.autocast, plan.channels_last
+    """What the compiled forward's guards see of a plan: device, the model's batch (2B when guided), how it is
+    called (conditioning), image shape, dtype, autocast, memory format."""
+    return plan.device, plan.model_batch, plan.conditioning, plan.shape, plan.dtype, plan.autocast, plan.channels_last
 
 
 def compiled_for(job, model, info):
@@ -32,8 +32,14 @@ def compiled_for(job, model, info):
     info["compiles"] (batch, compile_s, new_graphs: graphs dynamo compiled; 0 = one compiled before was reused)."""
     if job.compile is None:
         return model
-    handle = compiler.compiled_model(model, job.compile)
+    try:
+        handle = compiler.compiled_model(model, job.compile)
+    except TypeError as err:  # a callable that cannot be weakly referenced (the handle cache holds models weakly)
+        return _cannot_compile(job, model, None, err, info)
     if handle.failed:
+        if job.compile_explicit:  # an earlier compile="auto" call found it cannot be compiled: still an error
+            raise RuntimeError(f"the model cannot be compiled with torch.compile (mode {job.compile!r}, as one "
+                               f"graph): {handle.failed}; sample it with compile=False")
         info["compile_error"] = handle.failed
         return model
     for b in sorted({b for _, b in job.chunks}, reverse=True):
@@ -70,7 +76,8 @@ def _cannot_compile(job, model, handle, err, info):
     if job.compile_explicit:
         raise RuntimeError(f"the model cannot be compiled with torch.compile (mode {job.compile!r}, as one graph): "
                            f"{reason}; sample it with compile=False") from err
-    handle.failed = reason
+    if handle is not None:
+        handle.failed = reason
     info["compile_error"] = reason
     warnings.warn(f"ddpm_fast.sample: compile='auto' could not compile the model, sampling it uncompiled: "
                   f"{reason}", RuntimeWarning, stacklevel=4)

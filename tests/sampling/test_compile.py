@@ -162,6 +162,44 @@ def test_a_foreign_model_and_the_generator_path(seed, counting):
     assert torch.equal(_sample(model, generator=g(), compile=True, **kw), _sample(model, generator=g(), **kw))
 
 
+def test_a_foreign_conditional_model_gets_its_labels_compiled(seed, counting):
+    """A module with ``null_label`` is called model(x, t, y): the labels reach the compiled forward positionally,
+    with and without guidance, and the images equal the uncompiled ones."""
+    class Cond(nn.Module):
+        null_label = 3
+
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Parameter(torch.linspace(-1, 1, 8).view(4, 2))
+
+        def forward(self, x, t, y=None):
+            y = torch.full_like(t, self.null_label) if y is None else y
+            return torch.tanh(x + self.emb[y].view(-1, 2, 1, 1) + t.view(-1, 1, 1, 1) * 1e-3)
+
+    kw = dict(shape=(2, 4, 4), schedule=NoiseSchedule.linear(40), seed=seed, labels=[0, 2, 1])
+    model = Cond()
+    for w in (1, 2.5):
+        assert torch.equal(_sample(model, compile=True, guidance_scale=w, **kw),
+                           _sample(model, guidance_scale=w, **kw)), w
+        assert [c["model_batch"] for c in last_run_info()["compiles"]] in ([], [3 if w == 1 else 6])
+
+
+def test_a_plain_function_as_model_compiles_under_graphs(seed, counting, monkeypatch):
+    """A function (no parameters) as the model, compiled, inside the (CPU stand-in) CUDA-graph path."""
+    monkeypatch.setattr(sampler_graph, "BACKEND", ReplayBody())
+    sampler_graph.clear_graph_cache()
+    kw = dict(shape=(1, 4, 4), schedule=NoiseSchedule.linear(30), seed=seed)
+
+    def model(x, t):
+        return torch.tanh(x * 0.5 + t.view(-1, 1, 1, 1) * 1e-3)
+    try:
+        got = _sample(model, compile=True, **kw)
+        assert last_run_info()["modes"] == ["graph-whole"]
+        assert torch.equal(got, _sample(model, cuda_graph=False, **kw))
+    finally:
+        sampler_graph.clear_graph_cache()
+
+
 # ---- what the compiled graph holds ------------------------------------------------------------------------
 
 def _aten_graphs():
@@ -251,6 +289,8 @@ def test_a_model_that_cannot_be_compiled(seed, counting, monkeypatch):
         warnings.simplefilter("error")  # the failure is remembered: no second try, no second warning
         assert torch.equal(_sample(model, compile="auto", **kw), got)
     assert "graph_break" in last_run_info()["compile_error"]
+    with pytest.raises(RuntimeError, match="cannot be compiled.*graph_break"):  # asked for: still an error
+        _sample(model, compile=True, **kw)
 
 
 # ---- inside the whole-loop graph (CPU stand-in for CUDA graphs) ---------------------------------------------
