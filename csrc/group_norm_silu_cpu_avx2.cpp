@@ -18,19 +18,7 @@ namespace gns_avx2 {
 #include "group_norm_silu_cpu_vec.h"
 #include "group_norm_silu_cpu_simd_fwd.inc"
 #include "group_norm_silu_cpu_simd_bwd.inc"
-
-#define GNS_SIMD_INSTANTIATE(T)                                                                                 \
-  template void fwd_nchw<T>(const GroupNormSiLUParams&, int64_t, int64_t);                                      \
-  template void col_sums<T>(const T*, int64_t, int64_t, const float*, double*, double*);                         \
-  template void fwd_rows<T>(const T*, T*, int64_t, int64_t, const float*, const float*, const float*);          \
-  template void bwd_group<T>(const T*, const T*, T*, const float*, const float*, int64_t, int64_t, float, float, \
-                             float*, double*, double*);                                                         \
-  template void nhwc_bwd_sums<T>(const T*, const T*, T*, int64_t, int64_t, const float*, const float*,           \
-                                 const float*, const float*, double*, double*);                                 \
-  template void nhwc_bwd_dx<T>(const T*, const T*, T*, int64_t, int64_t, const float*, const float*,             \
-                               const float*, const float*, const float*, const float*, const float*);
-GNS_SIMD_INSTANTIATE(float)
-GNS_SIMD_INSTANTIATE(bf16)
+#include "group_norm_silu_cpu_simd_instances.inc"
 
 }  // namespace gns_avx2
 }  // namespace ddpm_fast
