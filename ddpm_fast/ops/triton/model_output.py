@@ -1,4 +1,5 @@
-"""How every fused sampler kernel reads the model: where an element's model output lives, and ONE function that
+"""How every fused sampler kernel reads its step and the model: the step index (``step_index``), where an
+element's model output lives, and ONE function that
 turns it into the data prediction x_0 (``data_prediction``), shared by the DDPM/DDIM step and the few-step
 solvers. Classifier-free guidance lives here too, for every sampler at once: with GUIDED the model ran on 2N
 samples (the conditional outputs first), an element's conditional value c is at ``mo_off`` and its unconditional
@@ -17,6 +18,18 @@ _SRA = tl.constexpr(ROW["sqrt_recip_alphas_cumprod"])
 _SRM1 = tl.constexpr(ROW["sqrt_recipm1_alphas_cumprod"])
 
 PRED_CODES = {"eps": 0, "x0": 1, "v": 2}
+
+
+@triton.jit
+def step_index(step_ptr, step_arg, num_steps, pid, STEP_FROM_PTR: tl.constexpr):
+    """The step index from device memory (a captured graph replays it with a new value) or the integer argument,
+    clamped to the table for memory safety only: the Python layer validates every step it can see without a
+    device sync."""
+    if STEP_FROM_PTR:
+        step = tl.load(step_ptr)
+    else:
+        step = pid * 0 + step_arg
+    return tl.minimum(tl.maximum(step, 0), num_steps - 1)
 
 
 @triton.jit

@@ -17,8 +17,8 @@ import triton.language as tl
 from ...diffusion.schedule import ROW
 from .. import device as _device
 from ..common import nc_s_strides
-from .model_output import PRED_CODES, data_prediction, model_output_offsets, table_row as _row
-from .philox import first_group, launch_geometry, randn_block
+from .model_output import PRED_CODES, data_prediction, model_output_offsets, step_index, table_row as _row
+from .philox import launch_geometry, step_noise
 
 VAR_CODES = {"fixed_small": 0, "fixed_large": 1, "learned_range": 2}
 NOISE_NONE, NOISE_INPUT, NOISE_PHILOX = 0, 1, 2
@@ -81,12 +81,7 @@ def _p_step_kernel(
     pid = tl.program_id(0)
     local = pid * BLOCK + tl.arange(0, BLOCK) - lead
     mask = (local >= 0) & (local < n_elements)
-    if STEP_FROM_PTR:
-        step = tl.load(step_ptr)
-    else:
-        step = pid * 0 + step_arg
-    # Clamped for memory safety only: the Python layer validates every step it can see without a device sync.
-    step = tl.minimum(tl.maximum(step, 0), num_steps - 1)
+    step = step_index(step_ptr, step_arg, num_steps, pid, STEP_FROM_PTR)
 
     x = tl.load(x_ptr + local, mask=mask, other=0.0).to(tl.float32)
     mo_off = model_output_offsets(local, C, S, mo_sn, mo_sc, mo_ss, CHANNELS_LAST, MO_LIKE_X)
@@ -96,11 +91,8 @@ def _p_step_kernel(
     a, b, sigma = _step_coefs(tab_ptr, num_steps, step, eta, VAR, DDIM)
     res = a * x0 + b * x
     if NOISE != 0:
-        if NOISE == 1:
-            z = tl.load(noise_ptr + local, mask=mask, other=0.0).to(tl.float32)
-        else:
-            group = first_group(offset_ptr, offset_arg, OFFSET_FROM_PTR) + pid * (BLOCK // 4)
-            z = randn_block(tl.load(seed_ptr), group, step, STREAM, BLOCK)
+        z = step_noise(noise_ptr, local, mask, seed_ptr, offset_ptr, offset_arg, pid, step, NOISE, STREAM,
+                       OFFSET_FROM_PTR, BLOCK)
         if VAR == 2 and not DDIM:
             # learned_range: v in [-1, 1] interpolates log variance between the posterior's and log beta.
             frac = (tl.load(mo_ptr + mo_off + var_off, mask=mask, other=0.0).to(tl.float32) + 1.0) * 0.5

@@ -65,6 +65,19 @@ def first_group(offset_ptr, offset_arg, OFFSET_FROM_PTR: tl.constexpr):
 
 
 @triton.jit
+def step_noise(noise_ptr, local, mask, seed_ptr, offset_ptr, offset_arg, pid, step, NOISE: tl.constexpr,
+               STREAM: tl.constexpr, OFFSET_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
+    """A sampler step's noise for the block's elements ``local``: the caller's tensor (NOISE == 1), or Philox
+    normals of (seed, step, stream) at the elements' global offsets (NOISE == 2)."""
+    if NOISE == 1:
+        z = tl.load(noise_ptr + local, mask=mask, other=0.0).to(tl.float32)
+    else:
+        group = first_group(offset_ptr, offset_arg, OFFSET_FROM_PTR) + pid * (BLOCK // 4)
+        z = randn_block(tl.load(seed_ptr), group, step, STREAM, BLOCK)
+    return z
+
+
+@triton.jit
 def _seeded_randn_kernel(
         out_ptr,       # output, n_elements in memory order; fp32/fp16/bf16
         seed_ptr,      # int64 Philox key in device memory

@@ -16,8 +16,8 @@ import triton.language as tl
 
 from ...diffusion import solvers
 from ..common import nc_s_strides
-from .model_output import PRED_CODES, data_prediction, model_output_offsets, table_row
-from .philox import first_group, launch_geometry, randn_block
+from .model_output import PRED_CODES, data_prediction, model_output_offsets, step_index, table_row
+from .philox import launch_geometry, step_noise
 
 NOISE_NONE, NOISE_INPUT, NOISE_PHILOX = 0, 1, 2
 _CX, _CL, _C0, _C1, _C2 = (tl.constexpr(solvers.ROW[n]) for n in ("cx", "cl", "c0", "c1", "c2"))
@@ -50,12 +50,7 @@ def _solver_step_kernel(
     pid = tl.program_id(0)
     local = pid * BLOCK + tl.arange(0, BLOCK) - lead
     mask = (local >= 0) & (local < n_elements)
-    if STEP_FROM_PTR:
-        step = tl.load(step_ptr)
-    else:
-        step = pid * 0 + step_arg
-    # Clamped for memory safety only: the Python layer validates every step it can see without a device sync.
-    step = tl.minimum(tl.maximum(step, 0), num_steps - 1)
+    step = step_index(step_ptr, step_arg, num_steps, pid, STEP_FROM_PTR)
 
     x = tl.load(x_ptr + local, mask=mask, other=0.0).to(tl.float32)
     mo_off = model_output_offsets(local, C, S, mo_sn, mo_sc, mo_ss, CHANNELS_LAST, MO_LIKE_X)
@@ -79,11 +74,8 @@ def _solver_step_kernel(
         res += table_row(coef_ptr, _B2, num_steps, step) * h2
         tl.store(h2_ptr + local, h1, mask=mask)
     if NOISE != 0:
-        if NOISE == 1:
-            z = tl.load(noise_ptr + local, mask=mask, other=0.0).to(tl.float32)
-        else:
-            group = first_group(offset_ptr, offset_arg, OFFSET_FROM_PTR) + pid * (BLOCK // 4)
-            z = randn_block(tl.load(seed_ptr), group, step, STREAM, BLOCK)
+        z = step_noise(noise_ptr, local, mask, seed_ptr, offset_ptr, offset_arg, pid, step, NOISE, STREAM,
+                       OFFSET_FROM_PTR, BLOCK)
         res += table_row(coef_ptr, _S, num_steps, step) * z  # s = 0 at the last step (to sigma 0): no noise
     tl.store(h1_ptr + local, m, mask=mask)
     tl.store(out_ptr + local, res.to(out_ptr.dtype.element_ty), mask=mask)
