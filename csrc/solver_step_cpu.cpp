@@ -107,25 +107,15 @@ void solver_step_cpu(const SolverStepCpuArgs& A, int threads) {
   if (A.N < 0 || A.C < 1 || A.S < 1 || A.element_offset < 0 || !A.x || !A.mo || !A.out || !A.h1)
     throw std::invalid_argument("solver_step_cpu: bad sizes or pointers");
   const int64_t n = A.N * A.C * A.S;
-  // Runs: the innermost memory dimension of x, merged with the next ones while the model output is contiguous
-  // across them (a model output laid out like x gives one run per tile), as in p_step_cpu.
-  const int64_t in_len = A.channels_last ? A.C : A.S, in_st = A.channels_last ? A.mo_sc : A.mo_ss;
-  const int64_t mid_len = A.channels_last ? A.S : A.C, mid_st = A.channels_last ? A.mo_ss : A.mo_sc;
-  int64_t run = in_len;
-  if (mid_st == in_len * in_st) run *= mid_len;
-  if (run == A.C * A.S && A.mo_sn == run * in_st) run = n > 0 ? n : 1;
+  const ModelOutputRuns runs(A.channels_last, A.N, A.C, A.S, A.mo_sn, A.mo_sc, A.mo_ss);
   parallel_tiles(n, threads, [&](int64_t l0, int64_t l1) {
     alignas(32) float z[kTile];
     const bool draw = A.add_noise && !A.noise;
     if (draw) philox_randn_range(z, A.element_offset + l0, A.element_offset + l1, A.seed, A.step, A.stream);
-    for (int64_t l = l0; l < l1;) {
-      int64_t len = std::min(run - l % run, l1 - l);
-      int64_t ns = l / (A.C * A.S), rem = l % (A.C * A.S);
-      int64_t base = ns * A.mo_sn + (rem / in_len) * mid_st + (rem % in_len) * in_st;
+    runs.for_each(l0, l1, [&](int64_t l, int64_t len, int64_t base) {
       const float* zp = !A.add_noise ? nullptr : A.noise ? A.noise + l : z + (l - l0);
-      solver_run(A, l, len, base, in_st, zp);
-      l += len;
-    }
+      solver_run(A, l, len, base, runs.in_st, zp);
+    });
   });
 }
 
