@@ -16,6 +16,8 @@ from ddpm_fast.ops.noise import STREAM_P_STEP
 from ddpm_fast.ops.p_step import p_step, p_step_ref
 from ddpm_fast.ops.solver_step import SolverState, solver_step, solver_step_ref
 
+from solver_states import clone_state as _clone, random_state as _state, state_tensors as _states
+
 needs_triton = pytest.mark.triton_cpu  # the Triton interpreter on CPU tensors (conftest.py)
 needs_ext = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="needs the compiled extension")
 BACKENDS = [pytest.param("cpp", marks=needs_ext), "torch", pytest.param("triton", marks=needs_triton)]
@@ -52,22 +54,6 @@ def _rule(out, ref64, naive, dtype, what):
     bound = 2 * (naive.double() - ref64).abs().max().item() + ATOL[dtype]
     assert err <= bound, f"{what}: error {err:.3g} > {bound:.3g}"
     assert out.dtype == dtype
-
-
-def _state(sampler, x, gen):
-    st = SolverState.zeros_like(x, sampler)
-    for t in (st.h1, st.h2, st.last):
-        if t is not None:
-            t.copy_(torch.randn(t.shape, generator=gen))
-    return st
-
-
-def _clone(st, dtype=None):
-    return SolverState(*(None if t is None else t.clone().to(dtype or t.dtype) for t in (st.h1, st.h2, st.last)))
-
-
-def _states(st):
-    return (st.h1, st.h2, st.last)
 
 
 # ---- the specification ----------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from ddpm_fast.ops.noise import STREAM_P_STEP, philox_randn_ref
 from ddpm_fast.ops.p_step import p_step
 from ddpm_fast.ops.solver_step import SolverState, solver_step, solver_step_ref
 
+from solver_states import clone_state as _clone, random_state as _state
+
 needs_triton = pytest.mark.skipif(not _ext.has_triton(), reason="needs triton")
 needs_ext = pytest.mark.skipif(not _ext.has_cpu_kernels(), reason="needs the compiled extension")
 BACKENDS = [pytest.param("cpp", marks=needs_ext), "torch", pytest.param("triton", marks=needs_triton)]
@@ -26,19 +28,6 @@ def _inputs(shape, variance, dtype, gen, device="cpu"):
     x = (torch.randn(shape, generator=gen) * 1.5).to(device, dtype)
     mo = torch.randn((N, 2 * C if variance == "learned_range" else C, *shape[2:]), generator=gen).to(device, dtype)
     return x, mo, torch.randn(shape, generator=gen).to(device, dtype)
-
-
-def _state(sampler, x, gen):
-    """A history with random (never zero) values, float32 like x."""
-    st = SolverState.zeros_like(x, sampler)
-    for t in (st.h1, st.h2, st.last):
-        if t is not None:
-            t.copy_(torch.randn(t.shape, generator=gen))
-    return st
-
-
-def _clone(st, dtype=None):
-    return SolverState(*(None if t is None else t.clone().to(dtype or t.dtype) for t in (st.h1, st.h2, st.last)))
 
 
 def _truncate_bf16(t):
