@@ -19,6 +19,8 @@ from ddpm_fast import UNet
 from ddpm_fast.cli import main
 from ddpm_fast.images import to_uint8
 
+from clirun import torchrun
+
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 N, BATCH, STEPS = 11, 3, 3  # 4 chunks: 3, 3, 3, 2 images
@@ -48,18 +50,6 @@ def sample_args(setup, out_dir):
     model_file, seed, _ = setup
     return ["sample", "--checkpoint", model_file, "-n", str(N), "--steps", str(STEPS), "--seed", str(seed),
             "--device", "cpu", "--batch-size", str(BATCH), "--out-dir", str(out_dir), "--no-progress"]
-
-
-def torchrun(nproc, args, cwd, fault=None):
-    """`torchrun --standalone --nproc-per-node nproc ARGS` in its own session (a fault's SIGINT stays inside)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("DDPM_FAST_TEST_FAULT", None)
-    if fault:
-        env["DDPM_FAST_TEST_FAULT"] = fault
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
-    # cwd outside the checkout: ./ddpm_fast (no _C in a fresh clone) must not shadow the installed package
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
-                          start_new_session=True)
 
 
 def arr0(path):

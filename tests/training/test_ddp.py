@@ -3,11 +3,11 @@
 step with a checkpoint that resumes exactly."""
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from clirun import torchrun
 
 SCRIPT = textwrap.dedent('''
     import json, sys
@@ -77,9 +77,7 @@ SCRIPT = textwrap.dedent('''
 def test_ddp_two_processes_gloo(tmp_path):
     script = tmp_path / "ddp_script.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun(2, [script, tmp_path], cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stderr.count("training stopped by SIGTERM after step 3") == 1  # rank 0 says it, once
     assert "torchrun --standalone --nproc_per_node 2 -m ddpm_fast train --out" in proc.stderr

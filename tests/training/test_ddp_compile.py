@@ -4,12 +4,11 @@ resume + 2 steps equal 4 straight steps bitwise. AOTAutograd's "aot_eager" backe
 (dynamo, DDP's graph splitting and the traced forward and backward, without inductor's code generation, which
 would cost each process ~40 s of compiling): inductor's resume is tested in one process (test_compile.py)."""
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from clirun import torchrun
 
 SCRIPT = textwrap.dedent('''
     import json, sys
@@ -46,9 +45,7 @@ SCRIPT = textwrap.dedent('''
 def test_ddp_with_compile_two_processes_gloo(tmp_path):
     script = tmp_path / "ddp_compile.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun(2, [script, tmp_path], cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for r in (0, 1):
         res = json.loads((tmp_path / f"rank{r}.json").read_text())
