@@ -174,8 +174,8 @@ int64_t nhwc_blocks(const GroupNormSiLUParams& p, int nt) {
   return std::max<int64_t>(1, std::min<int64_t>(want, p.HW / 8));
 }
 
-// Sample n's statistics from its per-channel sums s, q over all rows (shifted by shift[c], the group's first
-// element: see finish_stats): mean/rstd of each group, and each channel's mu, a = rstd * w, c0 = b.
+// Sample n's statistics from its per-channel sums s, q over all rows (shifted by shift[c], near the group's
+// mean: see group_shift): mean/rstd of each group, and each channel's mu, a = rstd * w, c0 = b.
 template <typename A>
 void nhwc_sample_stats(const GroupNormSiLUParams& p, int64_t n, const double* s, const double* q, const A* shift,
                        A* mu, A* a, A* c0) {
@@ -194,10 +194,20 @@ void nhwc_sample_stats(const GroupNormSiLUParams& p, int64_t n, const double* s,
   }
 }
 
-// Every channel of sample n's group is shifted by the group's first element.
+// Every channel of sample n's group is shifted by one value near the group's mean: the mean of its channels over
+// the first rows, at least kShiftSample elements (see group_shift). The rows are summed along C (vectorizes).
 template <typename T, typename A> void nhwc_shift(const GroupNormSiLUParams& p, const T* xn, A* shift) {
-  for (int64_t cg = 0; cg < p.C; cg += p.D())
-    for (int64_t c = cg; c < cg + p.D(); ++c) shift[c] = load(xn + cg);
+  const int64_t C = p.C, D = p.D(), rows = std::min(p.HW, (kShiftSample + D - 1) / D);
+  std::fill(shift, shift + C, A(0));
+  for (int64_t r = 0; r < rows; ++r)
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) shift[c] += load(xn + r * C + c);
+  for (int64_t cg = 0; cg < C; cg += D) {
+    A s = 0;
+    for (int64_t c = cg; c < cg + D; ++c) s += shift[c];
+    s /= A(rows * D);
+    for (int64_t c = cg; c < cg + D; ++c) shift[c] = s;
+  }
 }
 
 // One task per sample when the samples alone balance the threads (nhwc_blocks == 1; the U-Net's small maps):

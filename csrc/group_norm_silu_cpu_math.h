@@ -103,7 +103,7 @@ template <typename A> GNS_INLINE A silu_grad(A z, A g, ExpRange er) {
 
 // mean and 1/sqrt(var + eps) from n elements' sums s = sum(x - shift), q = sum((x - shift)^2), given inv_n = 1/n
 // (callers hoist the division: with the sqrt and the last division it bounded the small groups' statistics).
-// The shift is one of the elements, so q/n - (s/n)^2 does not cancel catastrophically when |mean| >> std.
+// The shift is near the mean (group_shift), so q/n - (s/n)^2 does not cancel catastrophically when |mean| >> std.
 template <typename A> GNS_INLINE void finish_stats(double inv_n, double shift, double s, double q, double eps,
                                                    A* mean, A* rstd) {
   const double m = s * inv_n, var = q * inv_n - m * m;
@@ -128,6 +128,24 @@ GNS_INLINE void row_shifted_sums(const T* row, int64_t n, double shift, double* 
 }
 
 template <typename T> using Acc = typename AccOf<T>::type;
+
+// The shift of an NCHW group's shifted sums: the mean of its first kShiftSample (contiguous) elements; NHWC's is
+// nhwc_shift's. q/n - (s/n)^2 cancels by a factor 1 + ((mean - shift) / std)^2: shifting by the group's first
+// element alone lost ~15 ulp of rstd (y off by ~8x PyTorch's own fp32 error) whenever that element was a 3-sigma
+// outlier; the mean of 8 divides the factor's excess by 8. A tree of adds, not a loop-carried sum: small groups
+// (32 elements) take a few ns each, and a serial 16-element sum measured +30% there.
+constexpr int64_t kShiftSample = 8;
+template <typename T> GNS_INLINE Acc<T> group_shift(const T* x, int64_t n) {
+  using A = Acc<T>;
+  if (n >= kShiftSample) {
+    A v[kShiftSample];
+    for (int64_t i = 0; i < kShiftSample; ++i) v[i] = load(x + i);
+    return (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))) / A(kShiftSample);
+  }
+  A s = 0;
+  for (int64_t i = 0; i < n; ++i) s += load(x + i);
+  return s / A(n);
+}
 
 // The NHWC backward parks dz in dx itself (read back by pass 2 instead of recomputing the sigmoid) when dx's
 // type holds it exactly: fp32 and fp64, not bf16.

@@ -29,7 +29,7 @@ GNS_CLONES void fwd_nchw_group(const T* x, T* y, const Acc<T>* w, const Acc<T>* 
   const ExpRange er{gns_exp_lo, gns_exp_hi};
   // The group is D*HW contiguous elements: one pass of shifted sums over all of it.
   double sum, sumsq;
-  const double shift = load(x);
+  const double shift = group_shift(x, D * HW);
   row_shifted_sums(x, D * HW, shift, &sum, &sumsq);
   A mu, r;
   finish_stats(1.0 / double(D * HW), shift, sum, sumsq, eps, &mu, &r);

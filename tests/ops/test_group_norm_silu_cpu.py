@@ -88,6 +88,23 @@ def test_no_affine_and_extreme_inputs(seed, isa, layout):
     assert y[0, :8].isnan().all() and not y[0, 8:].isnan().any() and not y[1].isnan().any()
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("G", [8, 32])
+def test_statistics_when_a_groups_first_element_is_an_outlier(seed, isa, threads, layout, G):
+    """Every group's first element 8 sigma above its mean. The kernels sum x - shift; a shift at that element made
+    q/n - (s/n)^2 cancel by ~65x and y missed the rule by up to 10x (a fresh-seed CI run caught 2-sigma
+    outliers); the shift is now the mean of the group's first 16 elements."""
+    shape = (3, 64, 9, 11)  # groups of 8 or 2 channels x 99: past the 16 elements the shift averages
+    x = make_x(shape, layout, torch.float32)
+    x[:, :: 64 // G, 0, 0] = 0.5 + 8 * 2.0  # make_x's offset + 8 * its scale, in place on the layout's view
+    w, b = affine(64)
+    for wr, br in ((w, b), (None, None)):
+        y, mean, rstd = gns._fwd_cpp(x, wr, br, G, 1e-5)
+        assert_rule(y, ref64(x, G, wr, br), naive(x, G, wr, br), ATOL[torch.float32])
+        xs = x.double().reshape(3, G, -1)
+        torch.testing.assert_close(rstd.double(), (xs.var(-1, unbiased=False) + 1e-5).rsqrt(), atol=0, rtol=4e-7)
+
+
 @pytest.mark.skipif(len(ISAS) < 2, reason="this CPU runs only the portable kernels")
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_paths_agree(seed, layout):
