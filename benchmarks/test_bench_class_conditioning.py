@@ -1,26 +1,15 @@
 """Smoke test of benchmarks/bench_class_conditioning.py (CI: `pytest benchmarks --benchmark-disable`): the dry run
 writes its JSON with every variant timed, and the variants compute the same projections."""
-import importlib.util
 import json
-import os
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("_bench_class_conditioning",
-                                                  os.path.join(HERE, "bench_class_conditioning.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bench_class_conditioning_smoke(tmp_path, capsys):
+def test_bench_class_conditioning_smoke(tmp_path, capsys, bench_script):
     threads = torch.get_num_threads()
     try:
-        assert _script().main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
+        bench = bench_script("bench_class_conditioning")
+        assert bench.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
     finally:
         torch.set_num_threads(threads)
     (path,) = tmp_path.glob("*-quick.json")
@@ -30,10 +19,10 @@ def test_bench_class_conditioning_smoke(tmp_path, capsys):
     assert "Class conditioning per step" in capsys.readouterr().out
 
 
-def test_variants_agree():
+def test_variants_agree(bench_script):
     """Every way of getting a step's projections gives the numbers forward would use."""
     from ddpm_fast.models import UNet
-    bench = _script()
+    bench = bench_script("bench_class_conditioning")
     torch.manual_seed(0)
     model = UNet.preset("tiny", num_classes=4).eval()
     with torch.inference_mode():

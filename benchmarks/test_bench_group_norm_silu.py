@@ -68,16 +68,11 @@ def test_forward_channels_last(benchmark, impl):
     assert y.shape == x.shape
 
 
-def test_comparison_script_quick(tmp_path):
+def test_comparison_script_quick(tmp_path, bench_script):
     """benchmarks/bench_group_norm_silu.py --quick runs end to end (both layouts, threads 1 and 2) and records what
     a reader needs: the commit, the load, each side's thread count, geometric means per layout and pass."""
-    import importlib.util
     import json
-    import os
-    spec = importlib.util.spec_from_file_location(
-        "bench_group_norm_silu", os.path.join(os.path.dirname(__file__), "bench_group_norm_silu.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = bench_script("bench_group_norm_silu")
     out = tmp_path / "gns.json"
     script.main(["--quick", "--repeats", "1", "--allow-dirty", "--json", str(out)])
     d = json.loads(out.read_text())

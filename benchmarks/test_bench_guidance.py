@@ -1,26 +1,16 @@
 """Smoke test of benchmarks/bench_guidance.py (CI: `pytest benchmarks --benchmark-disable`; it is also the GPU
 suite's dry run): every variant runs and is timed, with speedups against the naive loop and the best plain one.
 (The plain guided loop's correctness: tests/bench/test_baseline.py, against the exact guided law.)"""
-import importlib.util
 import json
-import os
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("_bench_guidance", os.path.join(HERE, "bench_guidance.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bench_guidance_smoke(tmp_path, capsys):
+def test_bench_guidance_smoke(tmp_path, capsys, bench_script):
     threads = torch.get_num_threads()
     try:
-        assert _script().main(["--quick", "--threads", "1", "--allow-dirty", "--json", str(tmp_path / "g.json")]) == 0
+        bench = bench_script("bench_guidance")
+        assert bench.main(["--quick", "--threads", "1", "--allow-dirty", "--json", str(tmp_path / "g.json")]) == 0
     finally:
         torch.set_num_threads(threads)
     doc = json.loads((tmp_path / "g.json").read_text())

@@ -1,28 +1,11 @@
 """Smoke tests of the sample-quality benchmarks (CI runs them once, untimed) and a unit test of the decision rule
 that chose the samplers' defaults (benchmarks/quality_per_step.py)."""
-import importlib.util
 import json
-import os
 
 import pytest
-import torch
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(HERE, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _rows(table):
@@ -31,11 +14,11 @@ def _rows(table):
             for (s, sp, k), fds in table.items() for i, fd in enumerate(fds)]
 
 
-def test_decision_rule():
+def test_decision_rule(bench_script):
     """Rules 1-5 of quality_per_step.py on made-up FDs: the reference's largest FD is the bar (0.12); a match at few
     steps wins with the lowest-median spacing at the fewest steps; otherwise the geometric-mean spacing and the
     fewer of 50 / 100 that match; 100 when nothing matches; the fewest steps are recommended."""
-    q = _script("quality_per_step")
+    q = bench_script("quality_per_step")
     table = {("ddpm", "linspace", 1000): [0.10, 0.12, 0.08]}
     for sp, few in (("linspace", [0.9, 0.30, 0.20]), ("trailing", [0.8, 0.11, 0.10]), ("logsnr", [2.0, 0.10, 0.09])):
         table.update({("a", sp, k): [v, v + 0.01, v - 0.01] for k, v in zip((5, 10, 20), few)})
@@ -53,10 +36,10 @@ def test_decision_rule():
     assert d["recommended"] == {"sampler": "a", "steps": 10, "spacing": "logsnr"}
 
 
-def test_quality_per_step_smoke(tmp_path):
+def test_quality_per_step_smoke(tmp_path, bench_script):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
-    q = _script("quality_per_step")
+    q = bench_script("quality_per_step")
     out = tmp_path / "q.json"
     assert q.main(["--seeds", "0", "--steps", "5", "--samplers", "unipc", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -66,9 +49,9 @@ def test_quality_per_step_smoke(tmp_path):
     assert len(json.loads(out.read_text())["rows"]) == 3
 
 
-def test_solver_grids_smoke(tmp_path):
+def test_solver_grids_smoke(tmp_path, bench_script):
     pytest.importorskip("diffusers")
-    g = _script("solver_grids")
+    g = bench_script("solver_grids")
     out = tmp_path / "g.json"
     assert g.main(["--steps", "5", "--samplers", "dpmpp_2m", "--n", "400", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]

@@ -4,7 +4,6 @@
 
     pytest benchmarks/test_bench_sampling.py --benchmark-only      # timed, on this machine
 """
-import importlib.util
 import json
 import os
 
@@ -18,23 +17,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 CPU_VARIANTS = ["eager", "eager-cl", "eager+diffusers-step", "diffusers", "ddpm_fast"]
 GPU_VARIANTS = ["eager", "eager-cl", "ddpm_fast-whole", "ddpm_fast-step", "ddpm_fast-eager"]
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny work runs best on one thread; with two on a loaded 2-core machine every op's parallel region waits
-    for a descheduled thread (10-50x slower measured here), which would only make these smoke tests slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(HERE, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +61,7 @@ def test_models_share_weights(tiny_models):
     assert plain.keys() == fused.keys() and all(torch.equal(plain[k], fused[k]) for k in plain)
 
 
-def test_bench_end_to_end(tmp_path, capsys):
+def test_bench_end_to_end(tmp_path, capsys, bench_script):
     """The harness: JSON with environment, rows with median/spread/speedups, targets; a table on stdout; a plot."""
     status = cli_main(["bench", "--quick", "--variants", "eager,ddpm_fast", "--batches", "1", "--steps", "2",
                        "--repeats", "2", "--out-dir", str(tmp_path), "--profile", "ddpm_fast", "--threads", "1",
@@ -99,13 +83,13 @@ def test_bench_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| tiny | fp32 | 1 | 2 | ddpm_fast |" in out and "Targets:" in out
     pytest.importorskip("matplotlib")
-    png = _script("plot").plot(results, str(tmp_path / "plot.png"))
+    png = bench_script("plot").plot(results, str(tmp_path / "plot.png"))
     assert os.path.getsize(png) > 1000
 
 
-def test_bench_train_smoke(tmp_path):
+def test_bench_train_smoke(tmp_path, bench_script):
     """Every row adds one piece to the row before it; the strong plain step is the ddpm_fast rows' baseline."""
-    status = _script("bench_train").main(["--quick", "--batch", "2", "--burst", "1", "--repeats", "1",
+    status = bench_script("bench_train").main(["--quick", "--batch", "2", "--burst", "1", "--repeats", "1",
                                           "--warmup", "0", "--threads", "1", "--out-dir", str(tmp_path),
                                           "--allow-dirty"])
     assert status == 0
@@ -148,11 +132,11 @@ OUT_FLAG = {"cli": "--out-dir", "bench_train": "--out-dir", "bench_group_norm_si
     ("bench_train", ["--quick", "--repeats", "1"]), ("bench_group_norm_silu", ["--quick"]),
     ("bench_diffusion_ops", ["--quick"]), ("bench_capture", ["--dry-run"]),
     ("bench_sample_to_dir", ["--mode", "batches", "--device", "cpu", "--quick"]), ("bench_guidance", ["--quick"])])
-def test_benchmarks_refuse_a_dirty_tree_and_unknown_code(tmp_path, monkeypatch, script, argv):
+def test_benchmarks_refuse_a_dirty_tree_and_unknown_code(tmp_path, monkeypatch, script, argv, bench_script):
     """Every results file names the commit it measured: uncommitted changes are refused before any work unless
     --allow-dirty (then recorded), and so is code whose commit cannot be told (no git, no DDPM_FAST_GIT_COMMIT)."""
     from ddpm_fast.bench import common as bc
-    main = cli_main if script == "cli" else _script(script).main
+    main = cli_main if script == "cli" else bench_script(script).main
     out = tmp_path / "out"
     argv = argv + [OUT_FLAG[script], str(out if OUT_FLAG[script] == "--out-dir" else out / "x.json")]
     monkeypatch.setenv("DDPM_FAST_GIT_COMMIT", "0123abc+dirty")
@@ -167,9 +151,9 @@ def test_benchmarks_refuse_a_dirty_tree_and_unknown_code(tmp_path, monkeypatch, 
     assert not out.exists()
 
 
-def test_allowed_dirty_tree_is_recorded(tmp_path, monkeypatch):
+def test_allowed_dirty_tree_is_recorded(tmp_path, monkeypatch, bench_script):
     monkeypatch.setenv("DDPM_FAST_GIT_COMMIT", "0123abc+dirty")
-    assert _script("bench_capture").main(["--dry-run", "--allow-dirty", "--json", str(tmp_path / "c.json")]) == 0
+    assert bench_script("bench_capture").main(["--dry-run", "--allow-dirty", "--json", str(tmp_path / "c.json")]) == 0
     meta = json.loads((tmp_path / "c.json").read_text())["meta"]
     assert (meta["git_commit"], meta["dirty"], meta["allow_dirty"]) == ("0123abc+dirty", True, True)
     monkeypatch.setenv("DDPM_FAST_GIT_COMMIT", "0123abc")
