@@ -52,6 +52,17 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """A tiny unconditional U-Net (seed 0, ch_mult (1, 2)) saved with ddpm_fast.save: the CLI tests' checkpoint."""
+    import ddpm_fast
+    from ddpm_fast import UNet
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    ddpm_fast.save(UNet.preset("tiny", ch_mult=(1, 2)), str(path))
+    return str(path)
+
+
 @pytest.fixture
 def seed(request):
     """A fresh seed per test (printed on failure) so every run exercises new random inputs."""

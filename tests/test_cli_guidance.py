@@ -4,12 +4,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import ddpm_fast
 from clirun import ddpm_fast_cli, usage_error
-from ddpm_fast import UNet
 from ddpm_fast.cli import main
 from ddpm_fast.sampling.conditioning import DEFAULT_GUIDANCE_SCALE
 
@@ -67,14 +65,6 @@ def test_eval_scores_guided_samples(tmp_path, capsys):
     assert "classes 0-9 in equal blocks, guidance 3" in capsys.readouterr().out
 
 
-@pytest.fixture(scope="module")
-def unconditional_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    ddpm_fast.save(UNet.preset("tiny", ch_mult=(1, 2)), str(path))
-    return str(path)
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--guidance", "2"], "--guidance needs --class"),
     (["--class", "12"], "--class 12: the model's classes are 0..9"),
@@ -90,9 +80,9 @@ def test_usage_errors_before_sampling(tmp_path, flags, message):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_class_needs_a_class_conditional_model(tmp_path, unconditional_file, capsys):
+def test_class_needs_a_class_conditional_model(tmp_path, model_file, capsys):
     for command in (["sample", "--out", str(tmp_path / "x.png")], ["eval", "--dataset", "digits"]):
-        assert main([*command, "--checkpoint", unconditional_file, "--class", "1", "--steps", "2", "--device",
+        assert main([*command, "--checkpoint", model_file, "--class", "1", "--steps", "2", "--device",
                      "cpu"]) == 2
         assert "--class needs a class-conditional model" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

@@ -15,16 +15,7 @@ from ddpm_fast import UNet
 from ddpm_fast.images import make_grid, save_grid, save_grid_png, save_npz, to_uint8
 
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    ddpm_fast.save(UNet.preset("tiny", ch_mult=(1, 2)), str(path))
-    return str(path)
 
 
 def _files(directory):

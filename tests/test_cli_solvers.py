@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import ddpm_fast
-from ddpm_fast import UNet
 from ddpm_fast.bench.config import BENCH_SAMPLERS, BENCH_SPACINGS, BenchConfig
 from ddpm_fast.cli import main
 from ddpm_fast.cli.common import SAMPLER_CHOICES, SPACING_CHOICES
@@ -16,14 +15,6 @@ from ddpm_fast.diffusion.schedule import SPACINGS
 from ddpm_fast.sampling import last_run_info
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    ddpm_fast.save(UNet.preset("tiny", ch_mult=(1, 2)), str(path))
-    return str(path)
 
 
 def test_flag_choices_are_the_library_names():
